@@ -1,0 +1,325 @@
+"""Recipes: which quantizer runs on which operand of the three GEMMs (numerics.md §6).
+
+One recipe = one YAML file in `recipes/` + one dataclass here. A YAML file names its `family`
+(`bf16`, `nvidia`, `tetrajet2`, `quartet2`) and sets that family's knobs; everything else keeps the
+dataclass default. Each family's methods are its row of the spec's per-recipe GEMM table:
+
+    quantize_input / quantize_weight   forward operands (saved for backward, packed)
+    fprop(xq, wq)                      Y  = X W^T            (inner dim K)
+    dgrad(dy, wq)                      dX = E W              (inner dim N)
+    wgrad(dy, x_saved)                 dW = E^T X            (inner dim T, padded to token_multiple)
+
+All three GEMMs return FP32; the autograd linear casts. Randomness is drawn in backward only, from
+counter-based streams keyed by QuantContext.key (recompute-safe, layout-independent).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Optional, Union
+
+import torch
+
+from . import format as fmt
+from . import quantizers as Q
+from .gemm import matmul
+from .hadamard import rht
+from .rng import RandomStream, Role, derive_key, random_signs
+from .tensor import NVFP4Tensor
+
+AmaxReduce = Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+@dataclass
+class QuantContext:
+    """Per-call facts the recipe needs beyond the tensors.
+
+    key: the call's random stream key (seed, step, layer, micro-batch, DP rank folded in).
+    *_amax_reduce: MAX all-reduce over the TP group for operands that are TP-sharded (None otherwise).
+    in_offset / out_offset: global index of this rank's first input / output feature, so random
+    counters are global coordinates and do not depend on the TP split.
+    seed: the recipe's base seed (for fixed RHT signs).
+    """
+
+    key: int = 0
+    seed: int = 0
+    input_amax_reduce: AmaxReduce = None
+    weight_amax_reduce: AmaxReduce = None
+    grad_output_amax_reduce: AmaxReduce = None
+    in_offset: int = 0
+    out_offset: int = 0
+
+    def stream(self, role: Role, row_offset: int = 0, col_offset: int = 0) -> RandomStream:
+        return RandomStream(derive_key(self.key, int(role)), row_offset, col_offset)
+
+
+def _choice(*values):
+    return {"choices": values}
+
+
+@dataclass
+class Recipe:
+    """Knobs shared by every recipe family."""
+
+    family: ClassVar[str] = "base"
+    name: str = "custom"
+    seed: int = 1234
+    tp_amax_reduce: bool = True
+    debug_checks: bool = False
+
+    # divisibility the GEMM dims need (in_features, out_features, tokens); tokens are padded
+    in_multiple: ClassVar[int] = 16
+    out_multiple: ClassVar[int] = 16
+    token_multiple: ClassVar[int] = 16
+    wgrad_needs_original_input: ClassVar[bool] = False
+    quantized: ClassVar[bool] = True
+
+    def validate(self) -> None:
+        """Cross-field checks; raises ValueError naming the knob."""
+
+    @property
+    def token_padding(self) -> int:
+        """Tokens are zero-padded to this multiple for the wgrad GEMM (blocks and RHT run along T)."""
+        return max(self.token_multiple, getattr(self, "rht_size", 1))
+
+    def check_shapes(self, in_features: int, out_features: int) -> None:
+        out_multiple = self.out_multiple
+        if self.family in ("quartet2", "tetrajet2"):  # dgrad rotates along N
+            out_multiple = max(out_multiple, self.rht_size)
+        for what, size, multiple in (("in_features", in_features, self.in_multiple),
+                                     ("out_features", out_features, out_multiple)):
+            if size % multiple:
+                raise ValueError(f"recipe {self.name!r} needs {what} ({size}) to be a multiple of "
+                                 f"{multiple}")
+
+    def gemm_mode(self, device: torch.device) -> str:
+        return "exact"
+
+    def describe(self) -> str:
+        knobs = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                          if f.name != "name")
+        return f"{self.name} ({self.family}: {knobs})"
+
+    # The GEMM table (overridden per family) -----------------------------------------------------
+    def quantize_input(self, x: torch.Tensor, ctx: QuantContext) -> NVFP4Tensor:
+        raise NotImplementedError
+
+    def quantize_weight(self, w: torch.Tensor, ctx: QuantContext) -> NVFP4Tensor:
+        raise NotImplementedError
+
+    def fprop(self, xq: NVFP4Tensor, wq: NVFP4Tensor, ctx: QuantContext) -> torch.Tensor:
+        return matmul(xq, wq, self.gemm_mode(xq.device))
+
+    def dgrad(self, dy: torch.Tensor, wq: NVFP4Tensor, ctx: QuantContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def wgrad(self, dy: torch.Tensor, x_saved, ctx: QuantContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def pad_cols(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the last dim to a multiple (zeros change no amax and add nothing to products)."""
+    extra = (-t.shape[-1]) % multiple
+    return torch.nn.functional.pad(t, (0, extra)) if extra else t
+
+
+@dataclass
+class BF16Recipe(Recipe):
+    """No quantization: the baseline. The plugin's layers run Megatron's stock GEMM path."""
+
+    family: ClassVar[str] = "bf16"
+    quantized: ClassVar[bool] = False
+    in_multiple: ClassVar[int] = 1
+    out_multiple: ClassVar[int] = 1
+    token_multiple: ClassVar[int] = 1
+
+
+@dataclass
+class NvidiaRecipe(Recipe):
+    """NVIDIA NVFP4 (TE NVFP4BlockScaling semantics, numerics.md §6.3).
+
+    fwd X: 1x16 RN; fwd W: 16x16 tiles RN (so W^T has identical values and dgrad reuses it);
+    dgrad E: 1x16 SR; wgrad E^T: 1x16 SR and X^T (original BF16 X): 1x16 RN, both after RHT-16.
+    sr_headroom defaults to 17/16 as in the Quartet II comparison runs (spec open decision 1).
+    """
+
+    family: ClassVar[str] = "nvidia"
+    wgrad_needs_original_input: ClassVar[bool] = True
+    four_over_six: bool = False
+    rtn_ties: str = field(default="even", metadata=_choice("even", "away"))
+    sr_headroom: float = field(default=17.0 / 16.0, metadata=_choice(1.0, 17.0 / 16.0))
+    rht_size: int = field(default=16, metadata=_choice(16, 32, 128))
+    rht_signs: str = field(default="fixed", metadata=_choice("fixed", "fresh"))
+
+    def _forward_smax(self) -> float:
+        return Q.FOUR_OVER_SIX_SMAX if self.four_over_six else fmt.E4M3_MAX
+
+    def quantize_input(self, x, ctx):
+        return Q.quantize_nvfp4(x, smax=self._forward_smax(), ties=self.rtn_ties,
+                                four_over_six=self.four_over_six, amax_reduce=ctx.input_amax_reduce)
+
+    def quantize_weight(self, w, ctx):
+        return Q.quantize_nvfp4(w, smax=self._forward_smax(), ties=self.rtn_ties,
+                                four_over_six=self.four_over_six, block_rows=16,
+                                amax_reduce=ctx.weight_amax_reduce)
+
+    def _sr(self, t, stream, amax_reduce):
+        return Q.quantize_nvfp4(t, mode=Q.ROUND_STOCHASTIC, v=6.0 / self.sr_headroom, stream=stream,
+                                amax_reduce=amax_reduce)
+
+    def dgrad(self, dy, wq, ctx):
+        eq = self._sr(dy, ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset), ctx.grad_output_amax_reduce)
+        return matmul(eq, transpose_tiles(wq))
+
+    def _signs(self, ctx, device):
+        if self.rht_signs == "fixed":
+            return random_signs(derive_key(ctx.seed, int(Role.RHT_SIGNS_FIXED)), self.rht_size, device)
+        return random_signs(derive_key(ctx.key, int(Role.RHT_SIGNS)), self.rht_size, device)
+
+    def wgrad(self, dy, x, ctx):
+        sigma = self._signs(ctx, dy.device)
+        et = rht(pad_cols(dy.t(), self.token_padding), sigma)
+        xt = rht(pad_cols(x.t(), self.token_padding), sigma)
+        etq = self._sr(et, ctx.stream(Role.WGRAD_GRAD_OUTPUT, ctx.out_offset, 0), ctx.grad_output_amax_reduce)
+        xtq = Q.quantize_nvfp4(xt, ties=self.rtn_ties, amax_reduce=ctx.input_amax_reduce)
+        return matmul(etq, xtq)
+
+
+def transpose_tiles(t: NVFP4Tensor) -> NVFP4Tensor:
+    """Transpose a 16x16-tile operand: codes and tile scales transpose, values are identical."""
+    if t.block_rows != 16:
+        raise ValueError("only 16x16-tile operands can be transposed without re-quantization")
+    codes = t.codes().t().contiguous()
+    return NVFP4Tensor(packed=fmt.pack_e2m1(codes), block_scales=t.block_scales.t().contiguous(),
+                       tensor_scale=t.tensor_scale, block_rows=16)
+
+
+@dataclass
+class TetraJet2Recipe(Recipe):
+    """TetraJet-v2 (numerics.md §6.2): double-block QDB everywhere, no tensor scale.
+
+    fwd X, W: QDB RN along K. dgrad: E and dequant(Q2(W))^T, QDB SR along N after RHT-16 with d1.
+    wgrad: E^T and dequant(Q1(X))^T, QDB SR along T after RHT-16 with d2 (fresh d1, d2 per call).
+    """
+
+    family: ClassVar[str] = "tetrajet2"
+    in_multiple: ClassVar[int] = 128
+    out_multiple: ClassVar[int] = 128
+    token_multiple: ClassVar[int] = 128
+    rtn_ties: str = field(default="even", metadata=_choice("even", "away"))
+    sr_headroom: float = field(default=1.0, metadata=_choice(1.0, 17.0 / 16.0))
+    rht_size: int = field(default=16, metadata=_choice(16, 32, 128))
+    rht_signs: str = field(default="fresh", metadata=_choice("fresh", "fixed"))
+    outer_block: Union[int, str] = field(default=128, metadata=_choice(128, "tensor"))
+    gemm_emulation: str = field(default="auto", metadata=_choice("auto", "exact", "fp32", "bf16"))
+
+    def gemm_mode(self, device):
+        if self.gemm_emulation == "auto":
+            return "bf16" if torch.device(device).type == "cuda" else "exact"
+        return self.gemm_emulation
+
+    def _rn(self, t, amax_reduce):
+        return Q.quantize_double_block(t, ties=self.rtn_ties, outer_block=self.outer_block,
+                                       amax_reduce=amax_reduce)
+
+    def _sr(self, t, stream, amax_reduce):
+        return Q.quantize_double_block(t, mode=Q.ROUND_STOCHASTIC, stream=stream,
+                                       sr_headroom=self.sr_headroom, outer_block=self.outer_block,
+                                       amax_reduce=amax_reduce)
+
+    def quantize_input(self, x, ctx):
+        return self._rn(x, ctx.input_amax_reduce)
+
+    def quantize_weight(self, w, ctx):
+        return self._rn(w, ctx.weight_amax_reduce)
+
+    def _signs(self, ctx, role, device):
+        key = derive_key(ctx.seed, int(role)) if self.rht_signs == "fixed" else derive_key(ctx.key, int(role))
+        return random_signs(key, self.rht_size, device)
+
+    def dgrad(self, dy, wq, ctx):
+        d1 = self._signs(ctx, Role.RHT_SIGNS_DGRAD, dy.device)
+        eq = self._sr(rht(dy, d1), ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset),
+                      ctx.grad_output_amax_reduce)
+        wtq = self._sr(rht(wq.dequantize().t(), d1),
+                       ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset), ctx.weight_amax_reduce)
+        return matmul(eq, wtq, self.gemm_mode(dy.device))
+
+    def wgrad(self, dy, xq, ctx):
+        d2 = self._signs(ctx, Role.RHT_SIGNS_WGRAD, dy.device)
+        et = rht(pad_cols(dy.t(), self.token_padding), d2)
+        xt = rht(pad_cols(xq.dequantize().t(), self.token_padding), d2)
+        etq = self._sr(et, ctx.stream(Role.WGRAD_GRAD_OUTPUT, ctx.out_offset, 0), ctx.grad_output_amax_reduce)
+        xtq = self._sr(xt, ctx.stream(Role.WGRAD_INPUT, ctx.in_offset, 0), ctx.input_amax_reduce)
+        return matmul(etq, xtq, self.gemm_mode(dy.device))
+
+
+@dataclass
+class Quartet2Recipe(Recipe):
+    """Quartet II (numerics.md §6.1): forward RTN (+4/6), backward MS-EDEN after RHT-128.
+
+    One sigma per layer per backward call is shared by all four backward operands. W^T and X^T are
+    re-quantized from the forward-quantized Ŵ, X̂. Choice: they are rotated from the *unscaled*
+    exact values q*s (the FP32 tensor scale g of the forward operand is applied to the GEMM output
+    instead), which saves a rounding and lets a kernel work from packed codes directly.
+    """
+
+    family: ClassVar[str] = "quartet2"
+    out_multiple: ClassVar[int] = 128
+    token_multiple: ClassVar[int] = 128
+    four_over_six: bool = True
+    rtn_ties: str = field(default="even", metadata=_choice("even", "away"))
+    eden_group: int = field(default=128, metadata=_choice(128, 16))
+    eden_c: float = 0.93
+    eden_smax: float = 255.99
+    rht_size: int = field(default=128, metadata=_choice(16, 32, 128))
+    rht_signs: str = field(default="fresh", metadata=_choice("fresh", "fixed"))
+
+    def validate(self):
+        if not 0.5 <= self.eden_c <= 1.5:
+            raise ValueError(f"eden_c must be in [0.5, 1.5], got {self.eden_c}")
+        if not 1.0 <= self.eden_smax <= 448.0:
+            raise ValueError(f"eden_smax must be in [1, 448], got {self.eden_smax}")
+
+    @property
+    def eden_v(self) -> float:
+        return 6.0 / (Q.SR_HEADROOM * self.eden_c)
+
+    def _forward(self, t, amax_reduce):
+        smax = Q.FOUR_OVER_SIX_SMAX if self.four_over_six else fmt.E4M3_MAX
+        return Q.quantize_nvfp4(t, smax=smax, ties=self.rtn_ties, four_over_six=self.four_over_six,
+                                amax_reduce=amax_reduce)
+
+    def quantize_input(self, x, ctx):
+        return self._forward(x, ctx.input_amax_reduce)
+
+    def quantize_weight(self, w, ctx):
+        return self._forward(w, ctx.weight_amax_reduce)
+
+    def _eden(self, z, stream, amax_reduce):
+        return Q.quantize_ms_eden(z, stream=stream, eden_group=self.eden_group, v=self.eden_v,
+                                  smax=self.eden_smax, ties=self.rtn_ties, amax_reduce=amax_reduce)
+
+    def _signs(self, ctx, device):
+        key = derive_key(ctx.seed if self.rht_signs == "fixed" else ctx.key, int(Role.RHT_SIGNS))
+        return random_signs(key, self.rht_size, device)
+
+    def dgrad(self, dy, wq, ctx):
+        sigma = self._signs(ctx, dy.device)
+        eq = self._eden(rht(dy, sigma), ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset),
+                        ctx.grad_output_amax_reduce)
+        wtq = self._eden(rht(wq.dequantize_unscaled().t(), sigma),
+                         ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset), ctx.weight_amax_reduce)
+        return matmul(eq, wtq) * wq.tensor_scale
+
+    def wgrad(self, dy, xq, ctx):
+        sigma = self._signs(ctx, dy.device)
+        et = rht(pad_cols(dy.t(), self.token_padding), sigma)
+        xt = rht(pad_cols(xq.dequantize_unscaled().t(), self.token_padding), sigma)
+        etq = self._eden(et, ctx.stream(Role.WGRAD_GRAD_OUTPUT, ctx.out_offset, 0), ctx.grad_output_amax_reduce)
+        xtq = self._eden(xt, ctx.stream(Role.WGRAD_INPUT, ctx.in_offset, 0), ctx.input_amax_reduce)
+        return matmul(etq, xtq) * xq.tensor_scale
+
+
+FAMILIES = {cls.family: cls for cls in (BF16Recipe, NvidiaRecipe, TetraJet2Recipe, Quartet2Recipe)}

@@ -1,0 +1,105 @@
+"""Counter-based randomness: reproducible, layout-independent, identical in torch and Triton.
+
+Every random number is a pure function of a 32-bit stream key and a counter (hi, lo). The stream key
+folds in (seed, step, layer, micro-batch, data-parallel rank, GEMM role); the counter is the
+*global* coordinate (row, column) of the element or block in the operand being quantized. So the
+same seed gives the same bits on CPU and GPU, and for any tensor-parallel split: a rank that holds
+columns [c0, c0 + n) of an operand draws with col_offset = c0 and gets exactly the bits the
+unsplit tensor would have used there.
+
+The mixing function is Chris Wellons' "lowbias32" finaliser (two multiply-xorshift rounds), which
+needs only 32-bit multiplies, xors and shifts: the Triton kernels implement the same three lines on
+uint32. Here it runs on int64 tensors masked to 32 bits (torch has no general uint32 arithmetic).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+_M1 = 0x7FEB352D
+_M2 = 0x846CA68B
+_GOLDEN = 0x9E3779B9
+
+
+class Role(enum.IntEnum):
+    """GEMM operand roles: each quantization of each operand draws from its own stream."""
+
+    DGRAD_GRAD_OUTPUT = 1   # E along N
+    DGRAD_WEIGHT = 2        # W^T along N
+    WGRAD_GRAD_OUTPUT = 3   # E^T along T
+    WGRAD_INPUT = 4         # X^T along T
+    RHT_SIGNS = 5           # the one sigma shared by all backward operands (Quartet II)
+    RHT_SIGNS_DGRAD = 6     # TetraJet-v2 d1
+    RHT_SIGNS_WGRAD = 7     # TetraJet-v2 d2
+    RHT_SIGNS_FIXED = 8     # NVIDIA: one fixed vector for all layers and steps
+
+
+def mix32(x):
+    """lowbias32 on Python ints or int64 tensors holding values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * _M1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * _M2) & MASK32
+    x = x ^ (x >> 16)
+    return x
+
+
+def hash_counter(key: int, hi, lo):
+    """u32 = H(key, hi, lo); hi and lo are Python ints or int64 tensors in [0, 2^32)."""
+    h = mix32((hi ^ key) & MASK32)
+    h = mix32(h ^ lo)
+    return mix32((h + _GOLDEN) & MASK32)
+
+
+def derive_key(*fields: int) -> int:
+    """Fold integer fields (seed, step, layer, ...) into a 32-bit stream key."""
+    key = mix32(0x6A09E667)
+    for field in fields:
+        if field < 0:
+            raise ValueError(f"random stream fields must be non-negative, got {field}")
+        key = mix32(((key ^ (field & MASK32)) + _GOLDEN) & MASK32)
+        key = mix32(key ^ ((field >> 32) & MASK32))
+    return key
+
+
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Top 24 bits of a u32 as a float32 uniform in [0, 1) (exact: multiples of 2^-24)."""
+    return (bits >> 8).to(torch.float32) * (2.0 ** -24)
+
+
+@dataclass(frozen=True)
+class RandomStream:
+    """Draws for one operand: the stream key plus the global offset of the local block of data."""
+
+    key: int
+    row_offset: int = 0
+    col_offset: int = 0
+
+    def bits(self, rows: int, cols: int, device=None, col_step: int = 1) -> torch.Tensor:
+        """u32 draws (int64 tensor) for local positions (r, c * col_step), global coordinates."""
+        hi = torch.arange(rows, dtype=torch.int64, device=device) + self.row_offset
+        lo = torch.arange(cols, dtype=torch.int64, device=device) * col_step + self.col_offset
+        last_row = self.row_offset + rows - 1
+        last_col = self.col_offset + (cols - 1) * col_step
+        if last_row > MASK32 or last_col > MASK32:
+            raise ValueError(f"random counter ({last_row}, {last_col}) exceeds 32 bits")
+        return hash_counter(self.key, hi[:, None], lo[None, :])
+
+    def uniform(self, rows: int, cols: int, device=None, col_step: int = 1) -> torch.Tensor:
+        return uniform_from_bits(self.bits(rows, cols, device, col_step))
+
+    def for_role(self, role: int) -> "RandomStream":
+        return RandomStream(derive_key(self.key, int(role)), self.row_offset, self.col_offset)
+
+    def shifted(self, row_offset: int = 0, col_offset: int = 0) -> "RandomStream":
+        return RandomStream(self.key, row_offset, col_offset)
+
+
+def random_signs(key: int, n: int, device=None) -> torch.Tensor:
+    """n Rademacher signs (+-1.0 float32) from stream `key`: bit 31 of H(key, 0, i)."""
+    bits = hash_counter(key, torch.zeros(1, dtype=torch.int64, device=device),
+                        torch.arange(n, dtype=torch.int64, device=device))
+    return 1.0 - 2.0 * ((bits >> 31) & 1).to(torch.float32)
