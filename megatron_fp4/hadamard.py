@@ -34,7 +34,9 @@ def rht(a: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     n = signs.numel()
     if a.shape[-1] % n:
         raise ValueError(f"RHT-{n} needs the rotated dim ({a.shape[-1]}) to be a multiple of {n}")
-    chunks = a.float().reshape(*a.shape[:-1], a.shape[-1] // n, n) * signs.to(a.device, torch.float32)
+    # contiguous first: the same values then always take the same BLAS path (bitwise reproducible
+    # whether the operand arrived transposed, padded or sliced)
+    chunks = a.float().contiguous().reshape(*a.shape[:-1], a.shape[-1] // n, n) * signs.to(a.device, torch.float32)
     rotated = chunks @ hadamard_matrix(n, torch.float32, a.device)
     return rotated.reshape(a.shape)
 

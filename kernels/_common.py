@@ -1,0 +1,178 @@
+"""Shared Triton device helpers: the counter hash, E4M3 rounding/encoding and E2M1 rounding.
+
+Each helper is the twin of a torch function in megatron_fp4 (rng.hash_counter, format.round_to_e4m3,
+format.e4m3_neighbours, format.round_to_e2m1_code) and is written so that the interpreter and the GPU
+give the same bits:
+- E4M3 rounding is done in FP32 with exact power-of-two scalings and the 2^23 magic-number RNE,
+  and the E4M3 byte is assembled with integer ops (the interpreter's fp32->float8 cast is wrong for
+  ~2% of values, and a hardware cast would not saturate the way we need);
+- true divisions use tl.math.div_rn (plain `/` may compile to an approximate division on GPU);
+- callers launch with enable_fp_fusion=False so no mul+add is contracted into an FMA that torch
+  (which runs each op separately) would not use.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+FP32_MIN_NORMAL = tl.constexpr(2.0 ** -126)  # constexpr: jit code may only read constexpr globals
+
+
+@triton.jit
+def tensor_scale(amax_bits_ptr, nonfinite_ptr, gout_ptr, SMAX_V, write):
+    """quantizers._tensor_scale: g = amax / fp32(Smax*v) (IEEE), g = 1 where g < 2^-126.
+
+    Every program recomputes g from the amax word (cheaper than a separate launch); the program
+    with `write` set stores g, multiplied by NaN when the operand held a non-finite value.
+    """
+    amax = tl.load(amax_bits_ptr).to(tl.float32, bitcast=True)
+    g = tl.math.div_rn(amax, SMAX_V)
+    valid = g >= FP32_MIN_NORMAL
+    g = tl.where(valid, g, 1.0)
+    # returned as 1.0/0.0: the interpreter mis-types a broadcast scalar int1 (bitwise_and fails)
+    valid = tl.where(valid, 1.0, 0.0)
+    poison = tl.where(tl.load(nonfinite_ptr) != 0, float("nan"), 1.0)
+    tl.store(gout_ptr, g * poison, mask=write)
+    return g, valid
+
+
+@triton.jit
+def div_scalar(a, v, inv_v, SCALAR_RECIP: tl.constexpr):
+    # torch's `tensor / python_float`: IEEE division on CPU, but a * fp32(1/fp32(v)) on CUDA
+    # (ATen's div_true_kernel_cuda turns a CPU-scalar divisor into a reciprocal multiply).
+    if SCALAR_RECIP:
+        return a * inv_v
+    else:
+        return tl.math.div_rn(a, v)
+
+
+@triton.jit
+def _mix32(x):
+    # lowbias32 (rng.mix32) on uint32: multiplies wrap mod 2^32 exactly as the torch twin masks them
+    x = x ^ (x >> 16)
+    x = x * tl.full([], 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full([], 0x846CA68B, tl.uint32)
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def hash_uniform(key, hi, lo):
+    """rng.hash_counter(key, hi, lo) -> rng.uniform_from_bits: float32 in [0, 1), multiples of 2^-24.
+
+    key: int32 holding the 32-bit key's bit pattern; hi, lo: uint32 tensors (global row / column).
+    """
+    k = key.to(tl.uint32, bitcast=True)
+    h = _mix32(hi ^ k)
+    h = _mix32(h ^ lo)
+    h = _mix32(h + tl.full([], 0x9E3779B9, tl.uint32))
+    return (h >> 8).to(tl.float32) * (2.0 ** -24)
+
+
+@triton.jit
+def rn_e4m3(t):
+    """format.round_to_e4m3 for t >= 0 (NaN-free): RNE to the E4M3 grid, saturating at 448, as FP32.
+
+    The quantum of t's binade is 2^(e-3) (normals) or 2^-9 (subnormals, t < 2^-6): scale t so that
+    the quantum is 1 (exact, a power of two), round to an integer by adding and removing 2^23, scale
+    back. A carry into the next binade comes out right automatically.
+    """
+    t = tl.minimum(t, 448.0)
+    e_field = (t.to(tl.uint32, bitcast=True) >> 23) & 0xFF
+    q_field = tl.maximum(e_field, 127 - 6) - 3          # exponent field of the quantum
+    quantum = (q_field << 23).to(tl.float32, bitcast=True)
+    inv_quantum = ((254 - q_field) << 23).to(tl.float32, bitcast=True)
+    n = (t * inv_quantum + 8388608.0) - 8388608.0       # RNE to an integer (t*inv < 2^5)
+    return n * quantum
+
+
+@triton.jit
+def e4m3_bits(r):
+    """uint8 E4M3 pattern of an exactly representable r in [0, 448] (integer assembly, no cast)."""
+    b = r.to(tl.uint32, bitcast=True)
+    e_field = (b >> 23) & 0xFF
+    normal_bits = ((e_field - 120) << 3) | ((b >> 20) & 7)   # E4M3 bias 7 vs FP32 bias 127
+    sub_bits = (r * 512.0).to(tl.uint32)                     # m * 2^-9, m = 0..7
+    return tl.where(r >= 2.0 ** -6, normal_bits, sub_bits).to(tl.uint8)
+
+
+@triton.jit
+def e4m3_value(bits):
+    """FP32 value of E4M3 patterns 0..0x7E (positive, finite), exact."""
+    bits = bits.to(tl.uint32)
+    e = bits >> 3
+    m = bits & 7
+    normal = ((e + 120) << 23 | (m << 20)).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * (2.0 ** -9)
+    return tl.where(e > 0, normal, sub)
+
+
+@triton.jit
+def sr_e4m3(t, uniform):
+    """format.stochastic_round_to_e4m3 for t >= 0: returns the chosen E4M3 pattern (uint8).
+
+    Neighbours lo <= t <= hi are +-1 on the pattern of the nearest value (format.e4m3_neighbours);
+    hi with probability (t - lo)/(hi - lo), the difference t - lo being exact (Sterbenz).
+    """
+    t = tl.minimum(tl.maximum(t, 0.0), 448.0)
+    nearest = rn_e4m3(t)
+    bits = e4m3_bits(nearest).to(tl.int32)
+    above = nearest > t
+    lo_bits = tl.where(above, bits - 1, bits)
+    hi_bits = tl.where(above, bits, tl.minimum(bits + 1, 0x7E))
+    lo = e4m3_value(lo_bits)
+    hi = e4m3_value(hi_bits)
+    gap = hi - lo
+    prob_up = tl.where(gap > 0, tl.math.div_rn(t - lo, tl.where(gap > 0, gap, 1.0)), 0.0)
+    return tl.where(uniform < prob_up, hi_bits, lo_bits).to(tl.uint8)
+
+
+@triton.jit
+def rn_e2m1_code(y, TIES_AWAY: tl.constexpr):
+    """quantizers.encode_rn: signed 4-bit code (uint8) of y rounded to the E2M1 grid, saturating.
+
+    code(|y|) = number of midpoints below |y|; at a tie the value rounds up when the lower code is
+    odd (ties to even) or always (ties away), exactly as format.round_to_e2m1_code compares.
+    """
+    m = tl.abs(y)
+    if TIES_AWAY:
+        c = ((m >= 0.25).to(tl.uint8) + (m >= 0.75).to(tl.uint8) + (m >= 1.25).to(tl.uint8)
+             + (m >= 1.75).to(tl.uint8) + (m >= 2.5).to(tl.uint8) + (m >= 3.5).to(tl.uint8)
+             + (m >= 5.0).to(tl.uint8))
+    else:
+        c = ((m > 0.25).to(tl.uint8) + (m >= 0.75).to(tl.uint8) + (m > 1.25).to(tl.uint8)
+             + (m >= 1.75).to(tl.uint8) + (m > 2.5).to(tl.uint8) + (m >= 3.5).to(tl.uint8)
+             + (m > 5.0).to(tl.uint8))
+    return c | ((y < 0).to(tl.uint8) << 3)
+
+
+@triton.jit
+def e2m1_value(code):
+    """FP32 value of signed 4-bit codes (format.decode_e2m1), without a table."""
+    c = (code & 7).to(tl.float32)
+    mag = tl.where(c < 4.0, c * 0.5, tl.where(c < 6.0, c - 2.0, tl.where(c < 7.0, 4.0, 6.0)))
+    return tl.where((code & 8) != 0, -mag, mag)
+
+
+@triton.jit
+def pack_codes(codes, BR: tl.constexpr, BC: tl.constexpr):
+    """[BR, BC] uint8 codes -> [BR, BC/2] bytes, element 2i in the low nibble (format.pack_e2m1)."""
+    even, odd = tl.split(tl.reshape(codes, (BR, BC // 2, 2)))
+    return even | (odd << 4)
+
+
+def fp32_reciprocal(v: float) -> float:
+    """fp32(1 / fp32(v)), the reciprocal ATen's CUDA division by a Python scalar multiplies with."""
+    return float(np.float32(1.0) / np.float32(v))
+
+
+def signed_key(key: int) -> int:
+    """A 32-bit key as the int32 with the same bit pattern (kernel arguments are typed by value)."""
+    key &= 0xFFFFFFFF
+    return key - (1 << 32) if key >= (1 << 31) else key

@@ -1,0 +1,267 @@
+"""RHT-128 + MS-EDEN (per-128 correction) + scale SR + pack: the twin of
+`quantizers.quantize_ms_eden(hadamard.rht(A, sigma), stream=..., eden_group=128)`.
+
+The operand A [R, C] is rotated and quantized along C (a multiple of 128). Three source layouts:
+- SRC_DENSE:    A is a row-major tensor (e.g. dY for dgrad, along N);
+- SRC_DENSE_T:  A is the transpose of a row-major tensor (dY^T for wgrad, along T), read in tiles
+                and transposed in registers, so no transposed copy is materialised;
+- SRC_PACKED_T: A = dequantize_unscaled(P)^T for a packed 1x16 NVFP4 operand P (X̂^T, Ŵ^T):
+                "re-quantize from packed FP4" — unpack, scale, transpose, rotate and quantize in
+                one kernel; q*s is exact in BF16, so the rotation runs on BF16 tensor cores.
+
+Rotation: z = (A ⊙ σ) H / sqrt(128) = A · (diag(σ) H±1) · fp32(1/sqrt(128)). The ±1 matrix is exact
+in BF16, so tl.dot with FP32 accumulation gives every product exactly; FP32 sources are split into
+three BF16 parts (hi + mid + lo == a exactly) so the rotation keeps FP32 accuracy. The reference
+rotates with an FP32 matmul: the two agree to FP32 rounding (summation order), not bit for bit.
+Everything after the rotation matches the reference bit for bit given the same z; the test twins
+use `rht128()` below, which runs this very rotation code.
+
+Two launches (the tensor scale needs the exact amax of the rotated tensor): pass 1 rotates and
+reduces amax; pass 2 rotates again (same code, same bits) and quantizes.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from megatron_fp4 import format as fmt
+from megatron_fp4.quantizers import EDEN_V
+from megatron_fp4.rng import RandomStream
+from megatron_fp4.tensor import BLOCK, NVFP4Tensor
+
+from ._common import (FP32_MIN_NORMAL, INTERPRET, div_scalar, e2m1_value, e4m3_bits, e4m3_value,
+                      fp32_reciprocal, hash_uniform, pack_codes, rn_e2m1_code, rn_e4m3, signed_key,
+                      sr_e4m3, tensor_scale)
+
+N_RHT = 128
+SRC_DENSE, SRC_DENSE_T, SRC_PACKED_T = 0, 1, 2
+INV_SQRT_128 = float(np.float32(1.0 / math.sqrt(N_RHT)))   # the entries of hadamard_matrix(128)
+
+
+@triton.jit
+def _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, h_ptr, INV_SQRT,
+                 SRC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, BR: tl.constexpr):
+    """z [BR, 128] (FP32) = rotation of A[r0:r0+BR, c0:c0+128]; rows >= R come out as 0."""
+    rows = r0 + tl.arange(0, BR)
+    cols = c0 + tl.arange(0, 128)
+    rmask = rows < R
+    hr = tl.arange(0, 128)
+    h = tl.load(h_ptr + hr[:, None] * 128 + hr[None, :])          # diag(sigma) H, entries +-1
+    if SRC == 0:
+        a = tl.load(src_ptr + rows[:, None].to(tl.int64) * stride_s + cols[None, :],
+                    mask=rmask[:, None], other=0.0)
+    elif SRC == 1:
+        at = tl.load(src_ptr + cols[:, None].to(tl.int64) * stride_s + rows[None, :],
+                     mask=rmask[None, :], other=0.0)               # [128, BR], coalesced along R
+        a = tl.trans(at)
+    else:
+        # packed source P [C, R/2] and its E4M3 scale bytes [C, R/16]; A = (q*s)^T
+        bcols = r0 // 2 + tl.arange(0, BR // 2)
+        byte = tl.load(src_ptr + cols[:, None].to(tl.int64) * stride_s + bcols[None, :],
+                       mask=(bcols < R // 2)[None, :], other=0)
+        codes = tl.reshape(tl.join(byte & 15, byte >> 4), (128, BR))   # element 2i = low nibble
+        scols = r0 // 16 + tl.arange(0, BR // 16)
+        sb = tl.load(ssc_ptr + cols[:, None].to(tl.int64) * (stride_s // 8) + scols[None, :],
+                     mask=(scols < R // 16)[None, :], other=0)
+        vals = tl.reshape(e2m1_value(codes), (128, BR // 16, 16)) * e4m3_value(sb)[:, :, None]
+        a = tl.trans(tl.reshape(vals, (128, BR)))
+    if INTERP:
+        # the interpreter reads BF16 dot operands as integers: rotate in FP32 there
+        acc = tl.dot(a.to(tl.float32), h.to(tl.float32))
+    elif SPLIT == 1:
+        acc = tl.dot(a.to(tl.bfloat16), h)                         # exact products, FP32 sum
+    else:
+        af = a.to(tl.float32)
+        hi = af.to(tl.bfloat16)
+        r1 = af - hi.to(tl.float32)
+        mid = r1.to(tl.bfloat16)
+        lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(hi, h)
+        acc = tl.dot(mid, h, acc)
+        acc = tl.dot(lo, h, acc)
+    z = acc * INV_SQRT
+    return tl.where(rmask[:, None], z, 0.0)
+
+
+@triton.jit
+def _rht_amax_kernel(src_ptr, ssc_ptr, stride_s, R, h_ptr, INV_SQRT, amax_bits_ptr, nonfinite_ptr,
+                     SRC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, BR: tl.constexpr):
+    r0 = tl.program_id(0) * BR
+    c0 = tl.program_id(1) * 128
+    z = _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, h_ptr, INV_SQRT, SRC, SPLIT, INTERP, BR)
+    a = tl.abs(z)
+    finite = a < float("inf")
+    amax = tl.max(tl.max(tl.where(finite, a, 0.0), axis=1), axis=0)
+    bad = tl.max(tl.max((~finite).to(tl.int32), axis=1), axis=0)
+    tl.atomic_max(amax_bits_ptr, amax.to(tl.int32, bitcast=True))
+    tl.atomic_max(nonfinite_ptr, bad, mask=bad > 0)
+
+
+@triton.jit
+def _rht_store_kernel(src_ptr, ssc_ptr, stride_s, R, C, h_ptr, INV_SQRT, z_ptr,
+                      SRC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, BR: tl.constexpr):
+    # test/benchmark twin: the rotation alone, written as FP32
+    r0 = tl.program_id(0) * BR
+    c0 = tl.program_id(1) * 128
+    z = _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, h_ptr, INV_SQRT, SRC, SPLIT, INTERP, BR)
+    rows = r0 + tl.arange(0, BR)
+    cols = c0 + tl.arange(0, 128)
+    tl.store(z_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], z, mask=(rows < R)[:, None])
+
+
+@triton.jit
+def _eden_kernel(src_ptr, ssc_ptr, stride_s, R, C, h_ptr, INV_SQRT, amax_bits_ptr, nonfinite_ptr,
+                 packed_ptr, scales_ptr, gout_ptr, flushed_ptr, clamped_ptr,
+                 key, row_off, col_off, SMAX_V, V, INV_V,
+                 SRC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr,
+                 TIES_AWAY: tl.constexpr, SCALAR_RECIP: tl.constexpr, BR: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    r0 = pid_r * BR
+    c0 = pid_c * 128
+    g, valid = tensor_scale(amax_bits_ptr, nonfinite_ptr, gout_ptr, SMAX_V, (pid_r == 0) & (pid_c == 0))
+    z = _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, h_ptr, INV_SQRT, SRC, SPLIT, INTERP, BR)
+    z = tl.where(tl.abs(z) < float("inf"), z, 0.0)               # non-finite -> 0 (g carries NaN)
+    zb = tl.reshape(z, (BR, 8, 16))
+    bamax = tl.max(tl.abs(zb), axis=2)                            # [BR, 8]
+    s = rn_e4m3(tl.math.div_rn(div_scalar(bamax, V, INV_V, SCALAR_RECIP), g))
+    divisor = s * g
+    keep = (s > 0) & (divisor >= FP32_MIN_NORMAL) & ((tl.zeros_like(s) + valid) > 0.5)
+    u = tl.math.div_rn(zb, tl.where(keep, divisor, 1.0)[:, :, None])
+    u = tl.where(keep[:, :, None], u, 0.0)
+    codes = rn_e2m1_code(u, TIES_AWAY)
+    q = e2m1_value(codes)
+    # EDEN factor per 128-group (one rotated chunk of one row): |u|^2 / <u, q>
+    num = tl.sum(tl.reshape(u * u, (BR, 128)), axis=1)
+    den = tl.sum(tl.reshape(u * q, (BR, 128)), axis=1)
+    ok = den >= FP32_MIN_NORMAL
+    factor = tl.where(ok, tl.math.div_rn(num, tl.where(ok, den, 1.0)), 1.0)
+    corrected = s * factor[:, None]
+    clamped = tl.sum(tl.sum((corrected > 448.0).to(tl.int32), axis=1), axis=0)
+    # scale SR: one uniform per 16-block, counter (global row, global column of the block start)
+    rows = r0 + tl.arange(0, BR)
+    hi = (rows + row_off).to(tl.uint32)
+    lo = (c0 + tl.arange(0, 8) * 16 + col_off).to(tl.uint32)
+    uni = hash_uniform(key, hi[:, None], lo[None, :])
+    sbits = tl.where(keep, sr_e4m3(corrected, uni), 0)
+    flushed = tl.sum(tl.sum(((~keep) & (bamax > 0)).to(tl.int32), axis=1), axis=0)
+    tl.atomic_add(flushed_ptr, flushed, mask=flushed > 0)
+    tl.atomic_add(clamped_ptr, clamped, mask=clamped > 0)
+    rmask = (rows < R)[:, None]
+    packed = pack_codes(tl.reshape(codes, (BR, 128)), BR, 128)
+    pcols = c0 // 2 + tl.arange(0, 64)
+    tl.store(packed_ptr + rows[:, None].to(tl.int64) * (C // 2) + pcols[None, :], packed, mask=rmask)
+    scols = c0 // 16 + tl.arange(0, 8)
+    tl.store(scales_ptr + rows[:, None].to(tl.int64) * (C // 16) + scols[None, :], sbits, mask=rmask)
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_pm1(device: str) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < N_RHT:   # Sylvester, natural order (hadamard.hadamard_matrix without 1/sqrt(n))
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h.to(device)
+
+
+def _signed_hadamard(sigma: torch.Tensor, device) -> torch.Tensor:
+    """diag(sigma) H±1: (a*sigma) @ H == a @ (diag(sigma) H); BF16 on GPU (exact), FP32 interpreted."""
+    if sigma.numel() != N_RHT:
+        raise ValueError(f"the kernel rotates in 128-chunks, got {sigma.numel()} signs")
+    hs = sigma.to(device=device, dtype=torch.float32)[:, None] * _hadamard_pm1(str(device))
+    return hs.contiguous() if INTERPRET else hs.to(torch.bfloat16).contiguous()
+
+
+def _source(a: Optional[torch.Tensor], packed: Optional[NVFP4Tensor], transpose: bool):
+    """(src, scale bytes, row stride, R, C, SRC mode, SPLIT) of the logical operand A [R, C]."""
+    if packed is not None:
+        if packed.block_rows != 1 or packed.outer_scales is not None:
+            raise ValueError("re-quantize from packed needs a 1x16 per-tensor-scaled operand")
+        src = packed.packed.contiguous()
+        sc = packed.block_scales.view(torch.uint8).contiguous()
+        c, half_r = src.shape
+        return src, sc, half_r, half_r * 2, c, SRC_PACKED_T, 1
+    if a.stride(-1) != 1:
+        a = a.contiguous()
+    split = 1 if a.dtype == torch.bfloat16 else 3
+    if transpose:
+        c, r = a.shape
+        return a, a, a.stride(0), r, c, SRC_DENSE_T, split
+    r, c = a.shape
+    return a, a, a.stride(0), r, c, SRC_DENSE, split
+
+
+def _launch_config(mode, block_r, num_warps):
+    if block_r is None:
+        block_r = 128 if mode == SRC_PACKED_T else 64
+    return block_r, (num_warps or 4)
+
+
+def rht128(a=None, sigma=None, *, transpose=False, packed=None, block_r=None, num_warps=None):
+    """The kernel's rotation alone, as FP32 [R, C]: twin of hadamard.rht(A, sigma)."""
+    src, sc, stride, rows, cols, mode, split = _source(a, packed, transpose)
+    if cols % N_RHT:
+        raise ValueError(f"the rotated dim ({cols}) must be a multiple of 128")
+    block_r, num_warps = _launch_config(mode, block_r, num_warps)
+    h = _signed_hadamard(sigma, src.device)
+    z = torch.empty(rows, cols, dtype=torch.float32, device=src.device)
+    grid = (triton.cdiv(rows, block_r), cols // N_RHT)
+    _rht_store_kernel[grid](src, sc, stride, rows, cols, h, INV_SQRT_128, z, SRC=mode, SPLIT=split,
+                            INTERP=INTERPRET, BR=block_r, num_warps=num_warps, enable_fp_fusion=False)
+    return z
+
+
+def rht_ms_eden(
+    a: Optional[torch.Tensor] = None,
+    sigma: Optional[torch.Tensor] = None,
+    stream: Optional[RandomStream] = None,
+    *,
+    transpose: bool = False,
+    packed: Optional[NVFP4Tensor] = None,
+    v: float = EDEN_V,
+    smax: float = 255.99,
+    ties: str = fmt.TIES_EVEN,
+    amax_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    block_r: Optional[int] = None,
+    num_warps: Optional[int] = None,
+) -> NVFP4Tensor:
+    """MS-EDEN (per-128) of A after RHT-128 with signs sigma, A along its last dim, where A is
+    `a`, `a.t()` (transpose=True) or `packed.dequantize_unscaled().t()` (packed=...).
+
+    Twin: quantizers.quantize_ms_eden(hadamard.rht(A, sigma), stream=stream, eden_group=128, v, smax,
+    ties, amax_reduce). Scale-SR counters are (stream.row_offset + row, stream.col_offset + column).
+    """
+    if stream is None:
+        raise ValueError("MS-EDEN needs a RandomStream for the scale SR")
+    if ties not in (fmt.TIES_EVEN, fmt.TIES_AWAY):
+        raise ValueError(f"rtn_ties must be 'even' or 'away', got {ties!r}")
+    src, sc, stride, rows, cols, mode, split = _source(a, packed, transpose)
+    if cols % N_RHT:
+        raise ValueError(f"the rotated dim ({cols}) must be a multiple of 128")
+    block_r, num_warps = _launch_config(mode, block_r, num_warps)
+    dev = src.device
+    h = _signed_hadamard(sigma, dev)
+    grid = (triton.cdiv(rows, block_r), cols // N_RHT)
+    common = dict(SRC=mode, SPLIT=split, INTERP=INTERPRET, BR=block_r, num_warps=num_warps,
+                  enable_fp_fusion=False)
+    amax_bits = torch.zeros(1, dtype=torch.int32, device=dev)
+    nonfinite = torch.zeros(1, dtype=torch.int32, device=dev)
+    _rht_amax_kernel[grid](src, sc, stride, rows, h, INV_SQRT_128, amax_bits, nonfinite, **common)
+    if amax_reduce is not None:
+        amax_bits = amax_reduce(amax_bits.view(torch.float32)).reshape(1).view(torch.int32)
+    packed_out = torch.empty(rows, cols // 2, dtype=torch.uint8, device=dev)
+    scales = torch.empty(rows, cols // BLOCK, dtype=torch.uint8, device=dev)
+    g = torch.empty(1, dtype=torch.float32, device=dev)
+    counters = torch.zeros(2, dtype=torch.int32, device=dev)
+    _eden_kernel[grid](src, sc, stride, rows, cols, h, INV_SQRT_128, amax_bits, nonfinite,
+                       packed_out, scales, g, counters[0:1], counters[1:2],
+                       signed_key(stream.key), stream.row_offset, stream.col_offset,
+                       float(smax * v), float(v), fp32_reciprocal(v),
+                       TIES_AWAY=(ties == fmt.TIES_AWAY), SCALAR_RECIP=dev.type == "cuda", **common)
+    return NVFP4Tensor(packed=packed_out, block_scales=scales.view(torch.float8_e4m3fn),
+                       tensor_scale=g.reshape(()), flushed_blocks=counters[0], clamped_scales=counters[1])

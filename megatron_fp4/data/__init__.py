@@ -1,0 +1,1 @@
+"""Data helpers: the corpus builder (text files -> Megatron indexed dataset, byte-level tokens)."""

@@ -1,0 +1,392 @@
+"""NVFP4 tensor-parallel linears for Megatron-Core: Column/RowParallelLinear subclasses.
+
+Only `_forward_impl` (the GEMM + its communication) is replaced; init, TP attributes,
+`sharded_state_dict`, `_extra_state` and `main_grad` plumbing stay the parent's. The autograd
+function below reproduces Megatron's `LinearWithGradAccumulationAndAsyncCommunication`:
+
+- sequence parallel: the input is all-gathered along the sequence before the GEMM. Here each rank
+  first quantizes its *own* rows (blocks run along K, the split is along tokens, and the tensor amax
+  is MAX-all-reduced over TP first), then all-gathers packed E2M1 codes + E4M3 scales (~4.5 bits per
+  element instead of 16); the result is bit-identical to gather-then-quantize. Only the local rows
+  are saved; backward re-gathers them for wgrad (the NVIDIA recipe re-gathers the original input,
+  as the stock code does, because its wgrad quantizes X^T from high precision);
+- dgrad: all-reduce over TP (column-parallel without SP) or reduce-scatter along the sequence (SP),
+  launched asynchronously before wgrad as the stock code does; dX itself is never quantized;
+- wgrad: FP32 into `weight.main_grad` when gradient-accumulation fusion is on and the param has a
+  main_grad (placeholder grad + `grad_added_to_main_grad`, as the stock code), otherwise returned in
+  the param dtype. No apex extension is needed.
+
+Operands that are TP-sharded get the MAX all-reduce of their amax (column-parallel: weight and
+grad_output, plus the input under SP; row-parallel: weight and input), and random counters get the
+rank's global feature offsets, so results do not depend on the TP size.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import layers as mcore_layers
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+from ..recipe import QuantContext, Recipe
+from ..tensor import NVFP4Tensor
+from . import state
+from .config import check_supported, resolve_recipe
+
+_STOCK_ARG_ORDER = ("bias", "gradient_accumulation_fusion", "allreduce_dgrad", "sequence_parallel",
+                    "grad_output_buffer", "wgrad_deferral_limit", "tp_group", "gtp_remat_size")
+
+
+def _max_reducer(group):
+    """MAX all-reduce of a 0-d amax over the TP group (returns a new tensor: callers keep theirs)."""
+    def reduce(amax: torch.Tensor) -> torch.Tensor:
+        out = amax.detach().float().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+        return out
+    return reduce
+
+
+def _gather_rows(t: torch.Tensor, group, world: int, async_op: bool = False):
+    """All-gather along dim 0 (Megatron's sequence dim); float8 travels as bytes."""
+    src = t.contiguous()
+    as_bytes = src.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    if as_bytes:
+        src = src.view(torch.uint8)
+    out = torch.empty((src.shape[0] * world, *src.shape[1:]), dtype=src.dtype, device=src.device)
+    handle = dist.all_gather_into_tensor(out, src, group=group, async_op=async_op)
+    if as_bytes:
+        out = out.view(t.dtype)
+    return (out, handle) if async_op else out
+
+
+def gather_nvfp4_rows(t: NVFP4Tensor, group, world: int) -> NVFP4Tensor:
+    """All-gather a 1x16-block operand quantized per rank along its rows (the token dim)."""
+    if t.block_rows != 1:
+        raise ValueError("only 1x16-block operands can be gathered along rows")
+    tensor_scale = None
+    if t.tensor_scale is not None:
+        # identical on all ranks after the amax MAX-reduce, except for the non-finite poison, which is
+        # local: a NaN on any rank must poison the gathered operand everywhere
+        scales = _gather_rows(t.tensor_scale.reshape(1).float(), group, world)
+        tensor_scale = torch.where(torch.isfinite(scales).all(), scales[0],
+                                   torch.full((), float("nan"), device=scales.device))
+    return NVFP4Tensor(
+        packed=_gather_rows(t.packed, group, world),
+        block_scales=_gather_rows(t.block_scales, group, world),
+        tensor_scale=tensor_scale,
+        outer_scales=None if t.outer_scales is None else _gather_rows(t.outer_scales, group, world),
+        block_rows=1,
+    )
+
+
+@dataclass
+class _Plan:
+    """The per-call, non-tensor arguments of the autograd function."""
+
+    recipe: Optional[Recipe]      # None: high-precision GEMMs (BF16 layers without apex fusion)
+    qctx: Optional[QuantContext]
+    tp_group: Any
+    tp_size: int
+    sequence_parallel: bool
+    allreduce_dgrad: bool
+    fuse_wgrad: bool
+    name: str
+
+
+def _record(plan: _Plan, kind: str, quantized_bytes: int, bf16_elements: int):
+    state.record_comm(plan.name, kind, quantized_bytes, 2 * bf16_elements)
+
+
+class NVFP4TPLinearFunction(torch.autograd.Function):
+    """apply(input [s, b, K] (s local under SP), weight [N, K], bias [N] or None, plan)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, plan: _Plan):
+        k = weight.shape[1]
+        if input.shape[-1] != k:
+            raise ValueError(f"{plan.name}: input has {input.shape[-1]} features, weight expects {k}")
+        sp = plan.sequence_parallel
+        world = plan.tp_size
+        out_lead = list(input.shape[:-1])
+        if sp:
+            out_lead[0] *= world
+        ctx.main_grad = weight.main_grad if plan.fuse_wgrad and hasattr(weight, "main_grad") else None
+        ctx.plan, ctx.use_bias = plan, bias is not None
+        ctx.input_shape, ctx.input_dtype = input.shape, input.dtype
+        if plan.recipe is None:
+            total = _gather_rows(input, plan.tp_group, world) if sp else input
+            y = torch.matmul(total, weight.t())
+            ctx.x_saved, ctx.wq = input, None
+        else:
+            recipe, qctx = plan.recipe, plan.qctx
+            x_local = input.reshape(-1, k)
+            if x_local.shape[0] == 0:
+                raise ValueError(f"{plan.name}: empty input of shape {tuple(input.shape)}")
+            xq_local = recipe.quantize_input(x_local, qctx)
+            if sp:
+                xq = gather_nvfp4_rows(xq_local, plan.tp_group, world)
+                _record(plan, "fwd_x", xq.nbytes(), xq.packed.numel() * 2)
+            else:
+                xq = xq_local
+            wq = recipe.quantize_weight(weight, qctx)
+            y = recipe.fprop(xq, wq, qctx)
+            if recipe.debug_checks and not torch.isfinite(y).all():
+                raise FloatingPointError(f"{plan.name}: non-finite forward output")
+            y = y.to(input.dtype).reshape(*out_lead, weight.shape[0])
+            # save local rows only: packed codes (or the original X for recipes whose wgrad needs it)
+            ctx.x_saved = x_local if recipe.wgrad_needs_original_input else (xq_local if sp else xq)
+            ctx.wq = wq
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (weight,) = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        sp, world, group = plan.sequence_parallel, plan.tp_size, plan.tp_group
+        n, k = weight.shape
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dy = grad_output.reshape(-1, n)
+        recipe, qctx = plan.recipe, plan.qctx
+
+        # wgrad operand: re-gather along the sequence (as the stock code re-gathers X)
+        x_full = None
+        if need_dw:
+            x = ctx.x_saved
+            if not sp:
+                x_full = x
+            elif isinstance(x, NVFP4Tensor):
+                x_full = gather_nvfp4_rows(x, group, world)
+                _record(plan, "bwd_x", x_full.nbytes(), x_full.packed.numel() * 2)
+            else:
+                x_full = _gather_rows(x, group, world)
+                if recipe is not None:
+                    _record(plan, "bwd_x_original", x_full.numel() * x_full.element_size(), x_full.numel())
+
+        handle = grad_input = None
+        if need_dx:
+            if recipe is None:
+                dx = dy.matmul(weight)
+            else:
+                dx = recipe.dgrad(dy, ctx.wq, qctx)
+                if recipe.debug_checks and not torch.isfinite(dx).all():
+                    raise FloatingPointError(f"{plan.name}: non-finite dgrad")
+            dx = dx.to(ctx.input_dtype).reshape(*grad_output.shape[:-1], k)
+            if plan.allreduce_dgrad:
+                handle = dist.all_reduce(dx, group=group, async_op=True)
+                grad_input = dx
+            elif sp:
+                grad_input = torch.empty(ctx.input_shape, dtype=dx.dtype, device=dx.device)
+                handle = dist.reduce_scatter_tensor(grad_input, dx, group=group, async_op=True)
+            else:
+                grad_input = dx
+
+        grad_weight = None
+        if need_dw:
+            if recipe is None:
+                x2d = x_full.reshape(-1, k)
+                dw = dy.float().t().matmul(x2d.float()) if ctx.main_grad is not None else dy.t().matmul(x2d)
+            else:
+                dw = recipe.wgrad(dy, x_full, qctx)
+                if recipe.debug_checks and not torch.isfinite(dw).all():
+                    raise FloatingPointError(f"{plan.name}: non-finite wgrad")
+            if ctx.main_grad is not None:
+                # gradient-accumulation fusion: FP32 dW straight into main_grad, placeholder grad
+                ctx.main_grad.add_(dw.to(ctx.main_grad.dtype))
+                if hasattr(weight, "grad_added_to_main_grad"):
+                    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+                    grad_weight = make(ctx.main_grad.shape, dtype=ctx.input_dtype, device=dy.device)
+                    weight.grad_added_to_main_grad = True
+            else:
+                grad_weight = dw.to(weight.dtype)
+        grad_bias = dy.sum(dim=0).to(grad_output.dtype) if ctx.use_bias and ctx.needs_input_grad[2] else None
+        if handle is not None:
+            handle.wait()
+        ctx.x_saved = ctx.wq = ctx.main_grad = None
+        return grad_input, grad_weight, grad_bias, None
+
+
+_fallback_ids = itertools.count()
+
+
+class _NVFP4LinearMixin:
+    """Shared by the column and row classes: identity (layer number, name), keys, refusals."""
+
+    _mfp4_kind = ""
+
+    def _mfp4_init(self, recipe, is_expert: bool):
+        check_supported(self.config, is_expert=is_expert)
+        self.mfp4_recipe: Recipe = resolve_recipe(self.config, recipe)
+        # identity: set by NVFP4TransformerLayer (or tag_model) after build; a construction-order id
+        # stands in for layer modules built outside a plugin TransformerLayer
+        fallback = next(_fallback_ids)
+        self.mfp4_layer_number = 0
+        self.mfp4_name = f"{self._mfp4_kind}_{fallback}"
+        self.mfp4_bf16 = not self.mfp4_recipe.quantized
+        self._mfp4_checked = False
+        self._mfp4_iteration = -1
+        self._mfp4_calls = 0
+        self._mfp4_pending = deque()   # keys of checkpointed (no-grad) forwards, for recompute
+        self.mfp4_last_key = None
+
+    def set_mfp4_identity(self, layer_number: int, name: str, bf16: bool = False) -> None:
+        """Tag with the global 1-based layer number and canonical name; validate shapes now."""
+        self.mfp4_layer_number = int(layer_number)
+        self.mfp4_name = name
+        self.mfp4_bf16 = bool(bf16) or not self.mfp4_recipe.quantized
+        self._mfp4_check_shapes()
+
+    def _mfp4_local_shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _mfp4_check_shapes(self):
+        if self.mfp4_bf16:
+            return
+        k, n = self._mfp4_local_shape()
+        try:
+            self.mfp4_recipe.check_shapes(k, n)
+        except ValueError as err:
+            raise ValueError(
+                f"{self.mfp4_name}: per-TP-rank weight is [{n}, {k}] ({self._mfp4_kind}-parallel, "
+                f"global in={self.input_size}, out={self.output_size}): {err}. Change the model "
+                "dims or the TP size, or keep this layer in BF16 (--mfp4-bf16-modules)") from None
+        self._mfp4_checked = True
+
+    @property
+    def mfp4_quantized(self) -> bool:
+        return not self.mfp4_bf16
+
+    def _mfp4_next_key(self) -> int:
+        """Per-call stream key: recompute-safe (a recomputed forward reuses its checkpointed key)."""
+        iteration = state.get_iteration()
+        if iteration != self._mfp4_iteration:
+            self._mfp4_iteration, self._mfp4_calls = iteration, 0
+            self._mfp4_pending.clear()
+        if torch.is_grad_enabled() and self._mfp4_pending:
+            self.mfp4_last_key = self._mfp4_pending.popleft()   # recompute: backward runs in forward order
+            return self.mfp4_last_key
+        dp_rank = 0
+        if parallel_state.model_parallel_is_initialized():
+            dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+        key = state.stream_key(self.mfp4_recipe.seed, iteration, self.mfp4_layer_number,
+                               self.mfp4_name, self._mfp4_calls, dp_rank)
+        self._mfp4_calls += 1
+        self.mfp4_last_key = key
+        if not torch.is_grad_enabled() and self.training:
+            self._mfp4_pending.append(key)       # activation checkpointing: forward under no_grad
+        return key
+
+    def _mfp4_offsets(self, tp_rank: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _mfp4_reducers(self, group, sequence_parallel: bool):
+        raise NotImplementedError
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        kw = dict(zip(_STOCK_ARG_ORDER, args))
+        kw.update(kwargs)
+        if kw.get("grad_output_buffer") is not None or kw.get("wgrad_deferral_limit") is not None:
+            raise NotImplementedError(
+                f"{self.mfp4_name}: deferred wgrad (grad_output_buffer / wgrad_deferral_limit, i.e. "
+                "--defer-embedding-wgrad-compute) is not supported by megatron_fp4 layers")
+        if kw.get("gtp_remat_size", 1) > 1:
+            raise NotImplementedError(f"{self.mfp4_name}: GTP weight sharding is not supported by "
+                                      "megatron_fp4 layers")
+        group = kw.get("tp_group") or self.tp_group
+        fuse = bool(kw.get("gradient_accumulation_fusion", False))
+        hp = self.mfp4_bf16
+        if hp and (not fuse or mcore_layers._grad_accum_fusion_available):
+            return super()._forward_impl(input, weight, *args, **kwargs)   # stock BF16 path
+        if not hp and not self._mfp4_checked:
+            self._mfp4_check_shapes()
+        world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+        sp = bool(kw.get("sequence_parallel", False))
+        qctx = None
+        if not hp:
+            rank = dist.get_rank(group) if world > 1 else 0
+            in_off, out_off = self._mfp4_offsets(rank)
+            reducers = self._mfp4_reducers(group, sp) if world > 1 and self.mfp4_recipe.tp_amax_reduce \
+                else (None, None, None)
+            qctx = QuantContext(key=self._mfp4_next_key(), seed=self.mfp4_recipe.seed,
+                                input_amax_reduce=reducers[0], weight_amax_reduce=reducers[1],
+                                grad_output_amax_reduce=reducers[2], in_offset=in_off, out_offset=out_off)
+        plan = _Plan(recipe=None if hp else self.mfp4_recipe, qctx=qctx, tp_group=group, tp_size=world,
+                     sequence_parallel=sp, allreduce_dgrad=bool(kw.get("allreduce_dgrad", False)),
+                     fuse_wgrad=fuse, name=self.mfp4_name)
+        return NVFP4TPLinearFunction.apply(input, weight, kw.get("bias"), plan)
+
+    def backward_dw(self) -> None:
+        """Weight gradients are computed in the main backward (delay_wgrad_compute is refused)."""
+
+
+def _init_allowing_fusion(parent_init, self, config, *args, **kwargs):
+    # The parent refuses gradient_accumulation_fusion without apex; these layers fuse into main_grad
+    # themselves, so the check is lifted for the duration of the parent's init.
+    if not getattr(config, "gradient_accumulation_fusion", False) or mcore_layers._grad_accum_fusion_available:
+        return parent_init(self, *args, config=config, **kwargs)
+    mcore_layers._grad_accum_fusion_available = True
+    try:
+        return parent_init(self, *args, config=config, **kwargs)
+    finally:
+        mcore_layers._grad_accum_fusion_available = False
+
+
+class NVFP4ColumnParallelLinear(_NVFP4LinearMixin, ColumnParallelLinear):
+    """ColumnParallelLinear (weight [out/tp, in]) whose GEMMs follow an NVFP4 recipe.
+
+    `recipe`: a Recipe, a built-in name or a YAML path; default: read from `config.mfp4_recipe`.
+    """
+
+    _mfp4_kind = "column"
+
+    def __init__(self, input_size, output_size, *, config, recipe=None, is_expert: bool = False, **kwargs):
+        _init_allowing_fusion(ColumnParallelLinear.__init__, self, config, input_size, output_size,
+                              is_expert=is_expert, **kwargs)
+        self._mfp4_init(recipe, is_expert)
+        if self.weight is None:
+            raise NotImplementedError("megatron_fp4: skip_weight_param_allocation is not supported")
+
+    def _mfp4_local_shape(self):
+        return self.input_size, self.output_size_per_partition
+
+    def _mfp4_offsets(self, tp_rank):
+        # stride > 1 (interleaved init of e.g. GLU halves) keeps this contiguous-shard offset: draws
+        # stay valid but are then not identical across TP sizes
+        return 0, tp_rank * self.output_size_per_partition
+
+    def _mfp4_reducers(self, group, sequence_parallel):
+        r = _max_reducer(group)
+        # the input is replicated unless SP splits its rows; weight and dY are sharded along N
+        return (r if sequence_parallel else None), r, r
+
+
+class NVFP4RowParallelLinear(_NVFP4LinearMixin, RowParallelLinear):
+    """RowParallelLinear (weight [out, in/tp]) whose GEMMs follow an NVFP4 recipe."""
+
+    _mfp4_kind = "row"
+
+    def __init__(self, input_size, output_size, *, config, recipe=None, is_expert: bool = False, **kwargs):
+        _init_allowing_fusion(RowParallelLinear.__init__, self, config, input_size, output_size,
+                              is_expert=is_expert, **kwargs)
+        self._mfp4_init(recipe, is_expert)
+
+    def _mfp4_local_shape(self):
+        return self.input_size_per_partition, self.output_size
+
+    def _mfp4_offsets(self, tp_rank):
+        return tp_rank * self.input_size_per_partition, 0
+
+    def _mfp4_reducers(self, group, sequence_parallel):
+        r = _max_reducer(group)
+        # input and weight are sharded along K; dY arrives full (after the output reduction)
+        return r, r, None
+
+
+NVFP4_LINEAR_TYPES = (NVFP4ColumnParallelLinear, NVFP4RowParallelLinear)

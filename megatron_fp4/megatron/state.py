@@ -1,0 +1,95 @@
+"""Run-wide state the plugin layers read: the training iteration (for random stream keys) and a
+counter of the bytes each layer communicates (FP4 against what BF16 would have cost).
+
+The training loop calls `set_iteration(it)` once per step (the plugin's launcher and CPU driver do;
+a foreign loop that never calls it still gets unique keys, because each layer's call counter then
+simply keeps growing). Keys are a pure function of (recipe seed, iteration, global layer number,
+linear name, per-step call index of that layer, data-parallel rank): identical on every TP rank,
+independent of the TP split and of activation recomputation.
+"""
+from __future__ import annotations
+
+import threading
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from ..rng import derive_key
+
+_lock = threading.Lock()
+_iteration = 0
+
+
+def set_iteration(iteration: int) -> None:
+    """Declare the current optimizer step; layers restart their per-step call counters."""
+    global _iteration
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    _iteration = int(iteration)
+
+
+def get_iteration() -> int:
+    return _iteration
+
+
+def name_id(name: str) -> int:
+    """A stable 32-bit id for a module name (Python's hash() is salted per process)."""
+    return zlib.crc32(name.encode())
+
+
+def stream_key(seed: int, iteration: int, layer_number: int, name: str, call: int, dp_rank: int) -> int:
+    return derive_key(seed, iteration, layer_number, name_id(name), call, dp_rank)
+
+
+# Communication accounting ------------------------------------------------------------------------
+
+@dataclass
+class CommRecord:
+    quantized_bytes: int = 0     # what the plugin actually sent (packed codes + scales)
+    bf16_bytes: int = 0          # what the stock BF16 path would have sent for the same tensors
+    gathers: int = 0
+    by_kind: dict = field(default_factory=lambda: defaultdict(int))
+
+    @property
+    def ratio(self) -> float:
+        return self.quantized_bytes / self.bf16_bytes if self.bf16_bytes else float("nan")
+
+
+_comm: dict[str, CommRecord] = defaultdict(CommRecord)
+
+
+def record_comm(layer: str, kind: str, quantized_bytes: int, bf16_bytes: int) -> None:
+    with _lock:
+        rec = _comm[layer]
+        rec.quantized_bytes += int(quantized_bytes)
+        rec.bf16_bytes += int(bf16_bytes)
+        rec.gathers += 1
+        rec.by_kind[kind] += int(quantized_bytes)
+
+
+def comm_stats() -> dict[str, CommRecord]:
+    """Per-layer bytes all-gathered by this rank's plugin layers since the last reset."""
+    with _lock:
+        return dict(_comm)
+
+
+def reset_comm_stats() -> None:
+    with _lock:
+        _comm.clear()
+
+
+def format_comm_stats() -> str:
+    stats = comm_stats()
+    if not stats:
+        return "mfp4 comm: no sequence-parallel gathers recorded"
+    lines = ["mfp4 comm (sequence-parallel all-gathers, this rank): layer  fp4_MiB  bf16_MiB  ratio"]
+    total_q = total_b = 0
+    for name in sorted(stats):
+        rec = stats[name]
+        total_q += rec.quantized_bytes
+        total_b += rec.bf16_bytes
+        lines.append(f"  {name}  {rec.quantized_bytes / 2**20:.3f}  {rec.bf16_bytes / 2**20:.3f}  "
+                     f"{rec.ratio:.3f}")
+    lines.append(f"  total  {total_q / 2**20:.3f}  {total_b / 2**20:.3f}  "
+                 f"{total_q / total_b if total_b else float('nan'):.3f}")
+    return "\n".join(lines)

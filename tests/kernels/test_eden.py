@@ -1,0 +1,97 @@
+"""RHT-128 + MS-EDEN kernels vs quantizers.quantize_ms_eden(eden_group=128).
+
+Given the same rotated values z, codes, E4M3 scales (scale SR draws the same counter-hash bits) and
+the tensor scale are bit-exact. The rotation itself is an FP32 matmul in both twins and agrees to
+FP32 rounding; `rht128()` exposes the kernel's own rotation so the quantization can be compared bit
+for bit, and the rotation is compared with hadamard.rht to FP32 tolerance.
+"""
+import pytest
+import torch
+
+from megatron_fp4 import quantizers as Q
+from megatron_fp4.hadamard import rht
+from megatron_fp4.rng import RandomStream, derive_key, random_signs
+from megatron_fp4.kernels.eden import rht128, rht_ms_eden
+
+from kernel_test_util import assert_same_operand, cpu_interp, data, gpu, needs_cuda
+
+
+def _sigma(seed, device="cpu"):
+    return random_signs(derive_key(seed, 5), 128, device)
+
+
+def _stream(seed, row_offset=0, col_offset=0):
+    return RandomStream(derive_key(seed, 3), row_offset, col_offset)
+
+
+def _check(a, sigma, stream, transpose=False, packed=None, ties="even", full_ref_max_mismatch=None,
+           **cfg):
+    got = rht_ms_eden(a, sigma, stream, transpose=transpose, packed=packed, ties=ties, **cfg)
+    z = rht128(a, sigma, transpose=transpose, packed=packed, **cfg)
+    assert_same_operand(got, Q.quantize_ms_eden(z, stream=stream, ties=ties))
+    # the rotation agrees with the reference's FP32 matmul to FP32 rounding
+    src = packed.dequantize_unscaled().t() if packed is not None else (a.t() if transpose else a)
+    z_ref = rht(src, sigma)
+    err = ((z - z_ref).norm() / z_ref.norm()).item()
+    assert err < 1e-6, err
+    return got, z
+
+
+@cpu_interp
+@pytest.mark.parametrize("rows,cols,dtype", [(64, 256, torch.float32), (40, 128, torch.bfloat16)])
+def test_eden_dense_bit_exact(rows, cols, dtype):
+    a = data(rows, cols, seed=rows * 7 + cols, dtype=dtype)
+    _check(a, _sigma(1), _stream(2, row_offset=5, col_offset=256))
+
+
+@cpu_interp
+def test_eden_dense_transposed_bit_exact():
+    dy = data(256, 96, seed=4, dtype=torch.bfloat16)      # [T, N]; operand is dY^T [N, T], along T
+    _check(dy, _sigma(3), _stream(4), transpose=True)
+
+
+@cpu_interp
+def test_eden_ties_away():
+    a = data(32, 128, seed=9)
+    _check(a, _sigma(5), _stream(6), ties="away")
+
+
+@cpu_interp
+def test_requant_from_packed_bit_exact():
+    x = data(256, 64, seed=12)                              # X [T, K]
+    xq = Q.quantize_nvfp4(x, smax=256.0, four_over_six=True)
+    _check(None, _sigma(7), _stream(8, row_offset=64), packed=xq)
+
+
+@cpu_interp
+def test_eden_special_values():
+    a = data(32, 128, seed=13)
+    a[3, 7] = float("nan")
+    got, _ = _check(a, _sigma(1), _stream(2))
+    assert torch.isnan(got.tensor_scale)
+    zeros = torch.zeros(16, 128)
+    assert_same_operand(rht_ms_eden(zeros, _sigma(1), _stream(2)),
+                        Q.quantize_ms_eden(zeros, stream=_stream(2)))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("transpose", [False, True])
+def test_eden_gpu_bit_exact(transpose):
+    a = data(2048, 1024, seed=21, dtype=torch.bfloat16, device="cuda")
+    _check(a, _sigma(1, "cuda"), _stream(2), transpose=transpose)
+
+
+@gpu
+@needs_cuda
+def test_eden_gpu_fp32_source():
+    a = data(512, 1024, seed=22, dtype=torch.float32, device="cuda")
+    _check(a, _sigma(1, "cuda"), _stream(2))
+
+
+@gpu
+@needs_cuda
+def test_requant_from_packed_gpu_bit_exact():
+    x = data(1024, 512, seed=23, dtype=torch.bfloat16, device="cuda")
+    xq = Q.quantize_nvfp4(x, smax=256.0, four_over_six=True)
+    _check(None, _sigma(3, "cuda"), _stream(4), packed=xq)

@@ -1,0 +1,70 @@
+"""RTN / 4/6 kernel vs quantizers.quantize_nvfp4(mode="rn"): bit-exact codes, scales, tensor scale."""
+import pytest
+import torch
+
+from megatron_fp4 import quantizers as Q
+from megatron_fp4.kernels import _common
+from megatron_fp4.kernels.rtn import quantize_nvfp4_rtn
+
+from kernel_test_util import INTERPRET, assert_same_operand, cpu_interp, data, gpu, needs_cuda
+
+
+def test_interpreter_set_before_jit():
+    # conftest sets TRITON_INTERPRET before the kernel modules define their @triton.jit functions
+    assert _common.INTERPRET == INTERPRET
+
+
+CASES = [  # (rows, cols, dtype, four_over_six, ties)
+    (32, 256, torch.float32, False, "even"),
+    (32, 256, torch.float32, True, "even"),
+    (20, 96, torch.bfloat16, True, "even"),      # partial row and column tiles
+    (32, 128, torch.float32, False, "away"),
+]
+
+
+def _ref(x, four_over_six, ties):
+    smax = Q.FOUR_OVER_SIX_SMAX if four_over_six else 448.0
+    return Q.quantize_nvfp4(x, smax=smax, ties=ties, four_over_six=four_over_six), smax
+
+
+@cpu_interp
+@pytest.mark.parametrize("rows,cols,dtype,four_over_six,ties", CASES)
+def test_rtn_matches_reference(rows, cols, dtype, four_over_six, ties):
+    x = data(rows, cols, seed=rows + cols, dtype=dtype)
+    ref, smax = _ref(x, four_over_six, ties)
+    got = quantize_nvfp4_rtn(x, smax=smax, ties=ties, four_over_six=four_over_six)
+    assert_same_operand(got, ref)
+
+
+@cpu_interp
+def test_rtn_ties_on_grid_midpoints():
+    # values landing exactly on E2M1 midpoints once divided by the block scale (tie table, §2.1)
+    row = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] * 2)
+    x = torch.stack([row, -row, row * 2.0 ** -3, row * 2.0 ** 5]).repeat(1, 2)
+    for ties in ("even", "away"):
+        assert_same_operand(quantize_nvfp4_rtn(x, ties=ties), Q.quantize_nvfp4(x, ties=ties))
+
+
+@cpu_interp
+def test_rtn_special_values():
+    x = data(16, 64, seed=3)
+    assert_same_operand(quantize_nvfp4_rtn(torch.zeros(16, 64)), Q.quantize_nvfp4(torch.zeros(16, 64)))
+    y = x.clone()
+    y[3, 5] = float("nan")
+    y[7, 9] = float("inf")
+    got, ref = quantize_nvfp4_rtn(y), Q.quantize_nvfp4(y)
+    assert torch.isnan(got.tensor_scale)
+    assert_same_operand(got, ref)
+    big = x * 1e30   # huge magnitudes: scales saturate, nothing overflows to NaN
+    assert_same_operand(quantize_nvfp4_rtn(big, four_over_six=True, smax=256.0),
+                        Q.quantize_nvfp4(big, four_over_six=True, smax=256.0))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("four_over_six", [False, True])
+def test_rtn_gpu_matches_reference(four_over_six):
+    x = data(1024, 4096, seed=11, dtype=torch.bfloat16, device="cuda")
+    ref, smax = _ref(x, four_over_six, "even")
+    got = quantize_nvfp4_rtn(x, smax=smax, four_over_six=four_over_six)
+    assert_same_operand(got, ref)

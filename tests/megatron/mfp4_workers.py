@@ -1,0 +1,174 @@
+"""Per-rank bodies of the multi-process tests (run under megatron_fp4.testing.dist.run)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+RECIPES = ("bf16", "nvidia", "tetrajet2", "quartet2")
+
+
+def _init_tp(world, sp=False, pp=1, vpp=None):
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    ps.initialize_model_parallel(tensor_model_parallel_size=world // pp if pp > 1 else world,
+                                 pipeline_model_parallel_size=pp,
+                                 virtual_pipeline_model_parallel_size=vpp)
+    model_parallel_cuda_manual_seed(123)
+
+
+def _config(world, recipe, sp=False, fusion=False, **extra):
+    from megatron_fp4.megatron import NVFP4TransformerConfig
+    return NVFP4TransformerConfig(
+        num_layers=1, hidden_size=256, num_attention_heads=4, use_cpu_initialization=True,
+        params_dtype=torch.float32, sequence_parallel=sp, tensor_model_parallel_size=world,
+        gradient_accumulation_fusion=fusion, mfp4_recipe=recipe, **extra)
+
+
+def _init(w):
+    return torch.nn.init.normal_(w, std=0.05)
+
+
+def _shard(t, dim, rank, world):
+    return t.chunk(world, dim=dim)[rank].contiguous()
+
+
+def _reference(layer, x, weight, bias, dy):
+    """Single-device result with the layer's own stream key (what TP=1 computes)."""
+    from megatron_fp4.linear import nvfp4_linear
+    from megatron_fp4.recipe import QuantContext
+    recipe = layer.mfp4_recipe
+    x = x.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    b = None if bias is None else bias.detach().clone().requires_grad_(True)
+    if recipe.quantized and not layer.mfp4_bf16:
+        y = nvfp4_linear(x, w, b, recipe, QuantContext(key=layer.mfp4_last_key, seed=recipe.seed))
+    else:
+        y = torch.nn.functional.linear(x, w, b)
+    y.backward(dy)
+    return y.detach(), x.grad, w.grad, None if b is None else b.grad
+
+
+def _maxdiff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def layer_parity(rank, world, recipe_name, sp):
+    """Column and row NVFP4 linears at TP=world (+SP) against the single-device reference."""
+    from megatron.core import parallel_state as ps
+    from megatron_fp4.megatron import NVFP4ColumnParallelLinear, NVFP4RowParallelLinear
+    _init_tp(world)
+    report = {}
+    s, b, hidden, ffn = 32, 2, 256, 512
+    cfg = _config(world, recipe_name, sp=sp)
+    torch.manual_seed(7)
+    x_full = torch.randn(s, b, hidden)
+    dy_col = torch.randn(s, b, ffn)
+
+    # column-parallel [hidden -> ffn]
+    torch.manual_seed(11)
+    col = NVFP4ColumnParallelLinear(hidden, ffn, config=cfg, init_method=_init, bias=True,
+                                    gather_output=False, keep_master_weight_for_test=True)
+    col.set_mfp4_identity(1, "decoder.layers.0.mlp.linear_fc1")
+    with torch.no_grad():
+        col.bias.copy_(torch.randn(col.bias.shape))
+    bias_full = torch.cat([t for t in _gather_list(col.bias.detach(), world)])
+    x_in = (_shard(x_full, 0, rank, world) if sp else x_full).clone().requires_grad_(True)
+    y, _ = col(x_in)
+    y.backward(_shard(dy_col, 2, rank, world))
+    ry, rdx, rdw, rdb = _reference(col, x_full, col.master_weight, bias_full, dy_col)
+    report["col_fwd_bitexact"] = torch.equal(y, _shard(ry, 2, rank, world))
+    report["col_fwd_maxdiff"] = _maxdiff(y, _shard(ry, 2, rank, world))
+    report["col_dx_maxdiff"] = _maxdiff(x_in.grad, _shard(rdx, 0, rank, world) if sp else rdx)
+    report["col_dx_scale"] = rdx.abs().max().item()
+    report["col_dw_maxdiff"] = _maxdiff(col.weight.grad, _shard(rdw, 0, rank, world))
+    report["col_dw_scale"] = rdw.abs().max().item()
+    report["col_db_maxdiff"] = _maxdiff(col.bias.grad, _shard(rdb, 0, rank, world))
+
+    # row-parallel [ffn -> hidden], input already split along features
+    torch.manual_seed(13)
+    row = NVFP4RowParallelLinear(ffn, hidden, config=cfg, init_method=_init, bias=True,
+                                 input_is_parallel=True, skip_bias_add=False, keep_master_weight_for_test=True)
+    row.set_mfp4_identity(1, "decoder.layers.0.mlp.linear_fc2")
+    torch.manual_seed(17)
+    h_full = torch.randn(s, b, ffn)
+    dy_row = torch.randn(s, b, hidden)
+    h_in = _shard(h_full, 2, rank, world).clone().requires_grad_(True)
+    y2, _ = row(h_in)
+    y2.backward(_shard(dy_row, 0, rank, world) if sp else dy_row)
+    ry2, rdh, rdw2, _ = _reference(row, h_full, row.master_weight, None, dy_row)
+    ry2 = ry2 + row.bias.detach()
+    report["row_fwd_maxdiff"] = _maxdiff(y2, _shard(ry2, 0, rank, world) if sp else ry2)
+    report["row_fwd_scale"] = ry2.abs().max().item()
+    report["row_dx_bitexact"] = torch.equal(h_in.grad, _shard(rdh, 2, rank, world))
+    report["row_dx_maxdiff"] = _maxdiff(h_in.grad, _shard(rdh, 2, rank, world))
+    report["row_dx_scale"] = rdh.abs().max().item()
+    report["row_dw_maxdiff"] = _maxdiff(row.weight.grad, _shard(rdw2, 1, rank, world))
+    report["row_dw_scale"] = rdw2.abs().max().item()
+    report["tp_rank"] = ps.get_tensor_model_parallel_rank()
+    return report
+
+
+def _gather_list(t, world):
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def fp4_allgather_identity(rank, world):
+    """Quantize-local-rows-then-gather equals gather-then-quantize, bit for bit, for every recipe."""
+    from megatron.core import parallel_state as ps
+    from megatron_fp4.megatron.layers import _max_reducer, gather_nvfp4_rows
+    from megatron_fp4.recipe import QuantContext
+    from megatron_fp4.registry import load_recipe
+    _init_tp(world)
+    group = ps.get_tensor_model_parallel_group()
+    results = {}
+    for name in ("nvidia", "nvidia-46", "tetrajet2", "quartet2", "quartet2-no46"):
+        recipe = load_recipe(name)
+        torch.manual_seed(100 + rank)   # different rows per rank, with a heavy-tailed rank 1
+        x_local = torch.randn(48, 256) * (1.0 + 30.0 * rank)
+        x_local[3, 5] = 1000.0 if rank == 1 else x_local[3, 5]
+        x_local = x_local.to(torch.bfloat16)
+        local = recipe.quantize_input(x_local, QuantContext(input_amax_reduce=_max_reducer(group)))
+        gathered = gather_nvfp4_rows(local, group, world)
+        x_full = torch.cat(_gather_list(x_local, world))
+        ref = recipe.quantize_input(x_full, QuantContext())
+        same = (torch.equal(gathered.packed, ref.packed)
+                and torch.equal(gathered.block_scales.view(torch.uint8), ref.block_scales.view(torch.uint8))
+                and ((gathered.tensor_scale is None and ref.tensor_scale is None)
+                     or torch.equal(gathered.tensor_scale, ref.tensor_scale))
+                and ((gathered.outer_scales is None and ref.outer_scales is None)
+                     or torch.equal(gathered.outer_scales, ref.outer_scales)))
+        results[name] = (same, gathered.nbytes(), x_full.numel() * 2)
+    return results
+
+
+def fusion_main_grad(rank, world, recipe_name):
+    """gradient_accumulation_fusion: FP32 wgrad accumulates into main_grad; placeholder grad."""
+    from megatron_fp4.megatron import NVFP4ColumnParallelLinear
+    _init_tp(world)
+    cfg = _config(world, recipe_name, fusion=True)
+    torch.manual_seed(11)
+    col = NVFP4ColumnParallelLinear(256, 256, config=cfg, init_method=_init, bias=False,
+                                    gather_output=False)
+    col.set_mfp4_identity(1, "decoder.layers.0.self_attention.linear_qkv")
+    col.weight.main_grad = torch.full_like(col.weight, 0.5, dtype=torch.float32)
+    col.weight.grad_added_to_main_grad = False
+    torch.manual_seed(3)
+    x = torch.randn(16, 2, 256, requires_grad=True)
+    y, _ = col(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    added = col.weight.grad_added_to_main_grad
+    placeholder = col.weight.grad is not None and col.weight.grad.shape == col.weight.shape
+    # unfused reference with the same key
+    cfg2 = _config(world, recipe_name, fusion=False)
+    torch.manual_seed(11)
+    ref = NVFP4ColumnParallelLinear(256, 256, config=cfg2, init_method=_init, bias=False, gather_output=False)
+    ref.set_mfp4_identity(1, "decoder.layers.0.self_attention.linear_qkv")
+    x2 = x.detach().clone().requires_grad_(True)
+    y2, _ = ref(x2)
+    y2.backward(dy)
+    diff = _maxdiff(col.weight.main_grad - 0.5, ref.weight.grad)
+    return {"added": added, "placeholder": placeholder, "diff": diff,
+            "scale": ref.weight.grad.abs().max().item()}
