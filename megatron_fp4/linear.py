@@ -16,6 +16,7 @@ from typing import Optional, Union
 
 import torch
 
+from . import outcontrol
 from .recipe import QuantContext, Recipe
 from .registry import load_recipe
 from .rng import derive_key
@@ -27,24 +28,30 @@ def _check_finite_debug(recipe: Recipe, what: str, t: torch.Tensor):
 
 
 class NVFP4LinearFunction(torch.autograd.Function):
-    """apply(x [..., K], weight [N, K], bias [N] or None, recipe, ctx: QuantContext, main_grad_fusion)."""
+    """apply(x [..., K], weight [N, K], bias [N] or None, recipe, ctx: QuantContext, main_grad_fusion,
+    split: an OutControl ChannelSplit or None)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, recipe: Recipe, qctx: QuantContext, accumulate_into_main_grad: bool):
+    def forward(ctx, x, weight, bias, recipe: Recipe, qctx: QuantContext, accumulate_into_main_grad: bool,
+                split: Optional[outcontrol.ChannelSplit] = None):
         in_features = weight.shape[1]
         if x.shape[-1] != in_features:
             raise ValueError(f"input has {x.shape[-1]} features, weight expects {in_features}")
         x2d = x.reshape(-1, in_features)
-        xq = recipe.quantize_input(x2d, qctx)
-        wq = recipe.quantize_weight(weight, qctx)
-        y = recipe.fprop(xq, wq, qctx)
+        if split is not None:
+            y, saved = outcontrol.split_forward(recipe, x2d, weight, split, qctx)
+            xq, wq = saved, saved
+        else:
+            xq = recipe.quantize_input(x2d, qctx)
+            wq = recipe.quantize_weight(weight, qctx)
+            y = recipe.fprop(xq, wq, qctx)
         _check_finite_debug(recipe, "forward output", y)
         y = y.to(x.dtype)
         if bias is not None:
             y = y + bias.to(y.dtype)
-        ctx.recipe, ctx.qctx = recipe, qctx
+        ctx.recipe, ctx.qctx, ctx.split = recipe, qctx, split
         ctx.wq = wq
-        ctx.x_saved = x2d if recipe.wgrad_needs_original_input else xq
+        ctx.x_saved = x2d if recipe.wgrad_needs_original_input and split is None else xq
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.has_bias = bias is not None
         ctx.accumulate_into_main_grad = accumulate_into_main_grad
@@ -58,11 +65,17 @@ class NVFP4LinearFunction(torch.autograd.Function):
         dy = grad_output.reshape(-1, weight.shape[0])
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            dx = recipe.dgrad(dy, ctx.wq, qctx)
+            if ctx.split is not None:
+                dx = outcontrol.split_dgrad(recipe, dy, ctx.wq, ctx.split, qctx)
+            else:
+                dx = recipe.dgrad(dy, ctx.wq, qctx)
             _check_finite_debug(recipe, "dgrad", dx)
             grad_input = dx.to(ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dw = recipe.wgrad(dy, ctx.x_saved, qctx)
+            if ctx.split is not None:
+                dw = outcontrol.split_wgrad(recipe, dy, ctx.x_saved, ctx.split, qctx)
+            else:
+                dw = recipe.wgrad(dy, ctx.x_saved, qctx)
             _check_finite_debug(recipe, "wgrad", dw)
             if ctx.accumulate_into_main_grad and getattr(weight, "main_grad", None) is not None:
                 # Megatron's gradient-accumulation fusion: FP32 dW straight into main_grad
@@ -74,19 +87,24 @@ class NVFP4LinearFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = dy.sum(dim=0).to(grad_output.dtype)
         ctx.wq = ctx.x_saved = None
-        return grad_input, grad_weight, grad_bias, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
 def nvfp4_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], recipe: Recipe,
-                 qctx: Optional[QuantContext] = None, accumulate_into_main_grad: bool = False) -> torch.Tensor:
+                 qctx: Optional[QuantContext] = None, accumulate_into_main_grad: bool = False,
+                 split: Optional[outcontrol.ChannelSplit] = None) -> torch.Tensor:
     """Functional form. With the bf16 recipe this is a plain linear."""
     if not recipe.quantized:
         return torch.nn.functional.linear(x, weight, bias)
     if x.numel() == 0:
         raise ValueError(f"empty input of shape {tuple(x.shape)}")
     recipe.check_shapes(weight.shape[1], weight.shape[0])
+    if split is not None:
+        outcontrol.check_recipe(recipe)
+        if split.in_features != weight.shape[1]:
+            raise ValueError(f"OutControl split covers {split.in_features} channels, weight has {weight.shape[1]}")
     return NVFP4LinearFunction.apply(x, weight, bias, recipe, qctx or QuantContext(seed=recipe.seed),
-                                     accumulate_into_main_grad)
+                                     accumulate_into_main_grad, split)
 
 
 _layer_ids = itertools.count()

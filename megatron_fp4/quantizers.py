@@ -116,6 +116,37 @@ def _pack(codes_blocks: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return fmt.pack_e2m1(codes_blocks.reshape(rows, cols))
 
 
+def nvfp4_block_scales(block_amax: torch.Tensor, target: float, g: torch.Tensor, valid: torch.Tensor):
+    """Block scales of Q16 for blocks with the given amaxes: s_b = RN8((amax_b / v) / g).
+
+    Returns (scale as FP32, 0 where flushed; divisor s_b * g, 1 where flushed; keep mask). Blocks
+    flush when the scale rounds to 0 or the divisor is below 2^-126. Shared by the quantizer and by
+    OsciReset's sharded re-quantization, so both use exactly the same arithmetic.
+    """
+    scale = fmt.round_to_e4m3((block_amax / target) / g).float()
+    divisor = scale * g
+    keep = (scale > 0) & (divisor >= fmt.FP32_MIN_NORMAL) & valid
+    return (torch.where(keep, scale, torch.zeros_like(scale)),
+            torch.where(keep, divisor, torch.ones_like(divisor)), keep)
+
+
+def double_block_scales(block_amax: torch.Tensor, outer_amax: torch.Tensor, v: float):
+    """QDB scales (§3.4) for 16-blocks with amax `block_amax` inside outer blocks with amax
+    `outer_amax` (same shape: the outer amax repeated per 16-block).
+
+    Returns (s_in as FP32, 0 where flushed; s_out; divisor s_in * s_out, 1 where flushed; keep).
+    """
+    s_out = outer_amax / torch.tensor(fmt.E4M3_MAX * v, device=outer_amax.device)
+    s_out = torch.where(outer_amax > 0, s_out, torch.ones_like(s_out))
+    t = (block_amax / s_out) / v
+    t = torch.where(t == 0, torch.full_like(t, fmt.E4M3_MIN_SUBNORMAL), t)
+    s_in = fmt.round_to_e4m3(torch.clamp(t, max=fmt.E4M3_MAX)).float()
+    divisor = s_in * s_out
+    keep = (s_in > 0) & (divisor >= fmt.FP32_MIN_NORMAL)
+    return (torch.where(keep, s_in, torch.zeros_like(s_in)), s_out,
+            torch.where(keep, divisor, torch.ones_like(divisor)), keep)
+
+
 # ---------------------------------------------------------------------------------------------
 # Generic NVFP4 quantizer with an FP32 tensor scale (§3.1), 4/6 (§3.2) and 16x16 tiles (§3.3)
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +171,8 @@ def quantize_nvfp4(
     """
     if block_rows not in (1, BLOCK):
         raise ValueError(f"block_rows must be 1 or 16, got {block_rows}")
+    if mode not in (ROUND_NEAREST, ROUND_STOCHASTIC):
+        raise ValueError(f"rounding mode must be 'rn' or 'sr', got {mode!r}")
     _check_operand(x, BLOCK, rows_multiple=block_rows)
     if four_over_six and mode != ROUND_NEAREST:
         raise ValueError("4/6 cannot be combined with stochastic rounding (it biases the estimator)")
@@ -155,19 +188,14 @@ def quantize_nvfp4(
     block_amax = _block_amax(xb)
 
     def scale_and_codes(target: float):
-        s = fmt.round_to_e4m3((block_amax / target) / g)
-        s_f = s.float()
-        divisor = s_f * g
-        keep = (s_f > 0) & (divisor >= fmt.FP32_MIN_NORMAL) & valid
-        safe_div = torch.where(keep, divisor, torch.ones_like(divisor))
-        y = xb / _expand(safe_div)
-        y = torch.where(_expand(keep), y, torch.zeros((), device=x.device))
+        scale, divisor, keep = nvfp4_block_scales(block_amax, target, g, valid)
+        # flushed blocks get codes 0 as well as scale 0 (§3.1)
+        y = torch.where(_expand(keep), xb / _expand(divisor), torch.zeros((), device=x.device))
         if mode == ROUND_STOCHASTIC:
             codes = _encode(y.reshape(rows, cols), mode, ties, stream).reshape(y.shape)
         else:
             codes = encode_rn(y, ties)
-        s = torch.where(keep, s_f, torch.zeros_like(s_f)).to(torch.float8_e4m3fn)
-        return s, codes, keep
+        return scale.to(torch.float8_e4m3fn), codes, keep
 
     scales, codes, keep = scale_and_codes(v)
     if four_over_six:
@@ -333,21 +361,15 @@ def quantize_double_block(
         outer_amax = outer_amax.expand(rows, cols // OUTER_BLOCK)
     else:
         outer_amax = xo.abs().amax(dim=2)                           # [R, C/128]
-    s_out = outer_amax / torch.tensor(fmt.E4M3_MAX * v, device=x.device)
-    s_out = torch.where(outer_amax > 0, s_out, torch.ones_like(s_out))
-    s_out_e = s_out.repeat_interleave(OUTER_BLOCK // BLOCK, dim=1)   # [R, C/16]
     xb = _blocks(x)
     block_amax = _block_amax(xb)                                     # [R, C/16]
-    t = (block_amax / s_out_e) / v
-    t = torch.where(t == 0, torch.full_like(t, fmt.E4M3_MIN_SUBNORMAL), t)
-    s_in = fmt.round_to_e4m3(torch.clamp(t, max=fmt.E4M3_MAX)).float()
-    divisor = s_in * s_out_e
-    keep = (s_in > 0) & (divisor >= fmt.FP32_MIN_NORMAL)
-    y = xb / _expand(torch.where(keep, divisor, torch.ones_like(divisor)))
-    y = torch.where(_expand(keep), y, torch.zeros((), device=x.device))
+    per_block_outer = outer_amax.repeat_interleave(OUTER_BLOCK // BLOCK, dim=1)
+    s_in, s_out_e, divisor, keep = double_block_scales(block_amax, per_block_outer, v)
+    s_out = s_out_e[:, ::OUTER_BLOCK // BLOCK]
+    # flushed blocks get codes 0 (§3.4)
+    y = torch.where(_expand(keep), xb / _expand(divisor), torch.zeros((), device=x.device))
     codes = _encode(y.reshape(rows, cols), mode, ties, stream)
-    s_in = torch.where(keep, s_in, torch.zeros_like(s_in)).to(torch.float8_e4m3fn)
-    return NVFP4Tensor(packed=fmt.pack_e2m1(codes), block_scales=s_in, tensor_scale=None,
+    return NVFP4Tensor(packed=fmt.pack_e2m1(codes), block_scales=s_in.to(torch.float8_e4m3fn), tensor_scale=None,
                        outer_scales=s_out.contiguous() * poison,
                        flushed_blocks=((~keep) & (block_amax > 0)).sum())
 

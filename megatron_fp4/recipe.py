@@ -239,10 +239,14 @@ class TetraJet2Recipe(Recipe):
         return random_signs(key, self.rht_size, device)
 
     def dgrad(self, dy, wq, ctx):
+        return self.dgrad_dense(dy, wq.dequantize(), ctx)
+
+    def dgrad_dense(self, dy, w_hat, ctx):
+        """dgrad from the dequantized forward weight W_hat [N, K] (FP32): Q3 x Q4 after RHT-16 (d1)."""
         d1 = self._signs(ctx, Role.RHT_SIGNS_DGRAD, dy.device)
         eq = self._sr(rht(dy, d1), ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset),
                       ctx.grad_output_amax_reduce)
-        wtq = self._sr(rht(wq.dequantize().t(), d1),
+        wtq = self._sr(rht(w_hat.t(), d1),
                        ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset), ctx.weight_amax_reduce)
         return matmul(eq, wtq, self.gemm_mode(dy.device))
 
@@ -306,12 +310,17 @@ class Quartet2Recipe(Recipe):
         return random_signs(key, self.rht_size, device)
 
     def dgrad(self, dy, wq, ctx):
+        # rotate the exact unscaled values q*s; the forward tensor scale goes on the output
+        return self.dgrad_dense(dy, wq.dequantize_unscaled(), ctx) * wq.tensor_scale
+
+    def dgrad_dense(self, dy, w_hat, ctx):
+        """dgrad from a dequantized forward weight W_hat [N, K] (FP32): MS-EDEN x MS-EDEN after RHT."""
         sigma = self._signs(ctx, dy.device)
         eq = self._eden(rht(dy, sigma), ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset),
                         ctx.grad_output_amax_reduce)
-        wtq = self._eden(rht(wq.dequantize_unscaled().t(), sigma),
+        wtq = self._eden(rht(w_hat.t(), sigma),
                          ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset), ctx.weight_amax_reduce)
-        return matmul(eq, wtq) * wq.tensor_scale
+        return matmul(eq, wtq)
 
     def wgrad(self, dy, xq, ctx):
         sigma = self._signs(ctx, dy.device)

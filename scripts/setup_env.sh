@@ -7,9 +7,10 @@ venv="${MEGATRON_FP4_VENV:-$root/.venv}"
 stamp="$venv/.megatron_fp4_installed"
 
 find_python() {
-  local candidates=("${PYTHON:-}" python3.13 python3.12 python3)
+  # 3.12 first: the version megatron-core 0.19 and this project are tested with
+  local candidates=("${PYTHON:-}" python3.12 python3 python3.13)
   if command -v pyenv >/dev/null 2>&1; then
-    for v in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.(1[2-9])' | sort -rV); do
+    for v in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.(1[2-9])' | sort -V); do
       candidates+=("$(pyenv root)/versions/$v/bin/python3")
     done
   fi
