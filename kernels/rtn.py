@@ -29,19 +29,14 @@ AMAX_BLOCK = 8192
 
 @triton.jit
 def _amax_kernel(x_ptr, n, amax_bits_ptr, nonfinite_ptr, BLOCK_N: tl.constexpr):
-    # grid-stride loop: few programs, so few atomics on the one result word
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    bad = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for start in range(pid * BLOCK_N, n, nprog * BLOCK_N):
-        offs = start + tl.arange(0, BLOCK_N)
-        a = tl.abs(tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32))
-        finite = a < float("inf")                      # false for +-Inf and NaN
-        acc = tl.maximum(acc, tl.where(finite, a, 0.0))
-        bad = tl.maximum(bad, (~finite).to(tl.int32))
-    tl.atomic_max(amax_bits_ptr, tl.max(acc, 0).to(tl.int32, bitcast=True))
-    tl.atomic_max(nonfinite_ptr, tl.max(bad, 0))
+    # one tile per program (a grid-stride loop measured 1.0 TB/s on H100: too few loads in flight)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    a = tl.abs(tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32))
+    finite = a < float("inf")                          # false for +-Inf and NaN
+    amax = tl.max(tl.where(finite, a, 0.0), 0)
+    bad = tl.max((~finite).to(tl.int32), 0)
+    tl.atomic_max(amax_bits_ptr, amax.to(tl.int32, bitcast=True))   # >= 0 floats order as ints
+    tl.atomic_max(nonfinite_ptr, bad, mask=bad > 0)
 
 
 @triton.jit
@@ -81,11 +76,16 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
     bamax = tl.max(tl.abs(xb), axis=2)
     s, keep, codes = _candidate(xb, bamax, g, valid, V, INV_V, TIES_AWAY, SCALAR_RECIP)
     if FOUR_SIX:
-        # "max->4" candidate; keep the lower SSE measured in units of g (x/g), ties to "max->6"
+        # "max->4" candidate; keep the lower SSE measured in units of g (x/g), ties to "max->6".
+        # Exact ties are common (s4 == 1.5*s6 puts both candidates on shared grid points; ~1 block
+        # in 2000 on bf16 data), so the SSE must be exact enough to see them: each error is exact
+        # in FP32 (Sterbenz: x/g lies within half a step of its grid point), its square is exact in
+        # FP64 and so, for all practical data, is the 16-term FP64 sum. The FP32 reference sums
+        # rounded squares and breaks such ties by rounding noise (see docs/RESULTS_kernels.md).
         s4, keep4, codes4 = _candidate(xb, bamax, g, valid, 4.0, 0.25, TIES_AWAY, SCALAR_RECIP)
         xg = tl.math.div_rn(xb, g)
-        e6 = xg - e2m1_value(codes) * s[:, :, None]
-        e4 = xg - e2m1_value(codes4) * s4[:, :, None]
+        e6 = (xg - e2m1_value(codes) * s[:, :, None]).to(tl.float64)
+        e4 = (xg - e2m1_value(codes4) * s4[:, :, None]).to(tl.float64)
         use4 = tl.sum(e4 * e4, axis=2) < tl.sum(e6 * e6, axis=2)
         s = tl.where(use4, s4, s)
         codes = tl.where(use4[:, :, None], codes4, codes)
@@ -106,11 +106,7 @@ def tensor_amax(x: torch.Tensor):
     amax_bits = torch.zeros(1, dtype=torch.int32, device=x.device)
     nonfinite = torch.zeros(1, dtype=torch.int32, device=x.device)
     n = x.numel()
-    if x.is_cuda:
-        nprog = min(triton.cdiv(n, AMAX_BLOCK), 4 * torch.cuda.get_device_properties(x.device).multi_processor_count)
-    else:
-        nprog = min(triton.cdiv(n, AMAX_BLOCK), 4)
-    _amax_kernel[(nprog,)](x, n, amax_bits, nonfinite, BLOCK_N=AMAX_BLOCK, num_warps=8,
+    _amax_kernel[(triton.cdiv(n, AMAX_BLOCK),)](x, n, amax_bits, nonfinite, BLOCK_N=AMAX_BLOCK, num_warps=8,
                            enable_fp_fusion=False)
     return amax_bits, nonfinite
 

@@ -44,6 +44,8 @@ def rht(a: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
 def inverse_rht(a: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """Inverse of rht: (a @ H_n) * sigma (H is symmetric and orthonormal)."""
     n = signs.numel()
+    if a.shape[-1] % n:
+        raise ValueError(f"RHT-{n} needs the rotated dim ({a.shape[-1]}) to be a multiple of {n}")
     chunks = a.float().reshape(*a.shape[:-1], a.shape[-1] // n, n)
     restored = (chunks @ hadamard_matrix(n, torch.float32, a.device)) * signs.to(a.device, torch.float32)
     return restored.reshape(a.shape)

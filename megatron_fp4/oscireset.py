@@ -15,9 +15,8 @@ compute Q_D on exactly that tensor. `ShardedMasterQuantizer` computes Q_D on a f
 Q_D(w)_i depends only on w_i and on maxima over its block / tile / outer block / tensor, so the
 shard's partial 16-block maxima are MAX-all-reduced (numel/16 floats) and every derived maximum is
 taken from that buffer. The result is bit-identical to Q_D of the unsharded master. For 4/6 the two
-candidates' block SSEs are SUM-all-reduced partial sums; they can differ from the unsharded sums in
-the last FP32 bit, which changes a decision only where both candidates are equally good to FP32
-precision (documented; the tests compare bitwise on random data).
+candidates' block SSEs are SUM-all-reduced partial sums of FP64 squares of FP32-exact errors, which
+are exact in practice, so the sharded choice equals the unsharded one (tests compare bitwise).
 """
 from __future__ import annotations
 
@@ -168,9 +167,9 @@ class ShardedMasterQuantizer:
             return q6 * g, scale6[unit] * g
         q4, scale4 = candidate(4.0)
         xg = x / g
-        sse = torch.zeros(2, stat.numel(), device=x.device)
-        sse[0].index_add_(0, unit, (xg - q6) ** 2)
-        sse[1].index_add_(0, unit, (xg - q4) ** 2)
+        sse = torch.zeros(2, stat.numel(), dtype=torch.float64, device=x.device)
+        sse[0].index_add_(0, unit, Q.four_over_six_sse(xg, q6))
+        sse[1].index_add_(0, unit, Q.four_over_six_sse(xg, q4))
         self._all_reduce(sse, dist.ReduceOp.SUM)
         use4 = (sse[1] < sse[0])[unit]
         q = torch.where(use4, q4, q6)

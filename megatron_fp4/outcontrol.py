@@ -100,17 +100,32 @@ def check_recipe(recipe: Recipe):
                          f"forward values (tetrajet2, quartet2); {recipe.name!r} is {recipe.family}")
 
 
+def quantize_split_input(recipe: Recipe, x2d: torch.Tensor, split: ChannelSplit, ctx: QuantContext):
+    """(NVFP4 of the gathered FP4 columns, MXFP8 of the gathered outlier columns) of an input."""
+    check_recipe(recipe)
+    x_fp4, x_out = split.gather(x2d)
+    return recipe.quantize_input(x_fp4, split_context(ctx, split)), Q.quantize_mxfp8(x_out)
+
+
+def quantize_split_weight(recipe: Recipe, weight: torch.Tensor, split: ChannelSplit, ctx: QuantContext):
+    check_recipe(recipe)
+    w_fp4, w_out = split.gather(weight)
+    return recipe.quantize_weight(w_fp4, split_context(ctx, split)), Q.quantize_mxfp8(w_out)
+
+
+def split_fprop(recipe: Recipe, saved: SplitOperands, split: ChannelSplit, ctx: QuantContext) -> torch.Tensor:
+    """Y = NVFP4 part + MXFP8 part, accumulated in FP32 before the single output cast."""
+    return (recipe.fprop(saved.x_fp4, saved.w_fp4, split_context(ctx, split))
+            + matmul_mxfp8(saved.x_outlier, saved.w_outlier))
+
+
 def split_forward(recipe: Recipe, x2d: torch.Tensor, weight: torch.Tensor, split: ChannelSplit,
                   ctx: QuantContext):
     """Forward GEMM with the channel split: (Y in FP32, SplitOperands)."""
-    check_recipe(recipe)
-    sctx = split_context(ctx, split)
-    x_fp4, x_out = split.gather(x2d)
-    w_fp4, w_out = split.gather(weight)
-    xq, wq = recipe.quantize_input(x_fp4, sctx), recipe.quantize_weight(w_fp4, sctx)
-    xm, wm = Q.quantize_mxfp8(x_out), Q.quantize_mxfp8(w_out)
-    y = recipe.fprop(xq, wq, sctx) + matmul_mxfp8(xm, wm)
-    return y, SplitOperands(xq, xm, wq, wm)
+    xq, xm = quantize_split_input(recipe, x2d, split, ctx)
+    wq, wm = quantize_split_weight(recipe, weight, split, ctx)
+    saved = SplitOperands(xq, xm, wq, wm)
+    return split_fprop(recipe, saved, split, ctx), saved
 
 
 def split_dgrad(recipe: Recipe, dy: torch.Tensor, saved: SplitOperands, split: ChannelSplit, ctx: QuantContext):

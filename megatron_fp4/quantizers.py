@@ -130,6 +130,12 @@ def nvfp4_block_scales(block_amax: torch.Tensor, target: float, g: torch.Tensor,
             torch.where(keep, divisor, torch.ones_like(divisor)), keep)
 
 
+def four_over_six_sse(xg: torch.Tensor, candidate: torch.Tensor, dims=None) -> torch.Tensor:
+    """Squared errors of a 4/6 candidate (FP32 errors, FP64 squares); summed over `dims` if given."""
+    err = (xg - candidate).double() ** 2
+    return err if dims is None else err.sum(dim=dims)
+
+
 def double_block_scales(block_amax: torch.Tensor, outer_amax: torch.Tensor, v: float):
     """QDB scales (§3.4) for 16-blocks with amax `block_amax` inside outer blocks with amax
     `outer_amax` (same shape: the outer amax repeated per 16-block).
@@ -200,10 +206,13 @@ def quantize_nvfp4(
     scales, codes, keep = scale_and_codes(v)
     if four_over_six:
         scales4, codes4, keep4 = scale_and_codes(4.0)
-        # SSE in units of g (x / g), which avoids overflow for huge inputs; same choice as SSE(x)
+        # SSE in units of g (x / g), which avoids overflow for huge inputs. Exact ties are common
+        # (s4 = 1.5 s6 puts both candidates on shared grid points) and must go to max->6, so the SSE
+        # must see them exactly: each error is exact in FP32 (Sterbenz: x/g is within half a step of
+        # its grid point), its square exact in FP64, and the 16-term FP64 sum is exact in practice.
         xg = xb / g
-        sse6 = ((xg - fmt.decode_e2m1(codes) * _expand(scales.float())) ** 2).sum(dim=(1, 3))
-        sse4 = ((xg - fmt.decode_e2m1(codes4) * _expand(scales4.float())) ** 2).sum(dim=(1, 3))
+        sse6 = four_over_six_sse(xg, fmt.decode_e2m1(codes) * _expand(scales.float()), dims=(1, 3))
+        sse4 = four_over_six_sse(xg, fmt.decode_e2m1(codes4) * _expand(scales4.float()), dims=(1, 3))
         use4 = sse4 < sse6
         scales = torch.where(use4, scales4.float(), scales.float()).to(torch.float8_e4m3fn)
         codes = torch.where(_expand(use4), codes4, codes)

@@ -25,6 +25,7 @@ from . import format as fmt
 from . import quantizers as Q
 from .gemm import matmul
 from .hadamard import rht
+from .kernels import dispatch as D
 from .rng import RandomStream, Role, derive_key, random_signs
 from .tensor import NVFP4Tensor
 
@@ -68,6 +69,22 @@ class Recipe:
     tp_amax_reduce: bool = True
     debug_checks: bool = False
 
+    # TetraJet-v2 stabilizers (optimizer-hooks.md), off by default. Iteration knobs accept an absolute
+    # iteration (>= 1) or a fraction of the run's training iterations (< 1), so the released
+    # hyperparameters can be scaled to the run length (see `stabilizer_schedule`).
+    outcontrol: bool = False
+    outcontrol_ratio: float = 0.1
+    outcontrol_k_mode: str = field(default="exact", metadata=_choice("exact", "release128"))
+    outcontrol_record_start: float = 501.0
+    outcontrol_record_iters: float = 50.0
+    oscireset: bool = False
+    oscireset_variant: str = field(default="full", metadata=_choice("full", "memeff"))
+    oscireset_start: float = 0.65
+    oscireset_period: float = 200.0
+    oscireset_window: float = 50.0
+    oscireset_threshold: float = 8.0
+    oscireset_sample_percent: float = 10.0
+
     # divisibility the GEMM dims need (in_features, out_features, tokens); tokens are padded
     in_multiple: ClassVar[int] = 16
     out_multiple: ClassVar[int] = 16
@@ -77,6 +94,39 @@ class Recipe:
 
     def validate(self) -> None:
         """Cross-field checks; raises ValueError naming the knob."""
+        self._validate_stabilizers()
+
+    def _validate_stabilizers(self) -> None:
+        if self.outcontrol and self.family not in ("tetrajet2", "quartet2"):
+            raise ValueError(f"outcontrol needs a tetrajet2 or quartet2 family recipe, not {self.family}")
+        if self.oscireset and not self.quantized:
+            raise ValueError("oscireset needs a quantized recipe")
+        if not 0.0 < self.outcontrol_ratio < 1.0:
+            raise ValueError(f"outcontrol_ratio must be in (0, 1), got {self.outcontrol_ratio}")
+        for knob in ("outcontrol_record_start", "outcontrol_record_iters", "oscireset_start",
+                     "oscireset_period", "oscireset_window"):
+            if getattr(self, knob) < 0:
+                raise ValueError(f"{knob} must be non-negative, got {getattr(self, knob)}")
+        if self.oscireset_threshold <= 0:
+            raise ValueError(f"oscireset_threshold must be positive, got {self.oscireset_threshold}")
+        if not 0 < self.oscireset_sample_percent <= 100:
+            raise ValueError(f"oscireset_sample_percent must be in (0, 100], got {self.oscireset_sample_percent}")
+
+    def stabilizer_schedule(self, train_iters: int) -> dict:
+        """Absolute iterations of the stabilizers for a run of `train_iters` iterations.
+
+        Fractions (< 1) are scaled to the run; the period keeps room for its window (P >= T + 2).
+        """
+        def iters(value, minimum):
+            return max(minimum, int(round(value * train_iters)) if value < 1 else int(value))
+        window = iters(self.oscireset_window, 1)
+        return {
+            "outcontrol_record_start": iters(self.outcontrol_record_start, 0),
+            "outcontrol_record_iters": iters(self.outcontrol_record_iters, 1),
+            "oscireset_start": iters(self.oscireset_start, 0),
+            "oscireset_window": window,
+            "oscireset_period": max(window + 2, iters(self.oscireset_period, 3)),
+        }
 
     @property
     def token_padding(self) -> int:
@@ -109,7 +159,7 @@ class Recipe:
         raise NotImplementedError
 
     def fprop(self, xq: NVFP4Tensor, wq: NVFP4Tensor, ctx: QuantContext) -> torch.Tensor:
-        return matmul(xq, wq, self.gemm_mode(xq.device))
+        return D.matmul(xq, wq, self.gemm_mode(xq.device))
 
     def dgrad(self, dy: torch.Tensor, wq: NVFP4Tensor, ctx: QuantContext) -> torch.Tensor:
         raise NotImplementedError
@@ -156,7 +206,7 @@ class NvidiaRecipe(Recipe):
         return Q.FOUR_OVER_SIX_SMAX if self.four_over_six else fmt.E4M3_MAX
 
     def quantize_input(self, x, ctx):
-        return Q.quantize_nvfp4(x, smax=self._forward_smax(), ties=self.rtn_ties,
+        return D.quantize_nvfp4(x, smax=self._forward_smax(), ties=self.rtn_ties,
                                 four_over_six=self.four_over_six, amax_reduce=ctx.input_amax_reduce)
 
     def quantize_weight(self, w, ctx):
@@ -281,6 +331,7 @@ class Quartet2Recipe(Recipe):
     rht_signs: str = field(default="fresh", metadata=_choice("fresh", "fixed"))
 
     def validate(self):
+        super().validate()
         if not 0.5 <= self.eden_c <= 1.5:
             raise ValueError(f"eden_c must be in [0.5, 1.5], got {self.eden_c}")
         if not 1.0 <= self.eden_smax <= 448.0:
@@ -292,7 +343,7 @@ class Quartet2Recipe(Recipe):
 
     def _forward(self, t, amax_reduce):
         smax = Q.FOUR_OVER_SIX_SMAX if self.four_over_six else fmt.E4M3_MAX
-        return Q.quantize_nvfp4(t, smax=smax, ties=self.rtn_ties, four_over_six=self.four_over_six,
+        return D.quantize_nvfp4(t, smax=smax, ties=self.rtn_ties, four_over_six=self.four_over_six,
                                 amax_reduce=amax_reduce)
 
     def quantize_input(self, x, ctx):
@@ -301,34 +352,44 @@ class Quartet2Recipe(Recipe):
     def quantize_weight(self, w, ctx):
         return self._forward(w, ctx.weight_amax_reduce)
 
-    def _eden(self, z, stream, amax_reduce):
-        return Q.quantize_ms_eden(z, stream=stream, eden_group=self.eden_group, v=self.eden_v,
-                                  smax=self.eden_smax, ties=self.rtn_ties, amax_reduce=amax_reduce)
+    def _eden_knobs(self, amax_reduce):
+        return dict(eden_group=self.eden_group, v=self.eden_v, smax=self.eden_smax, ties=self.rtn_ties,
+                    amax_reduce=amax_reduce)
 
     def _signs(self, ctx, device):
         key = derive_key(ctx.seed if self.rht_signs == "fixed" else ctx.key, int(Role.RHT_SIGNS))
         return random_signs(key, self.rht_size, device)
 
+    # Each MS-EDEN operand below is MS-EDEN(rht(A, sigma)) with A as the table says; the dispatch runs
+    # the fused kernel (rotation + quantization, or unpack + transpose + rotation + quantization from
+    # the packed forward operand) on GPU and exactly that reference composition elsewhere.
+    def _grad_output_dgrad(self, dy, sigma, ctx):
+        return D.rht_ms_eden(dy, sigma, ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset),
+                             **self._eden_knobs(ctx.grad_output_amax_reduce))
+
     def dgrad(self, dy, wq, ctx):
-        # rotate the exact unscaled values q*s; the forward tensor scale goes on the output
-        return self.dgrad_dense(dy, wq.dequantize_unscaled(), ctx) * wq.tensor_scale
+        # W^T is rotated from the exact unscaled values q*s; the forward tensor scale goes on the output
+        sigma = self._signs(ctx, dy.device)
+        eq = self._grad_output_dgrad(dy, sigma, ctx)
+        wtq = D.requant_ms_eden(wq, sigma, ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset),
+                                **self._eden_knobs(ctx.weight_amax_reduce))
+        return D.matmul(eq, wtq) * wq.tensor_scale
 
     def dgrad_dense(self, dy, w_hat, ctx):
         """dgrad from a dequantized forward weight W_hat [N, K] (FP32): MS-EDEN x MS-EDEN after RHT."""
         sigma = self._signs(ctx, dy.device)
-        eq = self._eden(rht(dy, sigma), ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset),
-                        ctx.grad_output_amax_reduce)
-        wtq = self._eden(rht(w_hat.t(), sigma),
-                         ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset), ctx.weight_amax_reduce)
-        return matmul(eq, wtq)
+        eq = self._grad_output_dgrad(dy, sigma, ctx)
+        wtq = D.rht_ms_eden(w_hat, sigma, ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset),
+                            transpose=True, **self._eden_knobs(ctx.weight_amax_reduce))
+        return D.matmul(eq, wtq)
 
     def wgrad(self, dy, xq, ctx):
         sigma = self._signs(ctx, dy.device)
-        et = rht(pad_cols(dy.t(), self.token_padding), sigma)
-        xt = rht(pad_cols(xq.dequantize_unscaled().t(), self.token_padding), sigma)
-        etq = self._eden(et, ctx.stream(Role.WGRAD_GRAD_OUTPUT, ctx.out_offset, 0), ctx.grad_output_amax_reduce)
-        xtq = self._eden(xt, ctx.stream(Role.WGRAD_INPUT, ctx.in_offset, 0), ctx.input_amax_reduce)
-        return matmul(etq, xtq) * xq.tensor_scale
+        etq = D.rht_ms_eden(dy, sigma, ctx.stream(Role.WGRAD_GRAD_OUTPUT, ctx.out_offset, 0), transpose=True,
+                            pad_multiple=self.token_padding, **self._eden_knobs(ctx.grad_output_amax_reduce))
+        xtq = D.requant_ms_eden(xq, sigma, ctx.stream(Role.WGRAD_INPUT, ctx.in_offset, 0),
+                                pad_multiple=self.token_padding, **self._eden_knobs(ctx.input_amax_reduce))
+        return D.matmul(etq, xtq) * xq.tensor_scale
 
 
 FAMILIES = {cls.family: cls for cls in (BF16Recipe, NvidiaRecipe, TetraJet2Recipe, Quartet2Recipe)}

@@ -80,12 +80,12 @@ class RandomStream:
 
     def bits(self, rows: int, cols: int, device=None, col_step: int = 1) -> torch.Tensor:
         """u32 draws (int64 tensor) for local positions (r, c * col_step), global coordinates."""
-        hi = torch.arange(rows, dtype=torch.int64, device=device) + self.row_offset
-        lo = torch.arange(cols, dtype=torch.int64, device=device) * col_step + self.col_offset
         last_row = self.row_offset + rows - 1
         last_col = self.col_offset + (cols - 1) * col_step
         if last_row > MASK32 or last_col > MASK32:
             raise ValueError(f"random counter ({last_row}, {last_col}) exceeds 32 bits")
+        hi = torch.arange(rows, dtype=torch.int64, device=device) + self.row_offset
+        lo = torch.arange(cols, dtype=torch.int64, device=device) * col_step + self.col_offset
         return hash_counter(self.key, hi[:, None], lo[None, :])
 
     def uniform(self, rows: int, cols: int, device=None, col_step: int = 1) -> torch.Tensor:

@@ -62,7 +62,8 @@ def gpt_layer_spec(config, vp_stage: Optional[int] = None, recipe=None):
     for slot in ("input_layernorm", "pre_mlp_layernorm"):
         if getattr(subs, slot) is WrappedTorchNorm:
             setattr(subs, slot, TorchNorm)
-    if _block.LayerNormImpl is _block.FusedLayerNorm and not _apex_norm_available():
+    if _block.LayerNormImpl is WrappedTorchNorm or (
+            _block.LayerNormImpl is _block.FusedLayerNorm and not _apex_norm_available()):
         num_layers = _block.get_num_layers_to_build(tcfg, vp_stage)
         return _block.TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=TorchNorm)
     return spec

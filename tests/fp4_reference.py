@@ -204,31 +204,42 @@ def ref_q16_four_over_six(x: torch.Tensor, ties: str = "even", block_rows: int =
     """§3.2: candidates max->6 and max->4 with RN4, keep the lower SSE (float64), ties to max->6.
 
     Returns the chosen reference plus `ambiguous` [R/br, C/16]: blocks whose two SSEs agree to
-    `near_tie_rtol`, where an FP32 SSE evaluation may legitimately choose either candidate.
+    `near_tie_rtol` without the candidates being identical, where an FP32 SSE evaluation may
+    legitimately choose either candidate; and `exact_tie`: blocks both candidates represent by the
+    same values (they must go to max->6).
     """
     r6 = ref_q16(x, 6.0, smax, ties, block_rows)
     r4 = ref_q16(x, 6.0, smax, ties, block_rows, target=4.0)
     x64 = x.to(torch.float32).to(F64)
     rows, cols = x.shape
-    sse = []
+    sse, deq = [], []
     for r in (r6, r4):
-        err = x64 - dequant_per_tensor(r["codes"], r["scales"], r6["g"], block_rows)
-        sse.append(_blocks(err ** 2, block_rows).sum(dim=(1, 3)))
+        deq.append(dequant_per_tensor(r["codes"], r["scales"], r6["g"], block_rows))
+        sse.append(_blocks((x64 - deq[-1]) ** 2, block_rows).sum(dim=(1, 3)))
     use4 = sse[1] < sse[0]
-    ambiguous = (sse[1] - sse[0]).abs() <= near_tie_rtol * (sse[0] + sse[1])
+    # candidates representing the block by the same values are an exact tie (-> max->6); otherwise
+    # SSEs this close may be ordered either way by an FP32 evaluation
+    same_values = (_blocks(deq[0], block_rows) == _blocks(deq[1], block_rows)).all(dim=3).all(dim=1)
+    ambiguous = ((sse[1] - sse[0]).abs() <= near_tie_rtol * (sse[0] + sse[1])) & ~same_values
     codes = torch.where(use4[:, None, :, None], _blocks(r4["codes"], block_rows),
                         _blocks(r6["codes"], block_rows)).reshape(rows, cols)
     scales = torch.where(use4, r4["scales"], r6["scales"])
-    return dict(codes=codes, scales=scales, g=r6["g"], ambiguous=ambiguous, r6=r6, r4=r4)
+    return dict(codes=codes, scales=scales, g=r6["g"], ambiguous=ambiguous, exact_tie=same_values,
+                r6=r6, r4=r4)
 
 
-def ref_qdb(x: torch.Tensor, ties: str = "even", v: float = 6.0):
-    """§3.4 QDB with RN4: dict(codes, s_in [R, C/16], s_out [R, C/128], y)."""
+def ref_qdb(x: torch.Tensor, ties: str = "even", v: float = 6.0, tensor_outer: bool = False):
+    """§3.4 QDB with RN4: dict(codes, s_in [R, C/16], s_out [R, C/128], y).
+
+    tensor_outer: the reference option outer_block="tensor" (one FP32 outer scale for the tensor).
+    """
     x = x.to(torch.float32).to(F64)
     rows, cols = x.shape
     v32 = float(f32(torch.tensor(v, dtype=F64)))
     xo = x.reshape(rows, cols // 128, 128)
     big_a = xo.abs().amax(dim=2)
+    if tensor_outer:
+        big_a = torch.full_like(big_a, float(x.abs().max()))
     s_out = f32(big_a / f32(torch.tensor(448.0 * v, dtype=F64)))
     s_out = torch.where(big_a > 0, s_out, torch.ones_like(s_out))
     s_out_e = s_out.repeat_interleave(8, dim=1)

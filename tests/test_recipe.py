@@ -120,3 +120,33 @@ def test_recipe_dir_is_package_data():
 def test_dataclass_is_usable_directly():
     recipe = Quartet2Recipe(name="direct", eden_group=16)
     assert load_recipe(recipe) is recipe
+
+
+def test_stabilizer_presets_and_schedule_scaling():
+    full = load_recipe("tetrajet2-full")
+    plus = load_recipe("quartet2-plus")
+    assert full.family == "tetrajet2" and full.outcontrol and full.oscireset
+    assert plus.family == "quartet2" and plus.outcontrol and plus.oscireset and plus.four_over_six
+    assert not load_recipe("tetrajet2").outcontrol and not load_recipe("tetrajet2").oscireset
+    # at the released OLMo2-70M length the fractions give back the released schedule (to rounding)
+    sched = full.stabilizer_schedule(12505)
+    assert sched["outcontrol_record_iters"] == 50 and sched["oscireset_window"] == 50
+    assert sched["oscireset_period"] == 200 and abs(sched["oscireset_start"] - 8000) <= 5
+    assert abs(sched["outcontrol_record_start"] - 501) <= 2
+    # a short run keeps a valid window inside each period; absolute values stay absolute
+    short = full.stabilizer_schedule(100)
+    assert short["oscireset_window"] >= 1 and short["oscireset_period"] >= short["oscireset_window"] + 2
+    absolute = load_recipe("tetrajet2-full", {"oscireset_start": 300.0}).stabilizer_schedule(100)
+    assert absolute["oscireset_start"] == 300
+
+
+@pytest.mark.parametrize("name, overrides, key", [
+    ("nvidia", {"outcontrol": True}, "outcontrol"),
+    ("bf16", {"oscireset": True}, "oscireset"),
+    ("tetrajet2", {"outcontrol_ratio": 1.5}, "outcontrol_ratio"),
+    ("tetrajet2", {"oscireset_threshold": -1.0}, "oscireset_threshold"),
+    ("tetrajet2", {"oscireset_variant": "sampled"}, "oscireset_variant"),
+])
+def test_bad_stabilizer_knobs(name, overrides, key):
+    with pytest.raises(RecipeError, match=key):
+        load_recipe(name, overrides)

@@ -41,6 +41,13 @@ def resolve_recipe(config, recipe: Union[None, str, Recipe] = None) -> Recipe:
     if recipe is None:
         recipe = getattr(config, "mfp4_recipe", None)
     if recipe is None:
+        # a stock Megatron entry point (install() registered --mfp4-* flags): plain TransformerConfig
+        args = _megatron_args()
+        if args is not None and getattr(args, "mfp4_recipe", None):
+            recipe = args.mfp4_recipe
+            from ..pretrain_gpt import parse_overrides
+            overrides = parse_overrides(getattr(args, "mfp4_override", None))
+    if recipe is None:
         raise RecipeError("no NVFP4 recipe configured: pass recipe=... or set config.mfp4_recipe "
                           "(--mfp4-recipe NAME|PATH)")
     if isinstance(recipe, Recipe):
@@ -49,6 +56,14 @@ def resolve_recipe(config, recipe: Union[None, str, Recipe] = None) -> Recipe:
     if cache_key not in _cache:   # one Recipe object per run: layers share it
         _cache[cache_key] = load_recipe(recipe, overrides or None)
     return _cache[cache_key]
+
+
+def _megatron_args():
+    try:
+        from megatron.training.global_vars import _GLOBAL_ARGS
+    except ImportError:
+        return None
+    return _GLOBAL_ARGS
 
 
 def check_supported(config, *, is_expert: bool = False) -> None:

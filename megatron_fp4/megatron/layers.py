@@ -23,6 +23,7 @@ rank's global feature offsets, so results do not depend on the TP size.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -33,10 +34,15 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import layers as mcore_layers
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+from .. import outcontrol as oc
+from .. import quantizers as Q
+from ..gemm import matmul_mxfp8
 from ..recipe import QuantContext, Recipe
-from ..tensor import NVFP4Tensor
+from ..tensor import MXFP8Tensor, NVFP4Tensor
 from . import state
 from .config import check_supported, resolve_recipe
+
+log = logging.getLogger(__name__)
 
 _STOCK_ARG_ORDER = ("bias", "gradient_accumulation_fusion", "allreduce_dgrad", "sequence_parallel",
                     "grad_output_buffer", "wgrad_deferral_limit", "tp_group", "gtp_remat_size")
@@ -84,6 +90,12 @@ def gather_nvfp4_rows(t: NVFP4Tensor, group, world: int) -> NVFP4Tensor:
     )
 
 
+def gather_mxfp8_rows(t: MXFP8Tensor, group, world: int) -> MXFP8Tensor:
+    """All-gather an MXFP8 operand (OutControl outlier columns) quantized per rank along its rows."""
+    return MXFP8Tensor(data=_gather_rows(t.data, group, world),
+                       scale_exponents=_gather_rows(t.scale_exponents, group, world))
+
+
 @dataclass
 class _Plan:
     """The per-call, non-tensor arguments of the autograd function."""
@@ -96,6 +108,7 @@ class _Plan:
     allreduce_dgrad: bool
     fuse_wgrad: bool
     name: str
+    split: Optional[oc.ChannelSplit] = None   # OutControl: FP4 / MXFP8 input channels
 
 
 def _record(plan: _Plan, kind: str, quantized_bytes: int, bf16_elements: int):
@@ -127,19 +140,39 @@ class NVFP4TPLinearFunction(torch.autograd.Function):
             x_local = input.reshape(-1, k)
             if x_local.shape[0] == 0:
                 raise ValueError(f"{plan.name}: empty input of shape {tuple(input.shape)}")
-            xq_local = recipe.quantize_input(x_local, qctx)
+            split = plan.split
+            if split is not None:
+                # OutControl: both column sets are quantized on the local rows, then gathered
+                xq_local, xm_local = oc.quantize_split_input(recipe, x_local, split, qctx)
+                xm = gather_mxfp8_rows(xm_local, plan.tp_group, world) if sp else xm_local
+            else:
+                xq_local = recipe.quantize_input(x_local, qctx)
             if sp:
                 xq = gather_nvfp4_rows(xq_local, plan.tp_group, world)
-                _record(plan, "fwd_x", xq.nbytes(), xq.packed.numel() * 2)
+                bf16_elements = xq.packed.numel() * 2
+                sent = xq.nbytes()
+                if split is not None:
+                    bf16_elements += xm.data.numel()
+                    sent += xm.nbytes()
+                _record(plan, "fwd_x", sent, bf16_elements)
             else:
                 xq = xq_local
-            wq = recipe.quantize_weight(weight, qctx)
-            y = recipe.fprop(xq, wq, qctx)
+            if split is not None:
+                wq_fp4, wm = oc.quantize_split_weight(recipe, weight, split, qctx)
+                wq = oc.SplitOperands(xq, xm, wq_fp4, wm)
+                y = oc.split_fprop(recipe, wq, split, qctx)
+                # save local rows of both parts; the saved weight part drops the gathered input
+                saved_x = (xq_local, xm_local)
+                wq = oc.SplitOperands(None, None, wq_fp4, wm)
+            else:
+                wq = recipe.quantize_weight(weight, qctx)
+                y = recipe.fprop(xq, wq, qctx)
+                saved_x = xq_local if sp else xq
             if recipe.debug_checks and not torch.isfinite(y).all():
                 raise FloatingPointError(f"{plan.name}: non-finite forward output")
             y = y.to(input.dtype).reshape(*out_lead, weight.shape[0])
             # save local rows only: packed codes (or the original X for recipes whose wgrad needs it)
-            ctx.x_saved = x_local if recipe.wgrad_needs_original_input else (xq_local if sp else xq)
+            ctx.x_saved = x_local if recipe.wgrad_needs_original_input else saved_x
             ctx.wq = wq
         if bias is not None:
             y = y + bias
@@ -165,6 +198,11 @@ class NVFP4TPLinearFunction(torch.autograd.Function):
             elif isinstance(x, NVFP4Tensor):
                 x_full = gather_nvfp4_rows(x, group, world)
                 _record(plan, "bwd_x", x_full.nbytes(), x_full.packed.numel() * 2)
+            elif isinstance(x, tuple):   # OutControl: (NVFP4 FP4 columns, MXFP8 outlier columns)
+                xq_full, xm_full = gather_nvfp4_rows(x[0], group, world), gather_mxfp8_rows(x[1], group, world)
+                _record(plan, "bwd_x", xq_full.nbytes() + xm_full.nbytes(),
+                        xq_full.packed.numel() * 2 + xm_full.data.numel())
+                x_full = (xq_full, xm_full)
             else:
                 x_full = _gather_rows(x, group, world)
                 if recipe is not None:
@@ -175,7 +213,10 @@ class NVFP4TPLinearFunction(torch.autograd.Function):
             if recipe is None:
                 dx = dy.matmul(weight)
             else:
-                dx = recipe.dgrad(dy, ctx.wq, qctx)
+                if plan.split is not None:
+                    dx = oc.split_dgrad(recipe, dy, ctx.wq, plan.split, qctx)
+                else:
+                    dx = recipe.dgrad(dy, ctx.wq, qctx)
                 if recipe.debug_checks and not torch.isfinite(dx).all():
                     raise FloatingPointError(f"{plan.name}: non-finite dgrad")
             dx = dx.to(ctx.input_dtype).reshape(*grad_output.shape[:-1], k)
@@ -194,7 +235,12 @@ class NVFP4TPLinearFunction(torch.autograd.Function):
                 x2d = x_full.reshape(-1, k)
                 dw = dy.float().t().matmul(x2d.float()) if ctx.main_grad is not None else dy.t().matmul(x2d)
             else:
-                dw = recipe.wgrad(dy, x_full, qctx)
+                if plan.split is not None:
+                    xq_full, xm_full = x_full
+                    saved = oc.SplitOperands(xq_full, xm_full, ctx.wq.w_fp4, ctx.wq.w_outlier)
+                    dw = oc.split_wgrad(recipe, dy, saved, plan.split, qctx)
+                else:
+                    dw = recipe.wgrad(dy, x_full, qctx)
                 if recipe.debug_checks and not torch.isfinite(dw).all():
                     raise FloatingPointError(f"{plan.name}: non-finite wgrad")
             if ctx.main_grad is not None:
@@ -234,7 +280,109 @@ class _NVFP4LinearMixin:
         self._mfp4_iteration = -1
         self._mfp4_calls = 0
         self._mfp4_pending = deque()   # keys of checkpointed (no-grad) forwards, for recompute
+        self._mfp4_recomputing = False
         self.mfp4_last_key = None
+        if self.mfp4_recipe.outcontrol:
+            self._mfp4_init_outcontrol()
+
+    # -- OutControl (optimizer-hooks.md §2) ------------------------------------------------------------
+    def _mfp4_init_outcontrol(self):
+        """Persistent, replicated state (it travels in checkpoints outside the TP axis map, so a resumed
+        run continues exactly): the recorded full-K sums of per-micro-batch column norms (already
+        summed over DP and, for row-parallel layers, gathered over TP at every recorded micro-batch),
+        how many iterations were recorded and the last one, the frozen outlier mask and whether it
+        was selected."""
+        device = self.weight.device
+        self.register_buffer("mfp4_outlier_mask", torch.zeros(self.input_size, dtype=torch.bool, device=device))
+        self.register_buffer("mfp4_outliers_selected", torch.zeros(1, dtype=torch.uint8, device=device))
+        self.register_buffer("mfp4_norm_sums", torch.zeros(self.input_size, dtype=torch.float32, device=device))
+        # [iterations recorded, last recorded iteration + 1 (0: none), micro-batches recorded]
+        self.register_buffer("mfp4_record_state", torch.zeros(3, dtype=torch.int64, device=device))
+        self._mfp4_split_cache = (None, None)
+        self._mfp4_selected_flag = False     # host copy of the buffer, so forwards need no device sync
+        self._mfp4_record_host = None        # host copy of mfp4_record_state
+        self.mfp4_outcontrol_stats: Optional[dict] = None
+        self.register_load_state_dict_post_hook(lambda module, keys: module._mfp4_forget_selection())
+
+    def _mfp4_forget_selection(self):
+        self._mfp4_selected_flag = False
+        self._mfp4_record_host = None
+        self._mfp4_split_cache = (None, None)
+
+    def _mfp4_selected(self) -> bool:
+        if not self._mfp4_selected_flag:
+            self._mfp4_selected_flag = bool(self.mfp4_outliers_selected.item())
+        return self._mfp4_selected_flag
+
+    def _mfp4_local_in_range(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def mfp4_channel_split(self) -> Optional[oc.ChannelSplit]:
+        """This rank's FP4 / outlier split of its input channels, once selected (else None)."""
+        if not self.mfp4_recipe.outcontrol or not self._mfp4_selected():
+            return None
+        key = (self.mfp4_outlier_mask._version, self.mfp4_outlier_mask.data_ptr())
+        if self._mfp4_split_cache[0] != key:
+            start, end = self._mfp4_local_in_range()
+            mask = self.mfp4_outlier_mask
+            fp4_offset = int((~mask[:start]).sum())   # FP4 channels of lower ranks, in gathered order
+            self._mfp4_split_cache = (key, oc.ChannelSplit.from_mask(mask[start:end].clone(), fp4_offset))
+        return self._mfp4_split_cache[1]
+
+    def _mfp4_outcontrol_step(self, input, group, world: int, sequence_parallel: bool):
+        """Record input column norms during the window; select the outliers once it is complete."""
+        if not self.training or self._mfp4_recomputing or self._mfp4_selected():
+            return
+        sched = state.stabilizer_schedule(self.mfp4_recipe)
+        iteration = state.get_iteration()
+        if iteration < sched["outcontrol_record_start"]:
+            return
+        if self._mfp4_record_host is None:
+            self._mfp4_record_host = [int(v) for v in self.mfp4_record_state.tolist()]
+        recorded, last_plus_one, micro_batches = self._mfp4_record_host
+        if iteration + 1 != last_plus_one and recorded >= sched["outcontrol_record_iters"]:
+            self._mfp4_select_outliers()
+            return
+        # per micro-batch: the L2 norm over its tokens of every column of the GEMM input as the layer
+        # sees it (under SP the column-parallel input is the gathered sequence: squared norms add over
+        # ranks), summed over DP ranks; row-parallel layers gather their K shards into full K
+        x2d = input.reshape(-1, input.shape[-1]).float()
+        squared = (x2d * x2d).sum(dim=0)
+        if sequence_parallel and world > 1:
+            dist.all_reduce(squared, group=group)
+        norms = squared.sqrt()
+        dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True) \
+            if parallel_state.model_parallel_is_initialized() else None
+        if dp_group is not None and dist.get_world_size(dp_group) > 1:
+            dist.all_reduce(norms, group=dp_group)
+        if self._mfp4_kind == "row" and world > 1:
+            parts = [torch.empty_like(norms) for _ in range(world)]
+            dist.all_gather(parts, norms.contiguous(), group=group)
+            norms = torch.cat(parts)
+        with torch.no_grad():
+            self.mfp4_norm_sums += norms
+        if iteration + 1 != last_plus_one:
+            recorded += 1
+        self._mfp4_record_host = [recorded, iteration + 1, micro_batches + 1]
+        self.mfp4_record_state.copy_(torch.tensor(self._mfp4_record_host))
+
+    def _mfp4_select_outliers(self):
+        sums = self.mfp4_norm_sums
+        count = oc.outlier_count(sums.numel(), self.mfp4_recipe.outcontrol_ratio,
+                                 self.mfp4_recipe.outcontrol_k_mode)
+        mask = oc.select_outliers(sums, count)
+        with torch.no_grad():
+            self.mfp4_outlier_mask.copy_(mask)
+            self.mfp4_outliers_selected.fill_(1)
+        self._mfp4_selected_flag = True
+        total = float(sums.sum())
+        self.mfp4_outcontrol_stats = {
+            "outliers": count, "channels": sums.numel(),
+            "norm_share": float(sums[mask].sum()) / total if total > 0 else 0.0,
+            "iteration": state.get_iteration(), "micro_batches": int(self.mfp4_record_state[2]),
+            "channels_selected": mask.nonzero().squeeze(1).tolist()}
+        log.info("%s: OutControl keeps %d of %d input channels in MXFP8 (%.1f%% of the recorded input "
+                 "norm)", self.mfp4_name, count, sums.numel(), 100 * self.mfp4_outcontrol_stats["norm_share"])
 
     def set_mfp4_identity(self, layer_number: int, name: str, bf16: bool = False) -> None:
         """Tag with the global 1-based layer number and canonical name; validate shapes now."""
@@ -269,7 +417,9 @@ class _NVFP4LinearMixin:
         if iteration != self._mfp4_iteration:
             self._mfp4_iteration, self._mfp4_calls = iteration, 0
             self._mfp4_pending.clear()
+        self._mfp4_recomputing = False
         if torch.is_grad_enabled() and self._mfp4_pending:
+            self._mfp4_recomputing = True
             self.mfp4_last_key = self._mfp4_pending.popleft()   # recompute: backward runs in forward order
             return self.mfp4_last_key
         dp_rank = 0
@@ -317,9 +467,13 @@ class _NVFP4LinearMixin:
             qctx = QuantContext(key=self._mfp4_next_key(), seed=self.mfp4_recipe.seed,
                                 input_amax_reduce=reducers[0], weight_amax_reduce=reducers[1],
                                 grad_output_amax_reduce=reducers[2], in_offset=in_off, out_offset=out_off)
+        split = None
+        if not hp and self.mfp4_recipe.outcontrol:
+            self._mfp4_outcontrol_step(input, group, world, sp)
+            split = self.mfp4_channel_split()
         plan = _Plan(recipe=None if hp else self.mfp4_recipe, qctx=qctx, tp_group=group, tp_size=world,
                      sequence_parallel=sp, allreduce_dgrad=bool(kw.get("allreduce_dgrad", False)),
-                     fuse_wgrad=fuse, name=self.mfp4_name)
+                     fuse_wgrad=fuse, name=self.mfp4_name, split=split)
         return NVFP4TPLinearFunction.apply(input, weight, kw.get("bias"), plan)
 
     def backward_dw(self) -> None:
@@ -356,6 +510,9 @@ class NVFP4ColumnParallelLinear(_NVFP4LinearMixin, ColumnParallelLinear):
     def _mfp4_local_shape(self):
         return self.input_size, self.output_size_per_partition
 
+    def _mfp4_local_in_range(self):
+        return 0, self.input_size   # column-parallel: K is not sharded
+
     def _mfp4_offsets(self, tp_rank):
         # stride > 1 (interleaved init of e.g. GLU halves) keeps this contiguous-shard offset: draws
         # stay valid but are then not identical across TP sizes
@@ -379,6 +536,10 @@ class NVFP4RowParallelLinear(_NVFP4LinearMixin, RowParallelLinear):
 
     def _mfp4_local_shape(self):
         return self.input_size_per_partition, self.output_size
+
+    def _mfp4_local_in_range(self):
+        rank = dist.get_rank(self.tp_group) if self.tp_group is not None and dist.is_initialized() else 0
+        return rank * self.input_size_per_partition, (rank + 1) * self.input_size_per_partition
 
     def _mfp4_offsets(self, tp_rank):
         return tp_rank * self.input_size_per_partition, 0

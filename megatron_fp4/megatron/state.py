@@ -32,6 +32,33 @@ def get_iteration() -> int:
     return _iteration
 
 
+_train_iters = None
+
+
+def set_train_iters(train_iters: int) -> None:
+    """Declare the run length: stabilizer schedules given as fractions of the run scale to it."""
+    global _train_iters
+    if train_iters <= 0:
+        raise ValueError(f"train_iters must be positive, got {train_iters}")
+    _train_iters = int(train_iters)
+
+
+def get_train_iters():
+    return _train_iters
+
+
+def stabilizer_schedule(recipe) -> dict:
+    """The recipe's stabilizer schedule in absolute iterations for the declared run length."""
+    if _train_iters is None:
+        fractional = [k for k in ("outcontrol_record_start", "outcontrol_record_iters", "oscireset_start",
+                                  "oscireset_period", "oscireset_window") if 0 < getattr(recipe, k) < 1]
+        if fractional:
+            raise RuntimeError(f"recipe {recipe.name!r} gives {fractional} as fractions of the run, but the "
+                               "run length is unknown: call megatron_fp4.megatron.state.set_train_iters(n)")
+        return recipe.stabilizer_schedule(1)
+    return recipe.stabilizer_schedule(_train_iters)
+
+
 def name_id(name: str) -> int:
     """A stable 32-bit id for a module name (Python's hash() is salted per process)."""
     return zlib.crc32(name.encode())

@@ -73,6 +73,19 @@ def _null_stream_context(*args, **kwargs):
     yield
 
 
+_FACTORIES = ("ones", "zeros", "empty", "full", "arange", "rand", "randn", "randint", "tensor", "eye",
+              "ones_like", "zeros_like", "empty_like", "full_like", "linspace")
+
+
+def _cpu_factory(original):
+    def factory(*args, **kwargs):
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        return original(*args, **kwargs)
+    factory.__wrapped__ = original
+    return factory
+
+
 def install() -> None:
     """Apply the CPU shim in this process (idempotent)."""
     global _installed, _fake_cuda_generator
@@ -105,12 +118,19 @@ def install() -> None:
     def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
         if dtype is None:
             name = original_type(self)
-            return name.replace("torch.", "torch.cuda.", 1) if not self.is_cuda else name
+            # (re-entered through the function mode, so replace only once)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         if isinstance(dtype, str) and dtype.startswith("torch.cuda."):
             dtype = dtype.replace("torch.cuda.", "torch.", 1)
         return original_type(self, dtype, non_blocking, **kwargs)
 
     torch.Tensor.type = tensor_type
+
+    # Function modes do not reach autograd's backward (e.g. activation recomputation), so the
+    # factory functions Megatron calls with device="cuda" are also wrapped directly.
+    for name in _FACTORIES:
+        original = getattr(torch, name)
+        setattr(torch, name, _cpu_factory(original))
     _CudaToCpu().__enter__()   # stays pushed for the life of the process
     _installed = True
 

@@ -74,7 +74,7 @@ def run(fn, world_size: int = 2, *args, timeout: float = 120.0, threads: int = 1
     results = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, results, threads, shim),
-                         daemon=True) for r in range(world_size)]
+                         daemon=False) for r in range(world_size)]   # checkpoint writers fork children
     for p in procs:
         p.start()
     out, errors = {}, []

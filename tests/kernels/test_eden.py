@@ -24,15 +24,16 @@ def _stream(seed, row_offset=0, col_offset=0):
     return RandomStream(derive_key(seed, 3), row_offset, col_offset)
 
 
-def _check(a, sigma, stream, transpose=False, packed=None, ties="even", full_ref_max_mismatch=None,
-           **cfg):
+def _check(a, sigma, stream, transpose=False, packed=None, ties="even", **cfg):
     got = rht_ms_eden(a, sigma, stream, transpose=transpose, packed=packed, ties=ties, **cfg)
     z = rht128(a, sigma, transpose=transpose, packed=packed, **cfg)
     assert_same_operand(got, Q.quantize_ms_eden(z, stream=stream, ties=ties))
     # the rotation agrees with the reference's FP32 matmul to FP32 rounding
     src = packed.dequantize_unscaled().t() if packed is not None else (a.t() if transpose else a)
     z_ref = rht(src, sigma)
-    err = ((z - z_ref).norm() / z_ref.norm()).item()
+    fin = torch.isfinite(z_ref)
+    assert torch.equal(fin, torch.isfinite(z))
+    err = ((z - z_ref)[fin].norm() / z_ref[fin].norm().clamp(min=1e-30)).item()
     assert err < 1e-6, err
     return got, z
 

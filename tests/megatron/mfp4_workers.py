@@ -172,3 +172,50 @@ def fusion_main_grad(rank, world, recipe_name):
     diff = _maxdiff(col.weight.main_grad - 0.5, ref.weight.grad)
     return {"added": added, "placeholder": placeholder, "diff": diff,
             "scale": ref.weight.grad.abs().max().item()}
+
+
+def gpt_train(rank, world, settings_kwargs, steps=None):
+    """Train the driver's GPT for a few steps; return losses and grad norms (on every rank)."""
+    from megatron_fp4.megatron import driver
+    s = driver.GPTSettings(**settings_kwargs)
+    if steps is not None:
+        s.train_steps = steps
+    hist = driver.run_training(s)
+    from megatron_fp4.megatron.state import comm_stats
+    stats = {k: (v.quantized_bytes, v.bf16_bytes) for k, v in comm_stats().items()}
+    return {"losses": hist["losses"], "grad_norms": hist["grad_norms"], "step_times": hist["step_times"],
+            "comm": stats}
+
+
+def _eval_batches(s, n=2):
+    from megatron_fp4.megatron import driver
+    it = driver.synthetic_batches(s, dp_rank=0, seed=99)
+    return [next(it) for _ in range(n)]
+
+
+def checkpoint_save(rank, world, settings_kwargs, ckpt_dir, steps):
+    """Train at the given parallel layout, save a torch_dist checkpoint, return the eval loss."""
+    from megatron.core import dist_checkpointing
+    from megatron_fp4.megatron import driver
+    s = driver.GPTSettings(**settings_kwargs)
+    s.train_steps = steps
+    hist = driver.run_training(s)
+    chunks = hist["chunks"]
+    loss = driver.broadcast_from_last_stage(driver.evaluate(s, chunks, _eval_batches(s)))
+    state = chunks[0].module.sharded_state_dict()
+    dist_checkpointing.save(state, ckpt_dir)
+    return {"eval_loss": loss, "losses": hist["losses"]}
+
+
+def checkpoint_load(rank, world, settings_kwargs, ckpt_dir):
+    """Build at another layout, load the checkpoint, return the eval loss and one more step's loss."""
+    from megatron.core import dist_checkpointing
+    from megatron_fp4.megatron import driver
+    s = driver.GPTSettings(**settings_kwargs)
+    driver.initialize_parallel(s)
+    chunks, config = driver.build_model(s)
+    model = chunks[0].module
+    state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
+    model.load_state_dict(state)
+    loss = driver.broadcast_from_last_stage(driver.evaluate(s, chunks, _eval_batches(s)))
+    return {"eval_loss": loss}

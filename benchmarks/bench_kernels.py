@@ -1,0 +1,379 @@
+"""Kernel benchmark on one CUDA GPU: bit-exactness at realistic shapes, bandwidth vs device copy,
+and the quartet2 linear forward+backward at Llama-7B shapes (reference torch path vs kernels, each
+as a ratio to BF16 measured in the same run).
+
+    PYTHONPATH=. python benchmarks/bench_kernels.py [--out DIR] [--quick]
+
+Writes DIR/results.md (markdown tables), DIR/results.json and prints the tables last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import triton
+
+from megatron_fp4 import quantizers as Q
+from megatron_fp4.hadamard import rht
+from megatron_fp4.linear import nvfp4_linear
+from megatron_fp4.recipe import QuantContext, Quartet2Recipe, pad_cols
+from megatron_fp4.rng import RandomStream, Role, derive_key, random_signs
+from megatron_fp4.kernels import dispatch as D
+from megatron_fp4.kernels.dequant import dequantize_unscaled_bf16
+from megatron_fp4.kernels.eden import rht128, rht_ms_eden
+from megatron_fp4.kernels.rtn import quantize_nvfp4_rtn, tensor_amax
+
+# BENCH_DRYRUN=1: run every code path on CPU under the Triton interpreter at tiny shapes (checks the
+# script itself before spending device time); timings are then meaningless.
+DRYRUN = os.environ.get("BENCH_DRYRUN") == "1"
+DEV = "cpu" if DRYRUN else "cuda"
+
+LINES: list[str] = []
+RESULTS: dict = {"exact": [], "bandwidth": [], "linear": [], "stages": [], "errors": []}
+
+
+def empty_cache():
+    if not DRYRUN:
+        torch.cuda.empty_cache()
+
+
+def log(msg=""):
+    print(msg, flush=True)
+    LINES.append(msg)
+
+
+def time_cuda(fn, warmup=3, reps=20, min_ms=None):
+    """Median milliseconds over `reps` event-timed calls after `warmup` calls."""
+    if DRYRUN:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def guarded(name):
+    def deco(f):
+        def run(*a, **kw):
+            try:
+                return f(*a, **kw)
+            except Exception as e:  # one failing section must not hide the others
+                log(f"!! {name} failed: {type(e).__name__}: {e}")
+                RESULTS["errors"].append(f"{name}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+        return run
+    return deco
+
+
+def mismatch(got, ref):
+    codes = (got.packed != ref.packed).sum().item()
+    scales = (got.block_scales.view(torch.uint8) != ref.block_scales.view(torch.uint8)).sum().item()
+    g_same = bool((got.tensor_scale.view(torch.int32) == ref.tensor_scale.view(torch.int32)).all())
+    return codes, scales, g_same
+
+
+def randn(rows, cols, seed, dtype=torch.bfloat16):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    return torch.randn(rows, cols, generator=gen, device=DEV, dtype=torch.float32).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+@guarded("exactness")
+def exactness(rows, cols):
+    x = randn(rows, cols, 1)
+    sigma = random_signs(derive_key(7, int(Role.RHT_SIGNS)), 128, DEV)
+    stream = RandomStream(derive_key(8, 3), 0, 0)
+    checks = []
+    for four_six in (False, True):
+        smax = 256.0 if four_six else 448.0
+        got = quantize_nvfp4_rtn(x, smax=smax, four_over_six=four_six)
+        ref = Q.quantize_nvfp4(x, smax=smax, four_over_six=four_six)
+        label = f"RTN 1x16{' + 4/6' if four_six else ''} [{rows}x{cols}] vs quantize_nvfp4"
+        if four_six:
+            sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "kernels"))
+            from kernel_test_util import assert_same_46
+            try:
+                n_tie = assert_same_46(got, ref, x)
+                label += f" ({n_tie} differing blocks, all exact/near SSE ties, kernel never worse)"
+            except AssertionError as e:
+                label += f" (4/6 tie check FAILED: {e})"
+        checks.append((label, got, ref, int(got.flushed_blocks) == int(ref.flushed_blocks)))
+    xq = Q.quantize_nvfp4(x, smax=256.0, four_over_six=True)
+    for label, kw, src in (("RHT+MS-EDEN dense", dict(a=x), x),
+                           ("RHT+MS-EDEN transposed", dict(a=x, transpose=True), x.t()),
+                           ("re-quantize from packed", dict(packed=xq), None)):
+        got = rht_ms_eden(sigma=sigma, stream=stream, **kw)
+        z_k = rht128(sigma=sigma, **kw)
+        ref_own = Q.quantize_ms_eden(z_k, stream=stream)
+        checks.append((f"{label}: given kernel z", got, ref_own, True))
+        src = xq.dequantize_unscaled().t() if src is None else src
+        z_ref = rht(src, sigma)
+        rel = ((z_k - z_ref).norm() / z_ref.norm()).item()
+        maxulp = (z_k.view(torch.int32).long() - z_ref.view(torch.int32).long()).abs().max().item()
+        ref_full = Q.quantize_ms_eden(z_ref, stream=stream)
+        checks.append((f"{label}: vs torch rht (rel err {rel:.1e}, max {maxulp} ulp)", got, ref_full, True))
+        del z_k, z_ref, ref_own, ref_full
+    log(f"\n### Bit-exactness on the GPU, bf16 randn [{rows}x{cols}]\n")
+    log("| check | code bytes differing | scales differing (of %d) | tensor scale equal |" % (rows * cols // 16))
+    log("|---|---|---|---|")
+    for label, got, ref, counts_ok in checks:
+        c, s, g = mismatch(got, ref)
+        log(f"| {label} | {c} | {s} | {g} |")
+        RESULTS["exact"].append(dict(check=label, codes=c, scales=s, g_equal=g, counts_equal=counts_ok))
+    empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+@guarded("bandwidth")
+def bandwidth(rows, cols):
+    n = rows * cols
+    big = torch.randn(1 << (12 if DRYRUN else 29), device=DEV, dtype=torch.bfloat16)   # 1 GiB
+    dst = torch.empty_like(big)
+    t_copy = time_cuda(lambda: dst.copy_(big), warmup=3, reps=20)
+    copy_bw = 2 * big.numel() * 2 / t_copy / 1e9                          # TB/s (bytes read + written)
+    del big, dst
+    empty_cache()
+    x = randn(rows, cols, 2)
+    sigma = random_signs(derive_key(7, int(Role.RHT_SIGNS)), 128, DEV)
+    stream = RandomStream(derive_key(8, 3))
+    xq = Q.quantize_nvfp4(x, smax=256.0, four_over_six=True)
+    out_bytes = n // 2 + n // 16 + 4
+    entries = [
+        ("tensor amax pass alone (bf16 in)", lambda: tensor_amax(x), 2 * n),
+        ("RTN 1x16 (bf16 in, packed out)", lambda: quantize_nvfp4_rtn(x), 2 * n + out_bytes),
+        ("RTN 1x16 + 4/6", lambda: quantize_nvfp4_rtn(x, smax=256.0, four_over_six=True), 2 * n + out_bytes),
+        ("RHT-128 + MS-EDEN, row-major (dgrad E)", lambda: rht_ms_eden(x, sigma, stream), 2 * n + out_bytes),
+        ("RHT-128 + MS-EDEN, transposed (wgrad E^T)",
+         lambda: rht_ms_eden(x, sigma, stream, transpose=True), 2 * n + out_bytes),
+        ("re-quantize from packed (X̂^T / Ŵ^T)", lambda: rht_ms_eden(None, sigma, stream, packed=xq),
+         2 * out_bytes),
+        ("dequant packed -> bf16 (GEMM operand)", lambda: dequantize_unscaled_bf16(xq), n // 2 + n // 16 + 2 * n),
+    ]
+    refs = [
+        ("reference torch RTN + 4/6", lambda: Q.quantize_nvfp4(x, smax=256.0, four_over_six=True), 2 * n + out_bytes),
+        ("reference torch rht + MS-EDEN", lambda: Q.quantize_ms_eden(rht(x, sigma), stream=stream), 2 * n + out_bytes),
+    ]
+    log(f"\n### Bandwidth, [{rows}x{cols}] bf16 randn; device copy {copy_bw:.2f} TB/s "
+        f"(1 GiB bf16, bytes read + written)\n")
+    log("| kernel | median time (us) | bytes that must move (MB) | achieved TB/s | ratio to copy |")
+    log("|---|---|---|---|---|")
+    RESULTS["copy_tbps"] = copy_bw
+    for label, fn, nbytes in entries + refs:
+        t = time_cuda(fn, warmup=5, reps=30 if "reference" not in label else 5)
+        bw = nbytes / t / 1e9
+        log(f"| {label} | {t * 1e3:.1f} | {nbytes / 1e6:.1f} | {bw:.2f} | {bw / copy_bw:.2f} |")
+        RESULTS["bandwidth"].append(dict(kernel=label, us=t * 1e3, bytes=nbytes, tbps=bw, ratio=bw / copy_bw))
+    # launch-config sweep for the EDEN kernels (correctness of each config is checked against the default)
+    log("\nEDEN block-rows / warps sweep (us):")
+    base = {m: None for m in ("dense", "T", "packed")}
+    for br in ((64,) if DRYRUN else (32, 64)):
+        for nw in ((4,) if DRYRUN else (4, 8)):
+            row = []
+            for m, kw in (("dense", dict(a=x)), ("T", dict(a=x, transpose=True)), ("packed", dict(packed=xq))):
+                try:
+                    got = rht_ms_eden(sigma=sigma, stream=stream, block_r=br, num_warps=nw, **kw)
+                    if base[m] is None:
+                        base[m] = got
+                    same = mismatch(got, base[m])
+                    t = time_cuda(lambda: rht_ms_eden(sigma=sigma, stream=stream, block_r=br, num_warps=nw, **kw),
+                                  warmup=3, reps=15)
+                    row.append(f"{m}={t * 1e3:.0f}{'' if same[0] == 0 and same[1] == 0 else '(DIFF)'}")
+                except Exception as e:
+                    row.append(f"{m}=ERR({type(e).__name__})")
+            log(f"  BR={br} warps={nw}: " + ", ".join(row))
+    empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+class Quartet2Kernels(Quartet2Recipe):
+    """Quartet2Recipe with every quantizer and GEMM routed through kernels.dispatch (what the
+    suggested recipe.py call-site changes amount to)."""
+
+    def _forward(self, t, amax_reduce):
+        smax = Q.FOUR_OVER_SIX_SMAX if self.four_over_six else 448.0
+        return D.quantize_nvfp4(t, smax=smax, ties=self.rtn_ties, four_over_six=self.four_over_six,
+                                amax_reduce=amax_reduce)
+
+    def fprop(self, xq, wq, ctx):
+        return D.matmul(xq, wq)
+
+    def _kw(self):
+        return dict(eden_group=self.eden_group, v=self.eden_v, smax=self.eden_smax, ties=self.rtn_ties)
+
+    def dgrad(self, dy, wq, ctx):
+        sigma = self._signs(ctx, dy.device)
+        eq = D.rht_ms_eden(dy, sigma, ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset),
+                           amax_reduce=ctx.grad_output_amax_reduce, **self._kw())
+        wtq = D.requant_ms_eden(wq, sigma, ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset),
+                                amax_reduce=ctx.weight_amax_reduce, **self._kw())
+        return D.matmul(eq, wtq) * wq.tensor_scale
+
+    def wgrad(self, dy, xq, ctx):
+        sigma = self._signs(ctx, dy.device)
+        etq = D.rht_ms_eden(dy, sigma, ctx.stream(Role.WGRAD_GRAD_OUTPUT, ctx.out_offset, 0), transpose=True,
+                            pad_multiple=self.token_padding, amax_reduce=ctx.grad_output_amax_reduce, **self._kw())
+        xtq = D.requant_ms_eden(xq, sigma, ctx.stream(Role.WGRAD_INPUT, ctx.in_offset, 0),
+                                pad_multiple=self.token_padding, amax_reduce=ctx.input_amax_reduce, **self._kw())
+        return D.matmul(etq, xtq) * xq.tensor_scale
+
+
+LLAMA7B = [("qkv", 4096, 3 * 4096), ("o", 4096, 4096), ("gate+up", 4096, 2 * 11008), ("down", 11008, 4096)]
+
+
+def _linear_step(recipe, x, w, dy, key):
+    def step():
+        w.grad = None
+        x.grad = None
+        if recipe is None:
+            y = torch.nn.functional.linear(x, w)
+        else:
+            y = nvfp4_linear(x, w, None, recipe, QuantContext(key=key, seed=recipe.seed))
+        y.backward(dy)
+    return step
+
+
+@guarded("linear")
+def linear_block(tokens, reps, check_rows):
+    log(f"\n### Linear forward + backward (dgrad + wgrad), T={tokens}, Llama-7B block linears\n")
+    log("| linear (K -> N) | BF16 ms | quartet2 reference ms | ratio | quartet2 kernels ms | ratio |")
+    log("|---|---|---|---|---|---|")
+    ref_recipe, ker_recipe = Quartet2Recipe(), Quartet2Kernels()
+    totals = [0.0, 0.0, 0.0]
+    for name, k, n in LLAMA7B:
+        x = randn(tokens, k, 10).requires_grad_(True)
+        w = (randn(n, k, 11) * 0.02).requires_grad_(True)
+        dy = randn(tokens, n, 12) * 1e-3
+        key = derive_key(1234, 0, 1, 0)
+        t_bf = time_cuda(_linear_step(None, x, w, dy, key), warmup=3, reps=reps)
+        t_ref = time_cuda(_linear_step(ref_recipe, x, w, dy, key), warmup=1, reps=max(3, reps // 4))
+        empty_cache()
+        t_ker = time_cuda(_linear_step(ker_recipe, x, w, dy, key), warmup=3, reps=reps)
+        empty_cache()
+        for i, t in enumerate((t_bf, t_ref, t_ker)):
+            totals[i] += t
+        log(f"| {name} ({k} -> {n}) | {t_bf:.2f} | {t_ref:.2f} | {t_ref / t_bf:.2f}x | {t_ker:.2f} | {t_ker / t_bf:.2f}x |")
+        RESULTS["linear"].append(dict(linear=name, k=k, n=n, bf16_ms=t_bf, ref_ms=t_ref, ker_ms=t_ker))
+        if name == "down":
+            agreement(ref_recipe, ker_recipe, x, w, dy, key)
+        del x, w, dy
+        empty_cache()
+    log(f"| **block total** | {totals[0]:.2f} | {totals[1]:.2f} | {totals[1] / totals[0]:.2f}x | "
+        f"{totals[2]:.2f} | {totals[2] / totals[0]:.2f}x |")
+    RESULTS["linear_totals"] = totals
+
+
+def agreement(ref_recipe, ker_recipe, x, w, dy, key):
+    """Kernel path vs reference path on the same inputs and key: Y exact (same codes, same GEMM),
+    dX and dW equal up to the rotation's FP32 rounding (so rare differing codes/scales)."""
+    outs = []
+    for r in (ref_recipe, ker_recipe):
+        x.grad = w.grad = None
+        y = nvfp4_linear(x, w, None, r, QuantContext(key=key, seed=r.seed))
+        y.backward(dy)
+        outs.append((y.detach().float(), x.grad.float(), w.grad.float()))
+    (y0, dx0, dw0), (y1, dx1, dw1) = outs
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    log(f"\nkernel vs reference path (down proj): Y identical elements {((y0 == y1).float().mean().item()):.6f}, "
+        f"rel diff Y {rel(y1, y0):.1e}, dX {rel(dx1, dx0):.1e}, dW {rel(dw1, dw0):.1e}\n")
+    RESULTS["agreement"] = dict(y_equal_frac=(y0 == y1).float().mean().item(), y=rel(y1, y0),
+                                dx=rel(dx1, dx0), dw=rel(dw1, dw0))
+
+
+@guarded("stages")
+def stages(tokens, k, n):
+    """Cost of each pass of the kernel path for one linear (leaving stages out = subtracting rows)."""
+    x = randn(tokens, k, 20)
+    w = randn(n, k, 21) * 0.02
+    dy = randn(tokens, n, 22) * 1e-3
+    sigma = random_signs(derive_key(7, 5), 128, DEV)
+    st = RandomStream(derive_key(8, 3))
+    xq = quantize_nvfp4_rtn(x, smax=256.0, four_over_six=True)
+    wq = quantize_nvfp4_rtn(w, smax=256.0, four_over_six=True)
+    eq = rht_ms_eden(dy, sigma, st)
+    wtq = rht_ms_eden(None, sigma, st, packed=wq)
+    etq = rht_ms_eden(dy, sigma, st, transpose=True)
+    xtq = rht_ms_eden(None, sigma, st, packed=xq)
+    xb, wb = x, w
+    rows = [
+        ("BF16 fprop GEMM", lambda: torch.mm(xb, wb.t())),
+        ("BF16 dgrad GEMM", lambda: torch.mm(dy, wb)),
+        ("BF16 wgrad GEMM", lambda: torch.mm(dy.t(), xb)),
+        ("quantize X (RTN+4/6)", lambda: quantize_nvfp4_rtn(x, smax=256.0, four_over_six=True)),
+        ("quantize W (RTN+4/6)", lambda: quantize_nvfp4_rtn(w, smax=256.0, four_over_six=True)),
+        ("E: RHT+EDEN row-major", lambda: rht_ms_eden(dy, sigma, st)),
+        ("W^T: re-quantize from packed", lambda: rht_ms_eden(None, sigma, st, packed=wq)),
+        ("E^T: RHT+EDEN transposed", lambda: rht_ms_eden(dy, sigma, st, transpose=True)),
+        ("X^T: re-quantize from packed", lambda: rht_ms_eden(None, sigma, st, packed=xq)),
+        ("fprop: dequant X,W + mm fp32 out", lambda: D.matmul(xq, wq)),
+        ("dgrad: dequant + mm", lambda: D.matmul(eq, wtq)),
+        ("wgrad: dequant + mm", lambda: D.matmul(etq, xtq)),
+        ("dequant X alone", lambda: dequantize_unscaled_bf16(xq)),
+    ]
+    log(f"\n### Where the time goes, one linear T={tokens}, K={k}, N={n} (kernel path)\n")
+    log("| stage | median ms |")
+    log("|---|---|")
+    for label, fn in rows:
+        t = time_cuda(fn, warmup=3, reps=20)
+        log(f"| {label} | {t:.3f} |")
+        RESULTS["stages"].append(dict(stage=label, ms=t))
+    del x, w, dy
+    empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
+    ap.add_argument("--skip-linear", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    dev = "cpu (dry run)" if DRYRUN else torch.cuda.get_device_name()
+    RESULTS["env"] = dict(device=dev, torch=torch.__version__, triton=triton.__version__,
+                          python=platform.python_version(), cmd=" ".join(sys.argv))
+    log(f"device: {dev}; torch {torch.__version__}; triton {triton.__version__}; python {platform.python_version()}")
+    t0 = time.time()
+    rows, cols = (2048, 1024) if args.quick else (16384, 4096)
+    if DRYRUN:
+        rows, cols = 128, 256
+        global LLAMA7B
+        LLAMA7B = [("tiny", 256, 384), ("down", 384, 256)]
+    exactness(rows, cols)
+    log(f"[{time.time() - t0:.0f}s]")
+    bandwidth(rows, cols)
+    log(f"[{time.time() - t0:.0f}s]")
+    if not args.skip_linear:
+        tokens = 2048 if args.quick else 16384
+        if DRYRUN:
+            tokens = 128
+        stages(tokens, 256, 384) if DRYRUN else stages(tokens, 4096, 11008)
+        log(f"[{time.time() - t0:.0f}s]")
+        linear_block(tokens, reps=10, check_rows=0)
+        log(f"[{time.time() - t0:.0f}s]")
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write("\n".join(LINES) + "\n")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+    if RESULTS["errors"]:
+        with open(os.path.join(args.out, "errors.txt"), "w") as f:
+            f.write("\n\n".join(RESULTS["errors"]))
+    print("\n".join(LINES[-60:]))
+
+
+if __name__ == "__main__":
+    main()

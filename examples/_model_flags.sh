@@ -1,0 +1,16 @@
+# Shared model/training flags (~100M parameters, seq 2048). Sourced by the launch scripts.
+RECIPE=${RECIPE:-quartet2}
+MODEL_FLAGS=(
+  --num-layers 12 --hidden-size 768 --ffn-hidden-size 3072 --num-attention-heads 12
+  --seq-length 2048 --max-position-embeddings 2048 --position-embedding-type rope
+  --normalization RMSNorm --swiglu --untie-embeddings-and-output-weights --disable-bias-linear
+  --transformer-impl local --bf16
+)
+TRAIN_FLAGS=(
+  --micro-batch-size 4 --global-batch-size 32 --train-iters 100 --lr 3e-4 --min-lr 3e-5
+  --lr-warmup-iters 10 --lr-decay-style cosine --clip-grad 1.0 --weight-decay 0.1
+  --log-interval 10 --eval-interval 50 --eval-iters 5
+)
+DATA_FLAGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size 32000)
+PLUGIN_FLAGS=(--mfp4-recipe "$RECIPE")
+export CUDA_DEVICE_MAX_CONNECTIONS=1

@@ -1,0 +1,41 @@
+"""Packed NVFP4 (1x16) -> BF16 e2m1(q)*e4m3(s), one pass: the twin of
+`NVFP4Tensor.dequantize_unscaled()`. Every such product is exact in BF16 (numerics.md §1.4), so the
+GEMM operand is exact and cuBLAS BF16 x BF16 -> FP32 reproduces the block-scaled MMA (gemm.py)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_fp4.tensor import BLOCK, NVFP4Tensor
+
+from ._common import e2m1_value, e4m3_value
+
+
+@triton.jit
+def _dequant_kernel(packed_ptr, scales_ptr, out_ptr, R, C, BR: tl.constexpr, BC: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    bcols = tl.program_id(1) * (BC // 2) + tl.arange(0, BC // 2)
+    scols = tl.program_id(1) * (BC // 16) + tl.arange(0, BC // 16)
+    rmask = (rows < R)[:, None]
+    r64 = rows[:, None].to(tl.int64)
+    byte = tl.load(packed_ptr + r64 * (C // 2) + bcols[None, :], mask=rmask & (bcols < C // 2)[None, :], other=0)
+    sb = tl.load(scales_ptr + r64 * (C // 16) + scols[None, :], mask=rmask & (scols < C // 16)[None, :], other=0)
+    codes = tl.reshape(tl.join(byte & 15, byte >> 4), (BR, BC))
+    vals = tl.reshape(e2m1_value(codes), (BR, BC // 16, 16)) * e4m3_value(sb)[:, :, None]
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    tl.store(out_ptr + r64 * C + cols[None, :], tl.reshape(vals, (BR, BC)).to(tl.bfloat16),
+             mask=rmask & (cols < C)[None, :])
+
+
+def dequantize_unscaled_bf16(t: NVFP4Tensor, block_r: int = 32, block_c: int = 256) -> torch.Tensor:
+    """BF16 [rows, cols] = e2m1(q) * e4m3(s) for a 1x16 operand (exact)."""
+    if t.block_rows != 1:
+        raise ValueError("the dequant kernel handles 1x16 blocks only")
+    rows, cols = t.shape
+    out = torch.empty(rows, cols, dtype=torch.bfloat16, device=t.device)
+    block_c = min(block_c, triton.next_power_of_2(cols))
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    _dequant_kernel[grid](t.packed.contiguous(), t.block_scales.view(torch.uint8).contiguous(), out,
+                          rows, cols, BR=block_r, BC=block_c, num_warps=4)
+    return out

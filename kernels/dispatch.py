@@ -1,0 +1,118 @@
+"""One entry point per quantizer: the Triton kernel on CUDA tensors, the torch reference elsewhere.
+
+Set MEGATRON_FP4_KERNELS=0 to force the reference everywhere (read at each call, so tests and
+benchmarks can flip it). Anything the kernels do not cover (SR modes, 16x16 tiles, eden_group=16,
+RHT sizes other than 128, rotated dims that are not multiples of 128) silently takes the reference
+path, so every call here returns exactly what the reference would (up to FP32 summation order in
+the rotation and the EDEN / 4/6 sums, see the kernel modules).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+from megatron_fp4 import format as fmt
+from megatron_fp4 import quantizers as Q
+from megatron_fp4.gemm import matmul as _reference_matmul
+from megatron_fp4.hadamard import rht
+from megatron_fp4.rng import RandomStream
+from megatron_fp4.tensor import NVFP4Tensor
+
+AmaxReduce = Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+def kernels_enabled(*tensors: torch.Tensor) -> bool:
+    """True when every tensor is on CUDA and MEGATRON_FP4_KERNELS is not '0'."""
+    if os.environ.get("MEGATRON_FP4_KERNELS", "1") == "0":
+        return False
+    return all(t.is_cuda for t in tensors)
+
+
+def quantize_nvfp4(x: torch.Tensor, **kw) -> NVFP4Tensor:
+    """Same signature and result as quantizers.quantize_nvfp4; RN 1x16 (+4/6) runs the kernel."""
+    mode = kw.get("mode", Q.ROUND_NEAREST)
+    if (kernels_enabled(x) and mode == Q.ROUND_NEAREST and kw.get("block_rows", 1) == 1
+            and x.dim() == 2 and x.shape[1] % 16 == 0 and x.numel() > 0):
+        from .rtn import quantize_nvfp4_rtn
+        return quantize_nvfp4_rtn(x, v=kw.get("v", 6.0), smax=kw.get("smax", 448.0),
+                                  ties=kw.get("ties", fmt.TIES_EVEN),
+                                  four_over_six=kw.get("four_over_six", False),
+                                  amax_reduce=kw.get("amax_reduce"))
+    return Q.quantize_nvfp4(x, **kw)
+
+
+def _eden_ok(sigma, eden_group, *tensors) -> bool:
+    return kernels_enabled(*tensors) and eden_group == 128 and sigma.numel() == 128
+
+
+def rht_ms_eden(a: torch.Tensor, sigma: torch.Tensor, stream: RandomStream, *, transpose: bool = False,
+                eden_group: int = 128, v: float = Q.EDEN_V, smax: float = 255.99,
+                ties: str = fmt.TIES_EVEN, amax_reduce: AmaxReduce = None,
+                pad_multiple: int = 1) -> NVFP4Tensor:
+    """MS-EDEN of A = a (or a.t()) after RHT with `sigma`, A's last dim zero-padded to pad_multiple.
+
+    Reference: quantize_ms_eden(rht(pad_cols(A, pad_multiple), sigma), ...).
+    """
+    if _eden_ok(sigma, eden_group, a) and a.dim() == 2:
+        from .eden import rht_ms_eden as kernel
+        if transpose:
+            extra = (-a.shape[0]) % max(pad_multiple, 128)   # pad rows of a == columns of a.t()
+            if extra:
+                a = torch.nn.functional.pad(a, (0, 0, 0, extra))
+        else:
+            extra = (-a.shape[1]) % max(pad_multiple, 128)
+            if extra:
+                a = torch.nn.functional.pad(a, (0, extra))
+        return kernel(a, sigma, stream, transpose=transpose, v=v, smax=smax, ties=ties,
+                      amax_reduce=amax_reduce)
+    src = a.t() if transpose else a
+    extra = (-src.shape[1]) % pad_multiple
+    if extra:
+        src = torch.nn.functional.pad(src, (0, extra))
+    return Q.quantize_ms_eden(rht(src, sigma), stream=stream, eden_group=eden_group, v=v, smax=smax,
+                              ties=ties, amax_reduce=amax_reduce)
+
+
+def requant_ms_eden(q: NVFP4Tensor, sigma: torch.Tensor, stream: RandomStream, *,
+                    eden_group: int = 128, v: float = Q.EDEN_V, smax: float = 255.99,
+                    ties: str = fmt.TIES_EVEN, amax_reduce: AmaxReduce = None,
+                    pad_multiple: int = 1) -> NVFP4Tensor:
+    """Re-quantize a packed forward operand transposed: MS-EDEN(rht(dequantize_unscaled(q)^T, sigma)).
+
+    The kernel reads packed codes and scales directly (unpack, transpose, rotate, quantize).
+    """
+    rows = q.shape[0]
+    if (_eden_ok(sigma, eden_group, q.packed) and q.block_rows == 1 and q.outer_scales is None
+            and rows % 128 == 0):
+        from .eden import rht_ms_eden as kernel
+        return kernel(None, sigma, stream, packed=q, v=v, smax=smax, ties=ties, amax_reduce=amax_reduce)
+    src = q.dequantize_unscaled().t()
+    extra = (-src.shape[1]) % pad_multiple
+    if extra:
+        src = torch.nn.functional.pad(src, (0, extra))
+    return Q.quantize_ms_eden(rht(src, sigma), stream=stream, eden_group=eden_group, v=v, smax=smax,
+                              ties=ties, amax_reduce=amax_reduce)
+
+
+def dequantize_unscaled(q: NVFP4Tensor) -> torch.Tensor:
+    """e2m1*e4m3 values: BF16 from the kernel on CUDA (exact), FP32 from the reference elsewhere."""
+    if kernels_enabled(q.packed) and q.block_rows == 1:
+        from .dequant import dequantize_unscaled_bf16
+        return dequantize_unscaled_bf16(q)
+    return q.dequantize_unscaled()
+
+
+def matmul(a: NVFP4Tensor, b: NVFP4Tensor, mode: str = "exact") -> torch.Tensor:
+    """gemm.matmul for per-tensor-scaled 1x16 operands via the dequant kernel + cuBLAS (same values,
+    same GEMM call as the reference); everything else goes to gemm.matmul."""
+    if (kernels_enabled(a.packed, b.packed) and a.outer_scales is None and b.outer_scales is None
+            and a.block_rows == 1 and b.block_rows == 1):
+        a16, b16 = dequantize_unscaled(a), dequantize_unscaled(b)
+        try:
+            out = torch.mm(a16, b16.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            out = torch.mm(a16.float(), b16.float().t())
+        return out.mul_(a.tensor_scale * b.tensor_scale)   # in place: same values, no extra buffer
+    return _reference_matmul(a, b, mode)

@@ -1,0 +1,56 @@
+"""Dispatch: kernels on CUDA tensors, references elsewhere, MEGATRON_FP4_KERNELS=0 forces references;
+plus the dequant kernel (twin of NVFP4Tensor.dequantize_unscaled)."""
+import pytest
+import torch
+
+from megatron_fp4 import quantizers as Q
+from megatron_fp4.hadamard import rht
+from megatron_fp4.rng import RandomStream, derive_key, random_signs
+from megatron_fp4.kernels import dispatch as D
+from megatron_fp4.kernels.dequant import dequantize_unscaled_bf16
+
+from kernel_test_util import assert_same_operand, cpu_interp, data, gpu, needs_cuda
+
+
+def test_cpu_tensors_take_the_reference():
+    x = data(16, 128, seed=1)
+    assert not D.kernels_enabled(x)
+    assert_same_operand(D.quantize_nvfp4(x, smax=256.0, four_over_six=True),
+                        Q.quantize_nvfp4(x, smax=256.0, four_over_six=True))
+    sigma = random_signs(derive_key(1, 5), 128)
+    stream = RandomStream(derive_key(2, 3))
+    assert_same_operand(D.rht_ms_eden(x, sigma, stream, transpose=True, pad_multiple=128),
+                        Q.quantize_ms_eden(rht(torch.nn.functional.pad(x.t(), (0, 112)), sigma), stream=stream))
+    xq = Q.quantize_nvfp4(data(128, 32, seed=2))
+    assert_same_operand(D.requant_ms_eden(xq, sigma, stream),
+                        Q.quantize_ms_eden(rht(xq.dequantize_unscaled().t(), sigma), stream=stream))
+
+
+@cpu_interp
+def test_dequant_kernel_exact():
+    xq = Q.quantize_nvfp4(data(48, 96, seed=3), smax=256.0, four_over_six=True)
+    got = dequantize_unscaled_bf16(xq)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got.float(), xq.dequantize_unscaled())
+
+
+@gpu
+@needs_cuda
+def test_env_var_forces_reference(monkeypatch):
+    x = data(256, 512, seed=4, device="cuda", dtype=torch.bfloat16)
+    assert D.kernels_enabled(x)
+    monkeypatch.setenv("MEGATRON_FP4_KERNELS", "0")
+    assert not D.kernels_enabled(x)
+
+
+@gpu
+@needs_cuda
+def test_dispatch_gpu_matches_reference():
+    x = data(512, 1024, seed=5, device="cuda", dtype=torch.bfloat16)
+    w = data(256, 1024, seed=6, device="cuda", dtype=torch.bfloat16)
+    xq = D.quantize_nvfp4(x, smax=256.0, four_over_six=True)
+    wq = D.quantize_nvfp4(w, smax=256.0, four_over_six=True)
+    assert_same_operand(xq, Q.quantize_nvfp4(x, smax=256.0, four_over_six=True))
+    assert torch.equal(D.dequantize_unscaled(xq).float(), xq.dequantize_unscaled())
+    from megatron_fp4.gemm import matmul
+    assert torch.equal(D.matmul(xq, wq), matmul(xq, wq))

@@ -1,0 +1,125 @@
+"""Launcher flags, recipe errors, refused combinations, install(), corpus builder, and the main job
+in a reduced (CI-sized) form."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from megatron_fp4.megatron.config import (UnsupportedConfigError, check_supported, check_supported_args,
+                                          layer_in_bf16, module_in_bf16)
+from megatron_fp4.pretrain_gpt import add_plugin_args, cpu_parser, parse_overrides, plugin_recipe
+from megatron_fp4.registry import RecipeError
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _args(*argv):
+    return add_plugin_args(argparse.ArgumentParser()).parse_args(list(argv))
+
+
+def test_plugin_flags_parse_and_build_the_recipe():
+    a = _args("--mfp4-recipe", "quartet2", "--mfp4-override", "eden_group=16", "--mfp4-override",
+              "four_over_six=false", "--mfp4-bf16-modules", "decoder.layers.0.*")
+    recipe = plugin_recipe(a)
+    assert recipe.eden_group == 16 and recipe.four_over_six is False
+    assert parse_overrides(["eden_c=0.9"]) == {"eden_c": 0.9}
+    assert cpu_parser().parse_args(["--mfp4-recipe", "nvidia"]).mfp4_recipe == "nvidia"
+
+
+@pytest.mark.parametrize("argv, match", [
+    (("--mfp4-recipe", "nope"), "unknown recipe"),
+    (("--mfp4-override", "eden_group=7"), "eden_group"),
+    (("--mfp4-override", "no_such_knob=1"), "unknown knob"),
+    (("--mfp4-override", "novalue"), "KEY=VALUE"),
+])
+def test_bad_plugin_flags_fail_clearly(argv, match):
+    with pytest.raises((RecipeError, ValueError), match=match):
+        plugin_recipe(_args(*argv))
+
+
+def test_bad_yaml_recipe_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("family: quartet2\n  eden_group: [16\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        plugin_recipe(_args("--mfp4-recipe", str(bad)))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("fp8", "e4m3", "fp8-format"), ("fp4", "e2m1", "fp4-format"), ("fp4_param", True, "fp4-param-gather"),
+    ("delay_wgrad_compute", True, "delay-wgrad-compute"), ("use_megatron_fsdp", True, "FSDP"),
+])
+def test_refused_config_combinations(field, value, match):
+    cfg = types.SimpleNamespace(**{field: value})
+    with pytest.raises(UnsupportedConfigError, match=match):
+        check_supported(cfg)
+    with pytest.raises(UnsupportedConfigError, match="MoE"):
+        check_supported(types.SimpleNamespace(), is_expert=True)
+
+
+@pytest.mark.parametrize("flag, match", [
+    ({"use_precision_aware_optimizer": True}, "precision-aware"), ({"num_experts": 8}, "MoE"),
+    ({"transformer_impl": "transformer_engine"}, "transformer-impl local"),
+    ({"fp4_param_gather": True}, "param-gather"),
+])
+def test_refused_launch_args(flag, match):
+    with pytest.raises(UnsupportedConfigError, match=match):
+        check_supported_args(types.SimpleNamespace(**flag))
+
+
+def test_bf16_layer_and_module_rules():
+    cfg = types.SimpleNamespace(first_last_layers_bf16=True, num_layers_at_start_in_bf16=1,
+                                num_layers_at_end_in_bf16=2, num_layers=6,
+                                mfp4_bf16_modules=("*.linear_fc2", "decoder.layers.3.*"))
+    assert [layer_in_bf16(cfg, n) for n in range(1, 7)] == [True, False, False, False, True, True]
+    assert module_in_bf16(cfg, "decoder.layers.1.mlp.linear_fc2")
+    assert module_in_bf16(cfg, "decoder.layers.3.self_attention.linear_qkv")
+    assert not module_in_bf16(cfg, "decoder.layers.1.mlp.linear_fc1")
+
+
+def test_install_registers_flags_with_megatron():
+    import megatron_fp4
+    megatron_fp4.install()
+    from megatron.training import arguments
+    parser = arguments.add_megatron_arguments(argparse.ArgumentParser())
+    ns = parser.parse_args(["--mfp4-recipe", "tetrajet2", "--mfp4-override", "sr_headroom=1.0"])
+    assert ns.mfp4_recipe == "tetrajet2" and ns.mfp4_override == ["sr_headroom=1.0"]
+
+
+def test_corpus_builder_holds_out_whole_files(tmp_path):
+    from megatron_fp4.data import corpus
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"f{i}.py").write_text(f"# file {i}\nprint({i})\n" * (i + 1))
+    info = corpus.build(str(src), str(tmp_path / "out"), valid_fraction=0.2)
+    c = info["counts"]
+    assert c["valid_files"] > 0 and c["train_files"] > 0 and c["valid_files"] + c["train_files"] == 40
+    tokens = corpus.load_tokens(info["prefixes"]["valid"])
+    assert len(tokens) == c["valid"] and (tokens == corpus.EOD).sum() == c["valid_files"]
+    text = bytes(tokens[tokens != corpus.EOD]).decode()
+    assert "print(" in text
+
+
+def test_main_job_reduced(tmp_path):
+    """The README's main-job command in CI size: few steps, tiny corpus, same code path."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(30):
+        (src / f"m{i}.py").write_text("def f(x):\n    return x * %d\n" % i * 40)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "megatron_fp4.pretrain_gpt", "--mfp4-cpu", "--mfp4-recipe", "quartet2",
+           "--mfp4-corpus-src", str(src), "--save", str(out), "--num-layers", "2", "--hidden-size", "128",
+           "--ffn-hidden-size", "256", "--seq-length", "64", "--micro-batch-size", "2", "--train-iters", "4",
+           "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1", "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "lm loss" in proc.stdout and "tokens/s" in proc.stdout and "validation loss" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 4
+    assert os.path.getsize(summary["plot"]) > 1000
+    assert os.path.isdir(summary["checkpoint"]) and os.listdir(summary["checkpoint"])
