@@ -240,8 +240,10 @@ class WeightTracker:
 
     def _reset(self, it):
         master = self.get_master()
-        qd, _ = self.quantizer(master)
+        qd, scale = self.quantizer(master)
         flagged = (self.dist_fp > 0) & (self.dist_q >= self.config.threshold * self.dist_fp)
+        # elements without an FP4 scale (OutControl's MXFP8 columns, flushed blocks) are never reset
+        flagged &= self._view(scale) > 0
         flat = master.view(-1)
         positions = flagged.nonzero().squeeze(1)
         if self.index is not None:
@@ -256,3 +258,35 @@ class WeightTracker:
         self.window_start = None
         self.last_stats = stats
         return stats
+
+    # -- checkpointing -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The in-window state of this tracker (rank-local under the distributed optimizer).
+
+        w_prev and q_prev are not saved: at a checkpoint they equal the saved master and its Q_D,
+        which `load_state_dict` recomputes from the loaded master."""
+        if self.window_start is None:
+            return {"window_start": None}
+        return {"window_start": self.window_start, "dist_fp": self.dist_fp.clone(),
+                "dist_q": self.dist_q.clone(), "index": None if self.index is None else self.index.clone(),
+                "numel": int(self.get_master().numel())}
+
+    def load_state_dict(self, state: dict) -> bool:
+        """Restore a window; returns False (and abandons the window, logged) when the saved state
+        does not fit this tracker's master (e.g. a different data-parallel layout). Collective under
+        the distributed optimizer: every rank must call it."""
+        self.window_start = self.index = self.w_prev = self.q_prev = self.dist_fp = self.dist_q = None
+        master = self.get_master()
+        qd, _ = self.quantizer(master)   # collective for sharded masters: computed on every rank
+        if state.get("window_start") is None:
+            return True
+        if state.get("numel") != master.numel():
+            log.info("OsciReset %s: saved window does not match this layout; restarting at the next window",
+                     self.name)
+            return False
+        self.index = state["index"]
+        self.w_prev = self._view(master.float()).clone()
+        self.q_prev = self._view(qd).clone()
+        self.dist_fp, self.dist_q = state["dist_fp"].clone(), state["dist_q"].clone()
+        self.window_start = state["window_start"]
+        return True

@@ -49,19 +49,24 @@ def _tp_max_reducer(module):
 
 
 class _SplitMasterQuantizer:
-    """Q_D of an OutControl layer's full master: FP4 columns in gathered order; outliers excluded."""
+    """Q_D of an OutControl layer's full master: while the layer has an outlier split, the FP4
+    columns are quantized in gathered order and outlier columns are excluded (scale 0, Q_D = w: their
+    quantized travel equals their master travel, and the tracker never flags scale-0 elements)."""
 
-    def __init__(self, base: MasterQuantizer, split):
-        self.base, self.split = base, split
+    def __init__(self, base: MasterQuantizer, module):
+        self.base, self.module = base, module
 
     def __call__(self, master):
-        fp4, _ = self.split.gather(master.float())
+        split = self.module.mfp4_channel_split()
+        if split is None:
+            return self.base(master)
+        fp4, _ = split.gather(master.float())
         qd_fp4, scale_fp4 = self.base(fp4)
         qd = master.float().clone()
         scale = torch.zeros_like(qd)
-        n_fp4 = self.split.fp4_index.numel()
-        qd[:, self.split.fp4_index] = qd_fp4[:, :n_fp4]
-        scale[:, self.split.fp4_index] = scale_fp4[:, :n_fp4]
+        n_fp4 = split.fp4_index.numel()
+        qd[:, split.fp4_index] = qd_fp4[:, :n_fp4]
+        scale[:, split.fp4_index] = scale_fp4[:, :n_fp4]
         return qd, scale
 
 
@@ -96,6 +101,20 @@ class OsciResetHooks:
         self.history: list[dict] = []
         self.on_reset = on_reset
 
+    # -- checkpointing (rank-local: the trackers of a DistributedOptimizer hold shards) ---------------
+    def state_dict(self) -> dict:
+        return {"applied": self.applied,
+                "trackers": [{t.name: t.state_dict() for t in trackers} for trackers in self.trackers.values()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the update counter and in-window buffers (collective: every rank calls it)."""
+        self.applied = int(state["applied"])
+        saved = state.get("trackers", [])
+        for i, trackers in enumerate(self.trackers.values()):
+            member_state = saved[i] if i < len(saved) else {}
+            for tracker in trackers:
+                tracker.load_state_dict(member_state.get(tracker.name, {"window_start": None}))
+
     # -- driving ----------------------------------------------------------------------------------
     def run_member(self, member) -> None:
         if self.current is None:
@@ -119,27 +138,45 @@ def _managed_layers(model_chunks: Iterable[torch.nn.Module]):
                 yield getattr(module, "mfp4_name", name), module
 
 
+class _ShardQuantizer:
+    """Q_D on a DistributedOptimizer shard: block-maximum reductions normally; while an OutControl
+    split is active the FP4 blocks follow gathered column order, which a flat shard does not
+    preserve, so the weight's FP32 master is all-gathered (transient, one weight at a time)."""
+
+    def __init__(self, module, recipe, shape, start, end, group):
+        self.module = module
+        self.sharded = ShardedMasterQuantizer(recipe, shape, start, end, group=group,
+                                              weight_amax_reduce=_tp_max_reducer(module))
+        full = _SplitMasterQuantizer(MasterQuantizer(recipe, weight_amax_reduce=_tp_max_reducer(module)), module)
+        self.gathering = _GatheringShardQuantizer(full, shape, start, end, group)
+
+    def __call__(self, shard):
+        split_fn = getattr(self.module, "mfp4_channel_split", None)
+        if split_fn is not None and split_fn() is not None:
+            return self.gathering(shard)
+        return self.sharded(shard)
+
+
 def _make_tracker(name, module, member, recipe: Recipe, config: OsciResetConfig) -> WeightTracker:
     param = module.weight
-    split_fn = getattr(module, "mfp4_channel_split", None)
-    split = split_fn() if split_fn is not None else None
     full = MasterQuantizer(recipe, weight_amax_reduce=_tp_max_reducer(module))
-    if split is not None:
-        full = _SplitMasterQuantizer(full, split)
-    if getattr(param, "main_param_sharded", False):
+    if getattr(module, "mfp4_channel_split", None) is not None:
+        full = _SplitMasterQuantizer(full, module)
+    if hasattr(member, "_get_model_param_range_map"):   # DistributedOptimizer: this rank's flat shard
         try:
             rng = member._get_model_param_range_map(param)["param"]
             start, end = rng.start, rng.end
         except KeyError:
             start = end = 0        # no elements of this weight on this rank: still joins collectives
-        group = member.data_parallel_group
-        if split is not None:
-            quantizer = _GatheringShardQuantizer(full, tuple(param.shape), start, end, group)
-        else:
-            quantizer = ShardedMasterQuantizer(recipe, tuple(param.shape), start, end, group=group,
-                                               weight_amax_reduce=_tp_max_reducer(module))
+        quantizer = _ShardQuantizer(module, recipe, tuple(param.shape), start, end, member.data_parallel_group)
         empty = torch.zeros(0, dtype=torch.float32, device=param.device)
-        get_master = (lambda: param.main_param if param.main_param is not None else empty)
+
+        def get_master():
+            if getattr(param, "main_param", None) is not None:   # BF16/FP16 params: FP32 shard copy
+                return param.main_param
+            if end > start:   # FP32 params: the optimizer steps a view of the param's own shard
+                return param.data.view(-1)[start:end]
+            return empty
     elif getattr(param, "main_param", None) is not None:
         quantizer, get_master = full, (lambda: param.main_param)
     else:                            # FP32 training: the parameter is its own master
@@ -148,8 +185,10 @@ def _make_tracker(name, module, member, recipe: Recipe, config: OsciResetConfig)
 
 
 def _member_owns(member, param) -> bool:
-    if hasattr(member, "model_param_gbuf_map"):
-        return param in member.model_param_gbuf_map
+    if hasattr(member, "buffers") and hasattr(member, "model_param_gbuf_map"):
+        # DistributedOptimizer: model_param_gbuf_map holds only params overlapping this rank's shard;
+        # ownership must be the same on every DP rank (they all join the Q_D collectives)
+        return any(param in getattr(buffer, "param_index_map", {}) for buffer in member.buffers)
     for group in member.optimizer.param_groups if hasattr(member, "optimizer") else []:
         for p in group["params"]:
             if p is param or getattr(param, "main_param", None) is p:
