@@ -4,7 +4,9 @@ SUPPORTED_MEGATRON_CORE = ((0, 19), (0, 20))   # [min, max)
 
 
 def install() -> None:
-    """Hook the plugin into Megatron (flags --mfp4-*; use `--spec megatron_fp4.spec gpt_layer_spec`).
+    """Hook the plugin into Megatron: the --mfp4-* flags, the optimizer stabilizers after model and
+    optimizer setup, their checkpoint state, and the prebuilt dataset helpers (patches/); launch with
+    `--transformer-impl local --spec megatron_fp4.spec gpt_layer_spec`.
 
     One line in a Megatron-LM checkout's pretrain_gpt.py, before its argument parsing:
         import megatron_fp4; megatron_fp4.install()
@@ -21,5 +23,5 @@ def install() -> None:
     if not lo <= parts < hi:
         raise RuntimeError(f"megatron_fp4.install(): megatron-core {found} is not supported "
                            f"(need >= {'.'.join(map(str, lo))}, < {'.'.join(map(str, hi))})")
-    from .patches import megatron_args
-    megatron_args.apply()
+    from .patches import apply_all
+    apply_all()

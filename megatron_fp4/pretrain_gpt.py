@@ -1,10 +1,19 @@
 """Pretrain a GPT with NVFP4 linears: `python -m megatron_fp4.pretrain_gpt [flags]`.
 
-With a GPU: Megatron's own training loop (`megatron.training.pretrain`) with all of Megatron's flags
-plus the plugin's (`--mfp4-recipe NAME|PATH`, `--mfp4-override key=value`, `--mfp4-bf16-modules`),
-`--transformer-impl local` and the plugin spec.
+Route selection (`use_gpu_route`): with CUDA available (`torch.cuda.is_available()` and at least one
+device) and no `--mfp4-cpu`, the GPU route runs; otherwise the CPU driver. The same command therefore
+uses the GPU when there is one. Under torchrun every rank takes the same route.
 
-Without a GPU (or with --mfp4-cpu): megatron.training cannot run on CPU, so a driver built from
+GPU route: Megatron's own training loop (`megatron.training.pretrain`, NCCL) with all of Megatron's
+flags plus the plugin's (`--mfp4-recipe NAME|PATH`, `--mfp4-override key=value`,
+`--mfp4-bf16-modules`), `--transformer-impl local`, NVFP4TransformerConfig and the plugin spec
+(megatron_fp4.spec.gpt_layer_spec); forward step and GPTDataset provider in pretrain_support.py.
+Flags left out get the main job's defaults (small GPT, byte-level NullTokenizer with vocab 256, the
+stdlib corpus built under `--save`, default `mfp4_run`); fusions whose apex/TE kernels are missing
+are switched off. After the run a summary JSON (loss per iteration, median step time, peak memory)
+and a loss plot go to `--mfp4-summary` (default `<save>/summary.json`).
+
+CPU route (no GPU, or --mfp4-cpu): megatron.training cannot run on CPU, so a driver built from
 megatron-core's GPTModel, DDP, optimizer and forward-backward schedule trains on gloo with the CPU
 shim. The default run is the main job: a small GPT with quartet2 on the Python standard library's
 sources (byte-level tokens; built into a Megatron indexed dataset on first use), printing progress
@@ -62,40 +71,24 @@ def plugin_recipe(args):
 
 def _gpu_main(argv):
     from megatron.core.enums import ModelType
-    from megatron.training import get_args, pretrain
-    from megatron.training.arguments import parse_and_validate_args
-    from megatron.training.argument_utils import (core_transformer_config_from_args, gpt_config_from_args,
-                                                  pretrain_cfg_container_from_args)
+    from megatron.training import pretrain
 
-    from . import install
-    from .megatron.config import NVFP4TransformerConfig
-    from .spec import gpt_layer_spec
-    try:
-        from .pretrain_support import forward_step, train_valid_test_datasets_provider
-    except ImportError:
-        # INCOMPLETE: the GPU forward_step / GPTDataset provider for megatron.training.pretrain are
-        # not written yet (they need a GPU to verify); the CPU driver runs on GPU machines too.
-        raise NotImplementedError(
-            "megatron_fp4.pretrain_gpt: the megatron.training.pretrain (GPU) route is not "
-            "implemented yet; run with --mfp4-cpu for the megatron-core driver") from None
+    from .patches import megatron_args, megatron_training
+    from .pretrain_support import (TrainingHistory, build_config, forward_step, single_process_env,
+                                   train_valid_test_datasets_provider, write_summary)
 
-    install()
-    sys.argv = [sys.argv[0], *argv]
-    if "--transformer-impl" not in argv:
-        sys.argv += ["--transformer-impl", "local"]
-    args = parse_and_validate_args(extra_args_provider=add_plugin_args)
-    check_supported_args(args)
-    plugin_recipe(args)
-    args.mfp4_overrides = parse_overrides(args.mfp4_override)
-    args.mfp4_bf16_modules = tuple(p for p in args.mfp4_bf16_modules.split(",") if p)
-    tcfg = core_transformer_config_from_args(args, config_class=NVFP4TransformerConfig)
-    tcfg.mfp4_recipe, tcfg.mfp4_overrides = args.mfp4_recipe, args.mfp4_overrides
-    tcfg.mfp4_bf16_modules = args.mfp4_bf16_modules
-    model_cfg = gpt_config_from_args(args, config=tcfg)
-    model_cfg.transformer_layer_spec = gpt_layer_spec
-    cfg = pretrain_cfg_container_from_args(args, model_cfg=model_cfg)
-    train_valid_test_datasets_provider.is_distributed = True
+    single_process_env()
+
+    megatron_args.apply()
+    megatron_training.apply()        # stabilizers after setup_model_and_optimizer; dataset helpers
+    args, cfg = build_config(argv)
+    summary_path = args.mfp4_summary or (os.path.join(args.save, "summary.json") if args.save else None)
+    history = TrainingHistory(summary_path, every=args.log_interval).install()
     pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
+    summary = write_summary(history, args, summary_path)
+    if summary is not None:
+        print(f"mfp4 summary: {json.dumps({k: v for k, v in summary.items() if k != 'losses'})}", flush=True)
+    return summary
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,6 +216,7 @@ def cpu_main(argv) -> dict:
     chunks, config = driver.build_model(s)
     optimizer, scheduler = driver.build_optimizer(s, chunks)
     driver.setup_model_hooks(config, chunks, optimizer)
+    oscireset = driver.setup_stabilizers(s, chunks, optimizer)
     n_params = sum(p.numel() for m in chunks for p in m.parameters())
     print(f"model: {s.num_layers} layers, hidden {s.hidden_size}, ffn {s.ffn_hidden_size}, "
           f"{n_params / 1e6:.2f}M parameters; {s.micro_batch_size * num_mb * s.seq_length} tokens/step",
@@ -257,13 +251,18 @@ def cpu_main(argv) -> dict:
     ckpt = os.path.join(os.path.abspath(args.save), f"iter_{it + 1:07d}")
     os.makedirs(ckpt, exist_ok=True)
     dist_checkpointing.save(chunks[0].module.sharded_state_dict(), ckpt)
+    from .megatron.optimizer_hooks import save_oscireset_state
+    save_oscireset_state(optimizer, ckpt)
     plot = os.path.join(args.save, "loss.png")
     _plot(history, plot, f"GPT {n_params / 1e6:.1f}M, {args.mfp4_recipe}, byte-level stdlib corpus")
     summary = {"recipe": args.mfp4_recipe, "iterations": it + 1, "train_time_s": round(train_time, 1),
                "first_loss": history["losses"][0], "last_loss": history["losses"][-1],
                "valid": history["valid"], "mean_step_s": float(np.mean(history["step_times"])),
                "tokens_per_s": tokens_per_step / float(np.mean(history["step_times"])),
-               "checkpoint": ckpt, "plot": plot}
+               "checkpoint": ckpt, "plot": plot,
+               "oscireset_events": [] if oscireset is None else oscireset.history,
+               "outcontrol": {k: {kk: vv for kk, vv in v.items() if kk != "channels_selected"}
+                              for k, v in driver.outcontrol_stats(chunks).items()}}
     with open(os.path.join(args.save, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
     print(format_comm_stats(), flush=True)
@@ -271,9 +270,14 @@ def cpu_main(argv) -> dict:
     return summary
 
 
+def use_gpu_route(argv) -> bool:
+    """The GPU route needs CUDA and no --mfp4-cpu; everything else goes to the CPU driver."""
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0 and "--mfp4-cpu" not in argv
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if torch.cuda.is_available() and "--mfp4-cpu" not in argv:
+    if use_gpu_route(argv):
         return _gpu_main(argv)
     return cpu_main(argv)
 

@@ -231,10 +231,7 @@ def run_training(s: GPTSettings, data_iterator_factory: Optional[Callable] = Non
     chunks, config = build_model(s)
     optimizer, scheduler = build_optimizer(s, chunks)
     setup_model_hooks(config, chunks, optimizer)
-    from .optimizer_hooks import install_stabilizers
-    from .state import set_train_iters
-    set_train_iters(s.train_steps)
-    oscireset = install_stabilizers(optimizer, chunks, s.train_steps, iteration=0)
+    oscireset = setup_stabilizers(s, chunks, optimizer)
     dp_rank = ps.get_data_parallel_rank()
     if data_iterator_factory is None:
         data_iterator_factory = lambda: synthetic_batches(s, dp_rank, s.seed)  # noqa: E731
@@ -255,7 +252,20 @@ def run_training(s: GPTSettings, data_iterator_factory: Optional[Callable] = Non
                 f"elapsed time per iteration (ms): {dt * 1000:.1f} | tokens/s: {tokens_per_step / dt:.0f}")
     history["chunks"], history["optimizer"], history["config"] = chunks, optimizer, config
     history["oscireset"] = [] if oscireset is None else oscireset.history
-    history["outcontrol"] = {getattr(m, "mfp4_name", n): m.mfp4_outcontrol_stats
-                             for c in chunks for n, m in c.named_modules()
-                             if getattr(m, "mfp4_outcontrol_stats", None) is not None}
+    history["outcontrol"] = outcontrol_stats(chunks)
     return history
+
+
+def setup_stabilizers(s: GPTSettings, chunks, optimizer, iteration: int = 0):
+    """Declare the run length (stabilizer schedules may be fractions of it) and install OsciReset
+    when the recipe asks for it; returns the OsciResetHooks or None."""
+    from .optimizer_hooks import install_stabilizers
+    from .state import set_train_iters
+    set_train_iters(s.train_steps)
+    return install_stabilizers(optimizer, chunks, s.train_steps, iteration=iteration)
+
+
+def outcontrol_stats(chunks) -> dict:
+    """Per-layer OutControl selections made so far (outlier count, share of the recorded input norm)."""
+    return {getattr(m, "mfp4_name", n): m.mfp4_outcontrol_stats for c in chunks for n, m in c.named_modules()
+            if getattr(m, "mfp4_outcontrol_stats", None) is not None}

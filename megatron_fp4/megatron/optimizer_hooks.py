@@ -307,3 +307,42 @@ def _tensorboard_logger():
         writer.add_scalar(f"mfp4/oscireset_reset_fraction/{layer}", stats["reset_fraction"], stats["update"])
         writer.add_scalar(f"mfp4/oscireset_median_ratio/{layer}", stats["median_ratio"], stats["update"])
     return log_reset
+
+
+# -- checkpoint files ----------------------------------------------------------------------------------
+
+def _state_file(checkpoint_dir: str) -> str:
+    import os
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return os.path.join(checkpoint_dir, f"mfp4_oscireset_rank{rank:05d}.pt")
+
+
+def save_oscireset_state(optimizer, checkpoint_dir: str) -> Optional[str]:
+    """Write this rank's OsciReset state (update counter, in-window buffers) beside a checkpoint.
+    Rank-local, because a DistributedOptimizer rank tracks only its shard."""
+    hooks = getattr(optimizer, "_mfp4_oscireset", None)
+    if hooks is None:
+        return None
+    import os
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    path = _state_file(checkpoint_dir)
+    torch.save(hooks.state_dict(), path)
+    return path
+
+
+def load_oscireset_state(optimizer, checkpoint_dir: str, iteration: int) -> bool:
+    """Restore OsciReset state saved beside a checkpoint (collective: every rank calls it). Without a
+    file for this rank (e.g. another layout), the counter resumes from `iteration` and the window in
+    progress, if any, is skipped (logged). Returns whether the saved state was restored."""
+    hooks = getattr(optimizer, "_mfp4_oscireset", None)
+    if hooks is None:
+        return False
+    import os
+    path = _state_file(checkpoint_dir)
+    if os.path.isfile(path):
+        hooks.load_state_dict(torch.load(path, weights_only=False))
+        return True
+    log.info("OsciReset: no saved state at %s; resuming the update counter at %d (a window in "
+             "progress is skipped)", path, iteration)
+    hooks.load_state_dict({"applied": iteration, "trackers": []})
+    return False

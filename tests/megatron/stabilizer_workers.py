@@ -104,10 +104,11 @@ def oscireset_sharded_vs_full(rank, world, settings_kwargs):
     return report
 
 
-def _train_range(settings_kwargs, start, stop, state=None):
+def _train_range(settings_kwargs, start, stop, state=None, ckpt_dir=None):
     from megatron.core import parallel_state as ps
     from megatron_fp4.megatron import driver
-    from megatron_fp4.megatron.optimizer_hooks import install_stabilizers
+    from megatron_fp4.megatron.optimizer_hooks import (install_stabilizers, load_oscireset_state,
+                                                       save_oscireset_state)
     s, chunks, optimizer, scheduler = _build(settings_kwargs)
     hooks = install_stabilizers(optimizer, chunks, s.train_steps, iteration=start)
     model = chunks[0].module
@@ -115,7 +116,7 @@ def _train_range(settings_kwargs, start, stop, state=None):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        hooks.load_state_dict(state["oscireset"])
+        assert load_oscireset_state(optimizer, ckpt_dir, start)
     batches = driver.synthetic_batches(s, dp_rank=ps.get_data_parallel_rank(), seed=s.seed)
     for _ in range(start * s.num_microbatches):   # the data a resumed run has already consumed
         next(batches)
@@ -125,8 +126,9 @@ def _train_range(settings_kwargs, start, stop, state=None):
         losses.append(loss)
     out = {"losses": losses, "events": list(hooks.history),
            "model": {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
-           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-           "oscireset": hooks.state_dict()}
+           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    if ckpt_dir is not None and state is None:
+        save_oscireset_state(optimizer, ckpt_dir)
     _teardown()
     return out
 
@@ -135,9 +137,10 @@ def resume_equivalence(rank, world, settings_kwargs, split_at, ckpt_path):
     """Uninterrupted run against save at `split_at` (mid-window, mid-recording) + fresh resume."""
     total = settings_kwargs["train_steps"]
     straight = _train_range(settings_kwargs, 0, total)
-    first = _train_range(settings_kwargs, 0, split_at)
-    torch.save({k: first[k] for k in ("model", "optimizer", "scheduler", "oscireset")}, ckpt_path)
-    second = _train_range(settings_kwargs, split_at, total, torch.load(ckpt_path, weights_only=False))
+    first = _train_range(settings_kwargs, 0, split_at, ckpt_dir=ckpt_path)
+    torch.save({k: first[k] for k in ("model", "optimizer", "scheduler")}, f"{ckpt_path}/state.pt")
+    second = _train_range(settings_kwargs, split_at, total,
+                          torch.load(f"{ckpt_path}/state.pt", weights_only=False), ckpt_dir=ckpt_path)
     mismatched = [k for k, v in straight["model"].items() if not torch.equal(v, second["model"][k])]
     return {"straight_losses": straight["losses"], "resumed_losses": first["losses"] + second["losses"],
             "mismatched": mismatched, "straight_events": straight["events"],

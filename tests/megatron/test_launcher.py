@@ -87,6 +87,10 @@ def test_install_registers_flags_with_megatron():
     parser = arguments.add_megatron_arguments(argparse.ArgumentParser())
     ns = parser.parse_args(["--mfp4-recipe", "tetrajet2", "--mfp4-override", "sr_headroom=1.0"])
     assert ns.mfp4_recipe == "tetrajet2" and ns.mfp4_override == ["sr_headroom=1.0"]
+    # the training-loop hooks: stabilizers after setup, their state beside each checkpoint
+    from megatron.training import training
+    assert hasattr(training.setup_model_and_optimizer, "__wrapped__")
+    assert hasattr(training.save_checkpoint, "__wrapped__")
 
 
 def test_corpus_builder_holds_out_whole_files(tmp_path):
@@ -104,14 +108,23 @@ def test_corpus_builder_holds_out_whole_files(tmp_path):
     assert "print(" in text
 
 
-def test_main_job_reduced(tmp_path):
-    """The README's main-job command in CI size: few steps, tiny corpus, same code path."""
+STABILIZER_FLAGS = ["--mfp4-override", "outcontrol_record_start=1", "--mfp4-override", "outcontrol_record_iters=1",
+                    "--mfp4-override", "oscireset_start=0", "--mfp4-override", "oscireset_period=3",
+                    "--mfp4-override", "oscireset_window=1"]
+
+
+@pytest.mark.parametrize("recipe, extra", [("quartet2", []), ("tetrajet2-full", STABILIZER_FLAGS)],
+                         ids=["quartet2", "tetrajet2-full"])
+def test_main_job_reduced(tmp_path, recipe, extra):
+    """The README's main-job command in CI size: few steps, tiny corpus, same code path; with
+    tetrajet2-full the stabilizers run (OutControl records iteration 1 and selects at 2; OsciReset's
+    first window starts at update 0 and resets at update 2)."""
     src = tmp_path / "src"
     src.mkdir()
     for i in range(30):
         (src / f"m{i}.py").write_text("def f(x):\n    return x * %d\n" % i * 40)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "megatron_fp4.pretrain_gpt", "--mfp4-cpu", "--mfp4-recipe", "quartet2",
+    cmd = [sys.executable, "-m", "megatron_fp4.pretrain_gpt", "--mfp4-cpu", "--mfp4-recipe", recipe, *extra,
            "--mfp4-corpus-src", str(src), "--save", str(out), "--num-layers", "2", "--hidden-size", "128",
            "--ffn-hidden-size", "256", "--seq-length", "64", "--micro-batch-size", "2", "--train-iters", "4",
            "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1", "--threads", "1"]
@@ -123,3 +136,7 @@ def test_main_job_reduced(tmp_path):
     assert summary["iterations"] == 4
     assert os.path.getsize(summary["plot"]) > 1000
     assert os.path.isdir(summary["checkpoint"]) and os.listdir(summary["checkpoint"])
+    if recipe == "tetrajet2-full":
+        assert {e["update"] for e in summary["oscireset_events"]} == {2}, summary["oscireset_events"]
+        assert len(summary["outcontrol"]) == 8 and all(v["iteration"] == 2 for v in summary["outcontrol"].values())
+        assert any(f.startswith("mfp4_oscireset_rank") for f in os.listdir(summary["checkpoint"]))

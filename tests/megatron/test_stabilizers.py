@@ -64,7 +64,7 @@ def test_resume_mid_window_and_mid_recording_matches_the_uninterrupted_run(tmp_p
                                     oscireset_threshold=1.5), train_steps=12)
     # split after update 5 (0-based 0..4 done): OutControl has recorded iterations 2-4 of 2-4 and
     # selects at 5 after the resume; OsciReset's window 4-7 is in progress
-    r = dist.run(w.resume_equivalence, 1, kw, 5, str(tmp_path / "state.pt"), timeout=400)[0]
+    r = dist.run(w.resume_equivalence, 1, kw, 5, str(tmp_path / "ckpt"), timeout=400)[0]
     assert r["straight_losses"] == r["resumed_losses"], r
     assert r["mismatched"] == [], r["mismatched"]
     assert [(e["layer"], e["update"], e["reset"]) for e in r["straight_events"]] == \

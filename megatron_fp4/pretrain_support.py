@@ -1,0 +1,441 @@
+"""The GPU route of `python -m megatron_fp4.pretrain_gpt`: what `megatron.training.pretrain` needs.
+
+Megatron-LM's own `pretrain_gpt.py` is not in the megatron-core wheel, so the plugin provides:
+
+- `launcher_argv(argv)`: the user's flags plus defaults for anything left out (the main job's small
+  GPT, byte-level NullTokenizer, the Python-stdlib corpus, `--transformer-impl local`) and the
+  switches that megatron-core needs when apex / Transformer Engine kernels are absent;
+- `build_config(argv)`: Megatron's argument parsing with the plugin flags, then the config container
+  (`NVFP4TransformerConfig`, plugin spec `megatron_fp4.spec.gpt_layer_spec`);
+- `train_valid_test_datasets_provider`: GPTDataset / MockGPTDataset through
+  BlendedMegatronDatasetBuilder (indexed datasets from `--data-path`, per-split paths, or
+  `--mock-data`);
+- `forward_step`: batch -> GPTModel -> masked token loss (per-token averaging by Megatron), and
+  `set_iteration` for the plugin's random streams;
+- `TrainingHistory`: per-iteration loss / step time / peak memory recorded from Megatron's loop, for
+  the run summary and the loss plot.
+
+Everything up to `pretrain()` runs on CPU (tests/megatron/test_gpu_route.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from functools import partial
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .megatron.state import set_iteration
+
+# Flags (with values) the launcher adds when the user leaves them out: the main job's model and run.
+# Booleans are listed with no values. Users override any of them by passing the flag.
+MAIN_JOB_DEFAULTS = (
+    ("--num-layers", "4"), ("--hidden-size", "256"), ("--ffn-hidden-size", "768"),
+    ("--num-attention-heads", "4"), ("--seq-length", "128"), ("--max-position-embeddings", None),
+    ("--micro-batch-size", "8"), ("--train-iters", "300"), ("--lr", "2e-3"), ("--min-lr", "2e-4"),
+    ("--lr-warmup-iters", "20"), ("--lr-decay-style", "cosine"), ("--weight-decay", "0.01"),
+    ("--clip-grad", "1.0"), ("--position-embedding-type", "rope"), ("--normalization", "RMSNorm"),
+    ("--log-interval", "10"), ("--eval-interval", "100"), ("--eval-iters", "4"),
+    ("--tokenizer-type", "NullTokenizer"), ("--transformer-impl", "local"),
+)
+BOOLEAN_DEFAULTS = ("--untie-embeddings-and-output-weights", "--disable-bias-linear")
+DATA_FLAGS = ("--mock-data", "--data-path", "--train-data-path", "--valid-data-path", "--test-data-path",
+              "--data-args-path", "--per-split-data-args-path")
+
+
+def _has(argv, flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _value(argv, flag: str, default=None):
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return default
+
+
+def missing_kernel_flags(argv) -> list:
+    """Switches off megatron-core fusions whose kernels come from apex or Transformer Engine when
+    those are not installed (megatron would otherwise fail at model build or first step)."""
+    import importlib.util as iu
+    have_te = iu.find_spec("transformer_engine") is not None
+    extra = []
+    # masked softmax: megatron's fused path imports apex's scaled_masked_softmax_cuda
+    if iu.find_spec("scaled_masked_softmax_cuda") is None and not _has(argv, "--no-masked-softmax-fusion"):
+        extra.append("--no-masked-softmax-fusion")
+    # RoPE fusion asserts TE's fused_apply_rotary_pos_emb exists
+    if not have_te and not _has(argv, "--no-rope-fusion"):
+        extra.append("--no-rope-fusion")
+    # the stock LM head refuses gradient-accumulation fusion without apex's wgrad kernel or TE
+    if (iu.find_spec("fused_weight_gradient_mlp_cuda") is None and not have_te
+            and not _has(argv, "--no-gradient-accumulation-fusion")):
+        extra.append("--no-gradient-accumulation-fusion")
+    if iu.find_spec("fast_layer_norm") is None and not _has(argv, "--no-persist-layer-norm"):
+        extra.append("--no-persist-layer-norm")
+    return extra
+
+
+def launcher_argv(argv) -> list:
+    """The argument list handed to Megatron: the user's flags, then defaults for what is missing."""
+    argv = list(argv)
+    out = list(argv)
+    for flag, value in MAIN_JOB_DEFAULTS:
+        if _has(argv, flag):
+            continue
+        if flag == "--max-position-embeddings":
+            value = _value(argv, "--seq-length", "128")
+        out += [flag, value]
+    for flag in BOOLEAN_DEFAULTS:
+        if not _has(argv, flag):
+            out.append(flag)
+    if not (_has(argv, "--bf16") or _has(argv, "--fp16")):
+        out.append("--bf16")
+    tokenizer = _value(out, "--tokenizer-type")
+    if tokenizer == "NullTokenizer" and not _has(argv, "--vocab-size"):
+        out += ["--vocab-size", "256"]          # byte-level tokens
+    if not any(_has(argv, f) for f in DATA_FLAGS):
+        # the main job's data: the corpus builder's indexed datasets, built on first use
+        save = _value(argv, "--save") or "mfp4_run"
+        if not _has(argv, "--save"):
+            out += ["--save", save]
+        corpus_dir = os.path.join(save, "corpus")
+        out += ["--train-data-path", os.path.join(corpus_dir, "train"),
+                "--valid-data-path", os.path.join(corpus_dir, "valid"),
+                "--test-data-path", os.path.join(corpus_dir, "valid"), "--mfp4-corpus-dir", corpus_dir]
+        if tokenizer == "NullTokenizer" and not _has(argv, "--null-tokenizer-eod-id"):
+            from .data.corpus import EOD
+            out += ["--null-tokenizer-eod-id", str(EOD)]
+    if _has(out, "--save") and not _has(argv, "--save-interval"):
+        # megatron's end-of-training save computes iteration % save_interval
+        out += ["--save-interval", _value(out, "--train-iters")]
+    return out + missing_kernel_flags(argv)
+
+
+def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The plugin flags plus the launcher's own (accepted by Megatron's parser)."""
+    from .pretrain_gpt import add_plugin_args
+    if not any(a.dest == "mfp4_recipe" for a in parser._actions):
+        add_plugin_args(parser)
+    g = parser.add_argument_group("megatron_fp4 launcher")
+    g.add_argument("--mfp4-corpus-dir", default=None,
+                   help="build the byte-level corpus here on first use (set by the launcher for the main job)")
+    g.add_argument("--mfp4-corpus-src", default=None, help="directory of text files (default: Python stdlib)")
+    g.add_argument("--mfp4-summary", default=None,
+                   help="write the run summary (JSON) here and the loss plot beside it "
+                        "(default: <save>/summary.json when --save is given)")
+    g.add_argument("--mfp4-cpu", action="store_true", help=argparse.SUPPRESS)
+    if not any(a.dest == "null_tokenizer_eod_id" for a in parser._actions):
+        # megatron's build_tokenizer reads args.null_tokenizer_eod_id but 0.19 has no flag for it
+        g.add_argument("--null-tokenizer-eod-id", type=int, default=None,
+                       help="end-of-document id of NullTokenizer (default vocab_size-1; the corpus uses 0)")
+    return parser
+
+
+def single_process_env() -> None:
+    """`python -m megatron_fp4.pretrain_gpt` without torchrun: give torch.distributed's env://
+    rendezvous a one-process world (torchrun sets these variables itself)."""
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
+def build_config(argv):
+    """Parse Megatron's flags with the plugin's and build the config container for `pretrain()`.
+
+    Returns (args, cfg). Sets Megatron's global args (parse_and_validate_args does).
+    """
+    import sys
+
+    from megatron.training.argument_utils import (core_transformer_config_from_args, gpt_config_from_args,
+                                                  pretrain_cfg_container_from_args)
+    from megatron.training.arguments import parse_and_validate_args
+
+    from .megatron.config import NVFP4TransformerConfig, check_supported_args
+    from .pretrain_gpt import parse_overrides, plugin_recipe
+    from .spec import gpt_layer_spec
+
+    full = launcher_argv(argv)
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "pretrain_gpt", *full]
+    try:
+        args = parse_and_validate_args(extra_args_provider=add_launcher_args)
+    finally:
+        sys.argv = saved
+    check_supported_args(args)
+    if getattr(args, "spec", None):
+        raise ValueError("megatron_fp4.pretrain_gpt sets the layer spec itself "
+                         "(megatron_fp4.spec.gpt_layer_spec); drop --spec")
+    plugin_recipe(args)              # unknown recipe / bad YAML / bad knob: fail before any setup
+    overrides = parse_overrides(args.mfp4_override)
+    bf16_modules = tuple(p for p in args.mfp4_bf16_modules.split(",") if p)
+    tcfg = core_transformer_config_from_args(args, config_class=NVFP4TransformerConfig)
+    tcfg.mfp4_recipe, tcfg.mfp4_overrides, tcfg.mfp4_bf16_modules = args.mfp4_recipe, overrides, bf16_modules
+    model_cfg = gpt_config_from_args(args, config=tcfg)
+    model_cfg.transformer_layer_spec = gpt_layer_spec
+    cfg = pretrain_cfg_container_from_args(args, model_cfg=model_cfg)
+    return args, cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+def _pipeline_edge(vp_stage: Optional[int]) -> bool:
+    """Only the first and last pipeline stages read data (inputs / labels); middle stages get None."""
+    from megatron.core import parallel_state as ps
+    if not ps.model_parallel_is_initialized():
+        return True
+    return (ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+            or ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
+
+
+def ensure_corpus(args) -> None:
+    """Build the byte-level corpus for the main job once (global rank 0), everyone else waits."""
+    corpus_dir = getattr(args, "mfp4_corpus_dir", None)
+    if not corpus_dir:
+        return
+    import torch.distributed as dist
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and not os.path.exists(os.path.join(corpus_dir, "valid.idx")):
+        from .data import corpus
+        info = corpus.build(getattr(args, "mfp4_corpus_src", None), corpus_dir)
+        print(f"built corpus from {info['source']}: {info['counts']}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gpt_dataset_config(args, tokenizer):
+    """GPTDatasetConfig from Megatron's data flags (mock data when no path is given)."""
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    if not args.mock_data and blend is None and blend_per_split is None:
+        raise ValueError("no training data: pass --mock-data, --data-path PREFIX..., or "
+                         "--train-data-path/--valid-data-path/--test-data-path "
+                         "(build byte-level datasets with `python -m megatron_fp4.data.corpus`)")
+    if args.mock_data and (blend is not None or blend_per_split is not None):
+        raise ValueError("--mock-data cannot be combined with --data-path / --*-data-path")
+    return GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split,
+        multiple_validation_sets=args.multiple_validation_sets,
+        full_validation=args.full_validation,
+        num_dataset_builder_threads=args.num_dataset_builder_threads,
+        path_to_cache=args.data_cache_path,
+        mmap_bin_files=args.mmap_bin_files,
+        tokenizer=tokenizer,
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+        context_parallel_size=args.context_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+    )
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    """(train, valid, test) GPT datasets; None on pipeline stages that read no data."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
+    from megatron.training import get_args, get_tokenizer
+
+    args = get_args()
+    ensure_corpus(args)
+    config = gpt_dataset_config(args, get_tokenizer())
+    dataset_type = MockGPTDataset if args.mock_data else GPTDataset
+    if not args.mock_data:
+        _check_vocab(args, config)
+    return BlendedMegatronDatasetBuilder(dataset_type, train_val_test_num_samples,
+                                         partial(_pipeline_edge, vp_stage), config).build()
+
+
+# Every rank builds its own datasets and loaders (megatron-core datasets are distributed-aware), so
+# each tensor-parallel rank reads the same batch itself and no broadcast is needed in get_batch.
+train_valid_test_datasets_provider.is_distributed = True
+
+
+def _check_vocab(args, config) -> None:
+    """Token ids >= the model's vocabulary would index past the embedding: refuse byte-level data
+    with a smaller vocab early, with a message, instead of a device-side assert."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    vocab = getattr(args, "padded_vocab_size", None) or args.vocab_size
+    prefixes = []
+    for blend in [config.blend] + list(config.blend_per_split or []):
+        if blend is not None:
+            prefixes += list(blend[0])
+    for prefix in prefixes:
+        ds = IndexedDataset(prefix, mmap=True)
+        if ds.index.dtype == np.uint8 and vocab is not None and vocab < 256:
+            raise ValueError(f"{prefix}: byte-level tokens (uint8) need --vocab-size >= 256, got {vocab}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward step
+# --------------------------------------------------------------------------------------------------
+
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
+
+
+def get_batch(data_iterator, vp_stage=None, device=None):
+    """The micro-batch on this rank's device; all-None on middle pipeline stages.
+
+    Context parallelism splits the sequence after loading (megatron-core's helper)."""
+    if data_iterator is None or not _pipeline_edge(vp_stage):
+        return {k: None for k in BATCH_KEYS}
+    sample = next(data_iterator)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    batch = {k: (sample[k].to(device, non_blocking=True) if sample.get(k) is not None else None)
+             for k in BATCH_KEYS}
+    from megatron.core import parallel_state as ps
+    if ps.model_parallel_is_initialized() and ps.get_context_parallel_world_size() > 1:
+        from megatron.core.utils import get_batch_on_this_cp_rank
+        batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=ps.get_context_parallel_group())
+    return batch
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, check_nan: bool = True):
+    """Sum of masked per-token losses and the token count: Megatron divides by the count (per-token
+    averaging over the global batch, `lm loss` in the logs)."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    total = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    if check_nan:
+        from megatron.core.rerun_state_machine import get_rerun_state_machine
+        get_rerun_state_machine().validate_result(
+            result=total, rejection_func=torch.isnan,
+            message="megatron_fp4: NaN in the forward loss", tolerance=0.0, fatal=True)
+    report = torch.stack([total.detach().clone(), num_tokens.detach().float()])
+    return total, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model, vp_stage: Optional[int] = None):
+    """One micro-batch forward; returns (output, loss function) as Megatron's schedules expect."""
+    from megatron.training import get_args, get_timers
+    args = get_args()
+    # the plugin's random streams are keyed by the optimizer step (state.py)
+    set_iteration(int(getattr(args, "curr_iteration", 0) or 0))
+    timers = get_timers()
+    timers("batch-generator", log_level=2).start()
+    if vp_stage is None:
+        from megatron.core.utils import get_attr_wrapped_model
+        try:
+            vp_stage = get_attr_wrapped_model(model, "vp_stage")
+        except RuntimeError:            # a model without virtual stages
+            vp_stage = None
+    batch = get_batch(data_iterator, vp_stage)
+    timers("batch-generator").stop()
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                   labels=batch["labels"], loss_mask=batch["loss_mask"])
+    check_nan = bool(getattr(args, "check_for_nan_in_loss_and_grad", True))
+    return output, partial(loss_func, batch["loss_mask"], check_nan=check_nan)
+
+
+# --------------------------------------------------------------------------------------------------
+# Run history (loss curve, step times, memory) for the summary and the plot
+# --------------------------------------------------------------------------------------------------
+
+class TrainingHistory:
+    """Wraps megatron.training.training.training_log (called once per iteration) to record the
+    reduced `lm loss`, the wall time between iterations (device synchronized) and peak memory."""
+
+    def __init__(self, summary_path: Optional[str] = None, every: int = 10):
+        self.summary_path, self.every = summary_path, every
+        self.records: list = []
+        self._last = None
+        self._installed = False
+
+    def install(self) -> "TrainingHistory":
+        from megatron.training import training
+        original = training.training_log
+
+        def training_log(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs):
+            self.record(loss_dict, iteration, learning_rate)
+            return original(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs)
+
+        training_log.__wrapped__ = original
+        training.training_log = training_log
+        self._last = time.perf_counter()
+        self._installed = True
+        return self
+
+    def record(self, loss_dict, iteration, learning_rate=None) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        step_s = now - self._last if self._last is not None else float("nan")
+        self._last = now
+        loss = loss_dict.get("lm loss") if loss_dict else None
+        self.records.append({
+            "iteration": int(iteration),
+            "loss": float(loss) if loss is not None else None,
+            "step_s": step_s,
+            "lr": float(learning_rate) if learning_rate is not None else None,
+            "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        })
+        if self.summary_path and self.every and iteration % self.every == 0:
+            # a run cut short (time limit) still leaves its figures
+            from megatron.training import get_args
+            write_summary(self, get_args(), self.summary_path, plot=False)
+
+    def summary(self, warmup: int = 10) -> dict:
+        import statistics
+        steps = [r["step_s"] for r in self.records[warmup:] if not math.isnan(r["step_s"])]
+        losses = [(r["iteration"], r["loss"]) for r in self.records if r["loss"] is not None]
+        return {
+            "iterations": len(self.records),
+            "losses": losses,
+            "median_step_s": statistics.median(steps) if steps else None,
+            "warmup_excluded": warmup,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        }
+
+
+def write_summary(history: TrainingHistory, args, path: Optional[str], plot: bool = True) -> Optional[dict]:
+    """Summary JSON + loss plot, written by the last global rank (it holds the last pipeline
+    stage's reduced loss)."""
+    if path is None:
+        return None
+    if int(os.environ.get("RANK", "0")) != int(os.environ.get("WORLD_SIZE", "1")) - 1:
+        return None
+    summary = history.summary()
+    if not summary["losses"]:
+        return None
+    summary.update(recipe=args.mfp4_recipe, num_layers=args.num_layers, hidden_size=args.hidden_size,
+                   seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                   global_batch_size=args.global_batch_size,
+                   tokens_per_step=args.global_batch_size * args.seq_length)
+    if summary["median_step_s"]:
+        summary["tokens_per_s"] = summary["tokens_per_step"] / summary["median_step_s"]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(summary, fh, indent=1)
+    if not plot:
+        return summary
+    try:
+        from .pretrain_gpt import _plot
+        plot = os.path.splitext(path)[0] + ".png"
+        _plot({"losses": [l for _, l in summary["losses"]]}, plot,
+              f"GPT {args.num_layers}x{args.hidden_size}, {args.mfp4_recipe}")
+        summary["plot"] = plot
+    except ImportError:                      # matplotlib is optional
+        pass
+    return summary

@@ -1,0 +1,84 @@
+"""Hooks into `megatron.training.training` for the plugin's launcher (and any Megatron entry point).
+
+- `setup_model_and_optimizer` is wrapped so that, once the model, the optimizer and any resumed
+  checkpoint exist, the recipe's optimizer-side stabilizers (OsciReset) are installed with the
+  resumed iteration. `pretrain()` looks the function up in its module at call time, so replacing the
+  module attribute is enough. (Wrapping `get_megatron_optimizer` would run before the checkpoint load,
+  when the resumed iteration is not known yet.)
+- `save_checkpoint` (as `megatron.training.training` calls it) is wrapped to write each rank's
+  OsciReset state (update counter, in-window buffers) into the checkpoint's `iter_XXXXXXX` directory;
+  after a resume it is read back, so a run resumed mid-window continues as the uninterrupted run
+  would. (OutControl's state is in the model's state dict already.)
+- `megatron.core.datasets.utils.compile_helpers` runs `make` in the package directory; the PyPI wheel
+  ships the compiled `helpers_cpp` but no Makefile, so `initialize_megatron` would exit. The wrapper
+  skips the build when the compiled helpers import.
+"""
+from __future__ import annotations
+
+_applied = False
+
+
+def _install_after_setup(model, optimizer) -> None:
+    from megatron.training import get_args
+
+    from megatron_fp4.megatron.optimizer_hooks import install_stabilizers
+    args = get_args()
+    train_iters = args.train_iters
+    if not train_iters and getattr(args, "train_samples", None):
+        train_iters = args.train_samples // args.global_batch_size
+    iteration = int(getattr(args, "iteration", 0) or 0)
+    hooks = install_stabilizers(optimizer, model, int(train_iters or 0), iteration)
+    if hooks is not None and iteration > 0 and getattr(args, "load", None):
+        from megatron_fp4.megatron.optimizer_hooks import load_oscireset_state
+        load_oscireset_state(optimizer, _iteration_dir(args.load, iteration), iteration)
+
+
+def _iteration_dir(root: str, iteration: int) -> str:
+    import os
+    return os.path.join(root, "iter_{:07d}".format(iteration))   # Megatron's checkpoint layout
+
+
+def apply() -> None:
+    global _applied
+    if _applied:
+        return
+    from megatron.core.datasets import utils as dataset_utils
+    from megatron.training import training
+
+    original_setup = training.setup_model_and_optimizer
+
+    def setup_model_and_optimizer(*args, **kwargs):
+        model, optimizer, scheduler = original_setup(*args, **kwargs)
+        if optimizer is not None:          # --skip-train builds no optimizer
+            _install_after_setup(model, optimizer)
+        return model, optimizer, scheduler
+
+    setup_model_and_optimizer.__wrapped__ = original_setup
+    training.setup_model_and_optimizer = setup_model_and_optimizer
+
+    original_save = training.save_checkpoint
+
+    def save_checkpoint(iteration, model, optimizer, *args, **kwargs):
+        result = original_save(iteration, model, optimizer, *args, **kwargs)
+        from megatron.training import get_args
+        run_args = get_args()
+        if optimizer is not None and run_args.save and not kwargs.get("non_persistent_ckpt", False):
+            from megatron_fp4.megatron.optimizer_hooks import save_oscireset_state
+            save_oscireset_state(optimizer, _iteration_dir(run_args.save, iteration))
+        return result
+
+    save_checkpoint.__wrapped__ = original_save
+    training.save_checkpoint = save_checkpoint
+
+    original_compile = dataset_utils.compile_helpers
+
+    def compile_helpers():
+        try:
+            from megatron.core.datasets import helpers_cpp  # noqa: F401  (prebuilt in the wheel)
+        except ImportError:
+            return original_compile()
+        return None
+
+    compile_helpers.__wrapped__ = original_compile
+    dataset_utils.compile_helpers = compile_helpers
+    _applied = True
