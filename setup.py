@@ -24,6 +24,7 @@ setup(
         "triton",
         "pyyaml",
     ],
+    entry_points={"console_scripts": ["megatron-fp4-pretrain=megatron_fp4.pretrain_gpt:cli"]},
     extras_require={
         "test": ["pytest", "pytest-timeout", "hypothesis", "psutil"],
         "plot": ["matplotlib"],

@@ -210,8 +210,11 @@ class Quartet2Kernels(Quartet2Recipe):
         return D.quantize_nvfp4(t, smax=smax, ties=self.rtn_ties, four_over_six=self.four_over_six,
                                 amax_reduce=amax_reduce)
 
+    # GEMMs: dequant + cuBLAS FP32 output, then one fused epilogue pass (D.matmul's scale/out_dtype)
+    # that applies g_a*g_b, the forward g of a re-quantized operand and the cast to BF16: the same
+    # bits as recipe.py's separate mul_, `* tensor_scale` and linear.py's cast (bench_variants checks)
     def fprop(self, xq, wq, ctx):
-        return D.matmul(xq, wq)
+        return D.matmul(xq, wq, out_dtype=torch.bfloat16)
 
     def _kw(self):
         return dict(eden_group=self.eden_group, v=self.eden_v, smax=self.eden_smax, ties=self.rtn_ties)
@@ -222,7 +225,7 @@ class Quartet2Kernels(Quartet2Recipe):
                            amax_reduce=ctx.grad_output_amax_reduce, **self._kw())
         wtq = D.requant_ms_eden(wq, sigma, ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset),
                                 amax_reduce=ctx.weight_amax_reduce, **self._kw())
-        return D.matmul(eq, wtq) * wq.tensor_scale
+        return D.matmul(eq, wtq, scale=wq.tensor_scale, out_dtype=torch.bfloat16)
 
     def wgrad(self, dy, xq, ctx):
         sigma = self._signs(ctx, dy.device)
@@ -230,7 +233,7 @@ class Quartet2Kernels(Quartet2Recipe):
                             pad_multiple=self.token_padding, amax_reduce=ctx.grad_output_amax_reduce, **self._kw())
         xtq = D.requant_ms_eden(xq, sigma, ctx.stream(Role.WGRAD_INPUT, ctx.in_offset, 0),
                                 pad_multiple=self.token_padding, amax_reduce=ctx.input_amax_reduce, **self._kw())
-        return D.matmul(etq, xtq) * xq.tensor_scale
+        return D.matmul(etq, xtq, scale=xq.tensor_scale, out_dtype=torch.bfloat16)
 
 
 LLAMA7B = [("qkv", 4096, 3 * 4096), ("o", 4096, 4096), ("gate+up", 4096, 2 * 11008), ("down", 11008, 4096)]
@@ -320,9 +323,12 @@ def stages(tokens, k, n):
         ("W^T: re-quantize from packed", lambda: rht_ms_eden(None, sigma, st, packed=wq)),
         ("E^T: RHT+EDEN transposed", lambda: rht_ms_eden(dy, sigma, st, transpose=True)),
         ("X^T: re-quantize from packed", lambda: rht_ms_eden(None, sigma, st, packed=xq)),
-        ("fprop: dequant X,W + mm fp32 out", lambda: D.matmul(xq, wq)),
-        ("dgrad: dequant + mm", lambda: D.matmul(eq, wtq)),
-        ("wgrad: dequant + mm", lambda: D.matmul(etq, xtq)),
+        ("fprop: dequant X,W + mm fp32 out + g (recipe.py today)", lambda: D.matmul(xq, wq)),
+        ("fprop: dequant X,W + mm + fused g/cast epilogue (bf16 out)", lambda: D.matmul(xq, wq, out_dtype=torch.bfloat16)),
+        ("dgrad: dequant + mm + fused epilogue", lambda: D.matmul(eq, wtq, scale=wq.tensor_scale, out_dtype=torch.bfloat16)),
+        ("wgrad: dequant + mm + fused epilogue", lambda: D.matmul(etq, xtq, scale=xq.tensor_scale, out_dtype=torch.bfloat16)),
+        ("dgrad: mm alone on dequantized operands (fp32 out)",
+         lambda: torch.mm(D.dequantize_unscaled(eq), D.dequantize_unscaled(wtq).t(), out_dtype=torch.float32)),
         ("dequant X alone", lambda: dequantize_unscaled_bf16(xq)),
     ]
     log(f"\n### Where the time goes, one linear T={tokens}, K={k}, N={n} (kernel path)\n")

@@ -43,12 +43,52 @@ def tensor_scale(amax_bits_ptr, nonfinite_ptr, gout_ptr, SMAX_V, write):
 
 @triton.jit
 def div_scalar(a, v, inv_v, SCALAR_RECIP: tl.constexpr):
-    # torch's `tensor / python_float`: IEEE division on CPU, but a * fp32(1/fp32(v)) on CUDA
-    # (ATen's div_true_kernel_cuda turns a CPU-scalar divisor into a reciprocal multiply).
+    # The reference divides by a scalar with IEEE division on every device (quantizers.div_scalar),
+    # so the kernels use SCALAR_RECIP=False; the reciprocal form mirrors torch's CUDA
+    # `tensor / python_float` (a * fp32(1/fp32(v))) and is kept only for comparisons.
     if SCALAR_RECIP:
         return a * inv_v
     else:
         return tl.math.div_rn(a, v)
+
+
+@triton.jit
+def div_prep(d):
+    """Per-divisor setup for exact_div (d: FP32 normal, 2^-126 <= d < 2^127; flushed blocks pass 1.0).
+
+    Returns (dn, p, r): d = dn / p with dn in [1, 2) and p a power of two (both exact), and
+    r = RN(1/dn). Normalising the divisor keeps every intermediate of the FMA correction in the
+    normal range, so no residual underflows (Markstein's conditions).
+    """
+    bits = d.to(tl.uint32, bitcast=True)
+    e_field = (bits >> 23) & 0xFF
+    dn = ((bits & 0x807FFFFF) | (127 << 23)).to(tl.float32, bitcast=True)
+    p = ((254 - e_field) << 23).to(tl.float32, bitcast=True)      # 2^(127 - e): x*p/dn == x/d
+    r = tl.math.div_rn(tl.full(dn.shape, 1.0, tl.float32), dn)
+    return dn, p, r
+
+
+@triton.jit
+def exact_div(x, dn, p, r, INTERP: tl.constexpr):
+    """IEEE quotient RN(x / d) for d = dn / p from div_prep, without a per-element division.
+
+    xs = x*p is exact whenever the quotient is normal (|x/d| >= 2^-126); q = RN(xs*r) is within one
+    ulp, the residual xs - q*dn is exact in one FMA, and RN(q + res*r) is the correctly rounded
+    quotient (Markstein's theorem; r = RN(1/dn), dn in [1, 2)). Checked on an H100 against torch's
+    IEEE x / d: 0 differing of 1.07e9 pairs with 2^-100 <= |x/d| <= 2^20 (random, bf16 / (e4m3 * g),
+    and 2.7e8 within 3 ulp of the E2M1 midpoints; benchmarks/bench_variants.py). Below 2^-100 the
+    residual drops under 2^-126 and Triton's FP32 code flushes it (FTZ; its div_rn flushes too): such
+    quotients round to code 0, square to 0 in FP32 (EDEN sums) and enter both 4/6 SSEs identically,
+    so no code, scale or decision can see them.
+    The interpreter's fma rounds twice (x*y + z in numpy), so it divides directly.
+    """
+    if INTERP:
+        return tl.math.div_rn(x, dn / p)
+    else:
+        xs = x * p
+        q = xs * r
+        res = tl.math.fma(-q, dn, xs)
+        return tl.math.fma(res, r, q)
 
 
 @triton.jit
@@ -150,6 +190,31 @@ def rn_e2m1_code(y, TIES_AWAY: tl.constexpr):
              + (m >= 1.75).to(tl.uint8) + (m > 2.5).to(tl.uint8) + (m >= 3.5).to(tl.uint8)
              + (m > 5.0).to(tl.uint8))
     return c | ((y < 0).to(tl.uint8) << 3)
+
+
+@triton.jit
+def rn_e2m1(y, TIES_AWAY: tl.constexpr):
+    """(signed code uint8, signed grid value FP32) of y rounded to E2M1, saturating at 6.
+
+    Ties to even use FP32's own RNE: with c = max(|y|, 1) * 2^22 (exact), the ulp of |y| + c is the
+    E2M1 spacing of |y|'s binade (0.5 below 2, 1 in [2, 4), 2 above), and at a tie the even neighbour
+    of the sum is the even E2M1 code, so (|y| + c) - c is |y| rounded to the grid (Sterbenz: the
+    subtraction is exact). Five FP ops instead of seven compares; identical to rn_e2m1_code.
+    Ties away keep the midpoint compares (rn_e2m1_code).
+    """
+    if TIES_AWAY:
+        code = rn_e2m1_code(y, True)
+        val = e2m1_value(code)
+    else:
+        m = tl.abs(y)
+        c = tl.maximum(m, 1.0) * 4194304.0
+        r = tl.minimum((m + c) - c, 6.0)
+        bits = r.to(tl.uint32, bitcast=True)
+        mag = tl.where(r >= 1.0, (bits >> 22) - 252, (r * 2.0).to(tl.uint32))   # 1.0 -> 254-252 = 2
+        neg = y < 0
+        code = (mag | (neg.to(tl.uint32) << 3)).to(tl.uint8)
+        val = tl.where(neg, -r, r)
+    return code, val
 
 
 @triton.jit

@@ -39,3 +39,45 @@ def dequantize_unscaled_bf16(t: NVFP4Tensor, block_r: int = 32, block_c: int = 2
     _dequant_kernel[grid](t.packed.contiguous(), t.block_scales.view(torch.uint8).contiguous(), out,
                           rows, cols, BR=block_r, BC=block_c, num_warps=4)
     return out
+
+
+@triton.jit
+def _scale_cast_kernel(p_ptr, out_ptr, n, ga_ptr, gb_ptr, gx_ptr, HAS_EXTRA: tl.constexpr,
+                       OUT_BF16: tl.constexpr, INTERP: tl.constexpr, BLOCK: tl.constexpr):
+    # GEMM epilogue in one pass: ((P * (g_a*g_b)) * g_extra) -> output dtype, the same FP32 ops in the
+    # same order as the reference (out.mul_(ga*gb), then * extra, then .to(dtype)), so the same bits
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(ga_ptr) * tl.load(gb_ptr)
+    y = tl.load(p_ptr + offs, mask=mask, other=0.0) * g
+    if HAS_EXTRA:
+        y = y * tl.load(gx_ptr)
+    if OUT_BF16:
+        if INTERP:
+            # the interpreter truncates fp32->bf16: round to nearest-even on the bits (finite values;
+            # NaN keeps a quiet-NaN pattern)
+            b = y.to(tl.uint32, bitcast=True)
+            rb = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+            rb = tl.where(y == y, rb, 0x7FC00000)
+            y = rb.to(tl.float32, bitcast=True)
+        tl.store(out_ptr + offs, y.to(tl.bfloat16), mask=mask)
+    else:
+        tl.store(out_ptr + offs, y, mask=mask)
+
+
+def scale_cast(p: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, extra=None,
+               out_dtype=torch.float32) -> torch.Tensor:
+    """((p * (ga*gb)) * extra).to(out_dtype) in one pass over the FP32 GEMM output p (contiguous).
+    For FP32 output the result overwrites p (no new buffer)."""
+    from ._common import INTERPRET
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"out_dtype must be float32 or bfloat16, got {out_dtype}")
+    out = p if out_dtype == torch.float32 else torch.empty(p.shape, dtype=out_dtype, device=p.device)
+    n = p.numel()
+    block = 4096
+    _scale_cast_kernel[(triton.cdiv(n, block),)](p, out, n, ga.reshape(1), gb.reshape(1),
+                                                (extra if extra is not None else ga).reshape(1),
+                                                HAS_EXTRA=extra is not None, OUT_BF16=out_dtype == torch.bfloat16,
+                                                INTERP=INTERPRET, BLOCK=block, num_warps=8,
+                                                enable_fp_fusion=False)
+    return out

@@ -104,15 +104,24 @@ def dequantize_unscaled(q: NVFP4Tensor) -> torch.Tensor:
     return q.dequantize_unscaled()
 
 
-def matmul(a: NVFP4Tensor, b: NVFP4Tensor, mode: str = "exact") -> torch.Tensor:
+def matmul(a: NVFP4Tensor, b: NVFP4Tensor, mode: str = "exact", *, scale: Optional[torch.Tensor] = None,
+           out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """gemm.matmul for per-tensor-scaled 1x16 operands via the dequant kernel + cuBLAS (same values,
-    same GEMM call as the reference); everything else goes to gemm.matmul."""
+    same GEMM call as the reference); everything else goes to gemm.matmul.
+
+    `scale` (an extra FP32 tensor scale, e.g. the forward g of a re-quantized operand) and `out_dtype`
+    fold what callers do next into the one epilogue pass: the result equals
+    (gemm.matmul(a, b) * scale).to(out_dtype) bit for bit."""
     if (kernels_enabled(a.packed, b.packed) and a.outer_scales is None and b.outer_scales is None
             and a.block_rows == 1 and b.block_rows == 1):
+        from .dequant import scale_cast
         a16, b16 = dequantize_unscaled(a), dequantize_unscaled(b)
         try:
             out = torch.mm(a16, b16.t(), out_dtype=torch.float32)
         except (TypeError, RuntimeError):
             out = torch.mm(a16.float(), b16.float().t())
-        return out.mul_(a.tensor_scale * b.tensor_scale)   # in place: same values, no extra buffer
-    return _reference_matmul(a, b, mode)
+        return scale_cast(out, a.tensor_scale, b.tensor_scale, scale, out_dtype or torch.float32)
+    out = _reference_matmul(a, b, mode)
+    if scale is not None:
+        out = out * scale
+    return out if out_dtype is None else out.to(out_dtype)

@@ -35,24 +35,33 @@ from megatron_fp4.quantizers import EDEN_V
 from megatron_fp4.rng import RandomStream
 from megatron_fp4.tensor import BLOCK, NVFP4Tensor
 
-from ._common import (FP32_MIN_NORMAL, INTERPRET, div_scalar, e2m1_value, e4m3_bits, e4m3_value,
-                      fp32_reciprocal, hash_uniform, pack_codes, rn_e2m1_code, rn_e4m3, signed_key,
-                      sr_e4m3, tensor_scale)
+from .rtn import _amax_reduce_kernel
+from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, div_scalar, e2m1_value, e4m3_bits, e4m3_value,
+                      exact_div, fp32_reciprocal, hash_uniform, pack_codes, rn_e2m1, rn_e2m1_code, rn_e4m3,
+                      signed_key, sr_e4m3, tensor_scale)
 
 N_RHT = 128
+# Variant switches (constexpr) for benchmarks/bench_variants.py; defaults = fastest bit-exact on H100
+DEFAULTS = dict(FAST_DIV=True, FAST_RN=True, AMAX_MODE=1, TILES=4)
 SRC_DENSE, SRC_DENSE_T, SRC_PACKED_T = 0, 1, 2
 INV_SQRT_128 = float(np.float32(1.0 / math.sqrt(N_RHT)))   # the entries of hadamard_matrix(128)
 
 
 @triton.jit
-def _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, h_ptr, INV_SQRT,
+def _load_h(h_ptr):
+    # diag(sigma) H, entries +-1; loaded once per program (32 KB: re-loading it per 64-row tile
+    # moved twice the tile's own bytes through L2)
+    hr = tl.arange(0, 128)
+    return tl.load(h_ptr + hr[:, None] * 128 + hr[None, :])
+
+
+@triton.jit
+def _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, h, INV_SQRT,
                  SRC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, BR: tl.constexpr):
     """z [BR, 128] (FP32) = rotation of A[r0:r0+BR, c0:c0+128]; rows >= R come out as 0."""
     rows = r0 + tl.arange(0, BR)
     cols = c0 + tl.arange(0, 128)
     rmask = rows < R
-    hr = tl.arange(0, 128)
-    h = tl.load(h_ptr + hr[:, None] * 128 + hr[None, :])          # diag(sigma) H, entries +-1
     if SRC == 0:
         a = tl.load(src_ptr + rows[:, None].to(tl.int64) * stride_s + cols[None, :],
                     mask=rmask[:, None], other=0.0)
@@ -90,17 +99,28 @@ def _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, h_ptr, INV_SQRT,
 
 
 @triton.jit
-def _rht_amax_kernel(src_ptr, ssc_ptr, stride_s, R, h_ptr, INV_SQRT, amax_bits_ptr, nonfinite_ptr,
-                     SRC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, BR: tl.constexpr):
-    r0 = tl.program_id(0) * BR
+def _rht_amax_kernel(src_ptr, ssc_ptr, stride_s, R, h_ptr, INV_SQRT, amax_bits_ptr, nonfinite_ptr, part_ptr,
+                     SRC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, BR: tl.constexpr,
+                     PARTIALS: tl.constexpr, TILES: tl.constexpr):
     c0 = tl.program_id(1) * 128
-    z = _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, h_ptr, INV_SQRT, SRC, SPLIT, INTERP, BR)
-    a = tl.abs(z)
-    finite = a < float("inf")
-    amax = tl.max(tl.max(tl.where(finite, a, 0.0), axis=1), axis=0)
-    bad = tl.max(tl.max((~finite).to(tl.int32), axis=1), axis=0)
-    tl.atomic_max(amax_bits_ptr, amax.to(tl.int32, bitcast=True))
-    tl.atomic_max(nonfinite_ptr, bad, mask=bad > 0)
+    h = _load_h(h_ptr)
+    amax = 0.0
+    bad = 0
+    for t in range(TILES):                   # TILES row tiles per program share one load of h
+        r0 = (tl.program_id(0) * TILES + t) * BR
+        z = _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, h, INV_SQRT, SRC, SPLIT, INTERP, BR)
+        a = tl.abs(z)
+        finite = a < float("inf")
+        amax = tl.maximum(amax, tl.max(tl.max(tl.where(finite, a, 0.0), axis=1), axis=0))
+        bad = tl.maximum(bad, tl.max(tl.max((~finite).to(tl.int32), axis=1), axis=0))
+    amax = amax.to(tl.int32, bitcast=True)
+    if PARTIALS:
+        # one word per program (no same-address atomics); rtn._amax_reduce_kernel folds them
+        pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        tl.store(part_ptr + pid, amax | (bad << 31))   # sign bit: a non-finite
+    else:
+        tl.atomic_max(amax_bits_ptr, amax)
+        tl.atomic_max(nonfinite_ptr, bad, mask=bad > 0)
 
 
 @triton.jit
@@ -109,7 +129,7 @@ def _rht_store_kernel(src_ptr, ssc_ptr, stride_s, R, C, h_ptr, INV_SQRT, z_ptr,
     # test/benchmark twin: the rotation alone, written as FP32
     r0 = tl.program_id(0) * BR
     c0 = tl.program_id(1) * 128
-    z = _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, h_ptr, INV_SQRT, SRC, SPLIT, INTERP, BR)
+    z = _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, _load_h(h_ptr), INV_SQRT, SRC, SPLIT, INTERP, BR)
     rows = r0 + tl.arange(0, BR)
     cols = c0 + tl.arange(0, 128)
     tl.store(z_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], z, mask=(rows < R)[:, None])
@@ -120,23 +140,44 @@ def _eden_kernel(src_ptr, ssc_ptr, stride_s, R, C, h_ptr, INV_SQRT, amax_bits_pt
                  packed_ptr, scales_ptr, gout_ptr, flushed_ptr, clamped_ptr,
                  key, row_off, col_off, SMAX_V, V, INV_V,
                  SRC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr,
-                 TIES_AWAY: tl.constexpr, SCALAR_RECIP: tl.constexpr, BR: tl.constexpr):
+                 TIES_AWAY: tl.constexpr, SCALAR_RECIP: tl.constexpr, BR: tl.constexpr,
+                 FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr, TILES: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    r0 = pid_r * BR
     c0 = pid_c * 128
     g, valid = tensor_scale(amax_bits_ptr, nonfinite_ptr, gout_ptr, SMAX_V, (pid_r == 0) & (pid_c == 0))
-    z = _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, h_ptr, INV_SQRT, SRC, SPLIT, INTERP, BR)
+    h = _load_h(h_ptr)
+    for t in range(TILES):                   # TILES row tiles per program share one load of h
+        r0 = (pid_r * TILES + t) * BR
+        _eden_tile(src_ptr, ssc_ptr, stride_s, R, C, h, INV_SQRT, g, valid, r0, c0,
+                   packed_ptr, scales_ptr, flushed_ptr, clamped_ptr, key, row_off, col_off, V, INV_V,
+                   SRC, SPLIT, INTERP, TIES_AWAY, SCALAR_RECIP, BR, FAST_DIV, FAST_RN)
+
+
+@triton.jit
+def _eden_tile(src_ptr, ssc_ptr, stride_s, R, C, h, INV_SQRT, g, valid, r0, c0,
+               packed_ptr, scales_ptr, flushed_ptr, clamped_ptr, key, row_off, col_off, V, INV_V,
+               SRC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, TIES_AWAY: tl.constexpr,
+               SCALAR_RECIP: tl.constexpr, BR: tl.constexpr, FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr):
+    z = _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, h, INV_SQRT, SRC, SPLIT, INTERP, BR)
     z = tl.where(tl.abs(z) < float("inf"), z, 0.0)               # non-finite -> 0 (g carries NaN)
     zb = tl.reshape(z, (BR, 8, 16))
     bamax = tl.max(tl.abs(zb), axis=2)                            # [BR, 8]
     s = rn_e4m3(tl.math.div_rn(div_scalar(bamax, V, INV_V, SCALAR_RECIP), g))
     divisor = s * g
     keep = (s > 0) & (divisor >= FP32_MIN_NORMAL) & ((tl.zeros_like(s) + valid) > 0.5)
-    u = tl.math.div_rn(zb, tl.where(keep, divisor, 1.0)[:, :, None])
+    safe = tl.where(keep, divisor, 1.0)
+    if FAST_DIV:
+        dn, p, rc = div_prep(safe)       # one true division per block, FMA-corrected per element
+        u = exact_div(zb, dn[:, :, None], p[:, :, None], rc[:, :, None], INTERP)
+    else:
+        u = tl.math.div_rn(zb, safe[:, :, None])
     u = tl.where(keep[:, :, None], u, 0.0)
-    codes = rn_e2m1_code(u, TIES_AWAY)
-    q = e2m1_value(codes)
+    if FAST_RN:
+        codes, q = rn_e2m1(u, TIES_AWAY)
+    else:
+        codes = rn_e2m1_code(u, TIES_AWAY)
+        q = e2m1_value(codes)
     # EDEN factor per 128-group (one rotated chunk of one row): |u|^2 / <u, q>
     num = tl.sum(tl.reshape(u * u, (BR, 128)), axis=1)
     den = tl.sum(tl.reshape(u * q, (BR, 128)), axis=1)
@@ -228,6 +269,8 @@ def rht_ms_eden(
     amax_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     block_r: Optional[int] = None,
     num_warps: Optional[int] = None,
+    variant: Optional[dict] = None,
+    amax_only: bool = False,
 ) -> NVFP4Tensor:
     """MS-EDEN (per-128) of A after RHT-128 with signs sigma, A along its last dim, where A is
     `a`, `a.t()` (transpose=True) or `packed.dequantize_unscaled().t()` (packed=...).
@@ -248,9 +291,23 @@ def rht_ms_eden(
     grid = (triton.cdiv(rows, block_r), cols // N_RHT)
     common = dict(SRC=mode, SPLIT=split, INTERP=INTERPRET, BR=block_r, num_warps=num_warps,
                   enable_fp_fusion=False)
-    amax_bits = torch.zeros(1, dtype=torch.int32, device=dev)
-    nonfinite = torch.zeros(1, dtype=torch.int32, device=dev)
-    _rht_amax_kernel[grid](src, sc, stride, rows, h, INV_SQRT_128, amax_bits, nonfinite, **common)
+    var = dict(DEFAULTS, **(variant or {}))
+    partials = bool(var.pop("AMAX_MODE"))
+    tiles = var["TILES"]
+    grid = (triton.cdiv(rows, block_r * tiles), cols // N_RHT)
+    nparts = grid[0] * grid[1]
+    if partials:
+        buf = torch.empty(nparts + 2, dtype=torch.int32, device=dev)     # written in full: no memset
+        parts, amax_bits, nonfinite = buf[:nparts], buf[nparts:nparts + 1], buf[nparts + 1:]
+    else:
+        buf = torch.zeros(2, dtype=torch.int32, device=dev)
+        parts, amax_bits, nonfinite = buf, buf[0:1], buf[1:2]
+    _rht_amax_kernel[grid](src, sc, stride, rows, h, INV_SQRT_128, amax_bits, nonfinite, parts,
+                           PARTIALS=partials, TILES=tiles, **common)
+    if partials:
+        _amax_reduce_kernel[(1,)](parts, nparts, amax_bits, nonfinite, BLOCK=1024, num_warps=4)
+    if amax_only:                        # benchmarks: time pass 1 alone (leave-one-stage-out)
+        return amax_bits
     if amax_reduce is not None:
         amax_bits = amax_reduce(amax_bits.view(torch.float32)).reshape(1).view(torch.int32)
     packed_out = torch.empty(rows, cols // 2, dtype=torch.uint8, device=dev)
@@ -261,6 +318,6 @@ def rht_ms_eden(
                        packed_out, scales, g, counters[0:1], counters[1:2],
                        signed_key(stream.key), stream.row_offset, stream.col_offset,
                        float(smax * v), float(v), fp32_reciprocal(v),
-                       TIES_AWAY=(ties == fmt.TIES_AWAY), SCALAR_RECIP=dev.type == "cuda", **common)
+                       TIES_AWAY=(ties == fmt.TIES_AWAY), SCALAR_RECIP=False, **common, **var)
     return NVFP4Tensor(packed=packed_out, block_scales=scales.view(torch.float8_e4m3fn),
                        tensor_scale=g.reshape(()), flushed_blocks=counters[0], clamped_scales=counters[1])

@@ -21,37 +21,81 @@ import triton.language as tl
 from megatron_fp4 import format as fmt
 from megatron_fp4.tensor import BLOCK, NVFP4Tensor
 
-from ._common import (FP32_MIN_NORMAL, div_scalar, e2m1_value, e4m3_bits, fp32_reciprocal, pack_codes,
-                      rn_e2m1_code, rn_e4m3, tensor_scale)
+from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, div_scalar, e2m1_value, e4m3_bits, exact_div,
+                      fp32_reciprocal, pack_codes, rn_e2m1, rn_e2m1_code, rn_e4m3, tensor_scale)
 
 AMAX_BLOCK = 8192
 
+# Variant switches (constexpr), kept so benchmarks/bench_variants.py can time leave-one-out variants;
+# the defaults are the fastest bit-exact choice in two H100 runs (docs/RESULTS_kernels.md): the
+# partial-amax buffer (AMAX_MODE=1) and the 3-D tile load were slower for 4/6 in both runs, so RTN
+# keeps one atomic per program, and LOAD3D is used without 4/6 only.
+DEFAULTS = dict(FAST_DIV=True, FAST_RN=True, SSE_MODE=1, LOAD3D=True, AMAX_MODE=0)
+
 
 @triton.jit
-def _amax_kernel(x_ptr, n, amax_bits_ptr, nonfinite_ptr, BLOCK_N: tl.constexpr):
-    # one tile per program (a grid-stride loop measured 1.0 TB/s on H100: too few loads in flight)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _amax_kernel(x_ptr, n, amax_bits_ptr, nonfinite_ptr, part_ptr, BLOCK_N: tl.constexpr,
+                 PARTIALS: tl.constexpr):
+    # one tile per program; PARTIALS: each program writes its own word (no same-address atomics),
+    # and _amax_reduce_kernel folds them; else one atomic per program on the result word
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     a = tl.abs(tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32))
     finite = a < float("inf")                          # false for +-Inf and NaN
-    amax = tl.max(tl.where(finite, a, 0.0), 0)
+    amax = tl.max(tl.where(finite, a, 0.0), 0).to(tl.int32, bitcast=True)   # >= 0 floats order as ints
     bad = tl.max((~finite).to(tl.int32), 0)
-    tl.atomic_max(amax_bits_ptr, amax.to(tl.int32, bitcast=True))   # >= 0 floats order as ints
-    tl.atomic_max(nonfinite_ptr, bad, mask=bad > 0)
+    if PARTIALS:
+        tl.store(part_ptr + pid, amax | (bad << 31))   # sign bit: this tile held a non-finite
+    else:
+        tl.atomic_max(amax_bits_ptr, amax)
+        tl.atomic_max(nonfinite_ptr, bad, mask=bad > 0)
+
+
+@triton.jit
+def _amax_reduce_kernel(part_ptr, nparts, amax_bits_ptr, nonfinite_ptr, BLOCK: tl.constexpr):
+    # second level of the amax: partial words = finite amax bits, sign bit set if the tile held a non-finite
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, nparts, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        w = tl.load(part_ptr + offs, mask=offs < nparts, other=0)
+        acc = tl.maximum(acc, w & 0x7FFFFFFF)
+        bad = tl.maximum(bad, (w < 0).to(tl.int32))
+    tl.store(amax_bits_ptr, tl.max(acc, 0))
+    tl.store(nonfinite_ptr, tl.max(bad, 0))
 
 
 @triton.jit
 def _candidate(xb, bamax, g, valid, target, inv_target, TIES_AWAY: tl.constexpr,
-               SCALAR_RECIP: tl.constexpr):
-    """One scale candidate: (scale value, keep mask [BR, NB], codes [BR, NB, 16])."""
+               SCALAR_RECIP: tl.constexpr, FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr,
+               INTERP: tl.constexpr):
+    """One scale candidate: (scale value, keep mask [BR, NB], codes, grid values [BR, NB, 16])."""
     s = rn_e4m3(tl.math.div_rn(div_scalar(bamax, target, inv_target, SCALAR_RECIP), g))
     divisor = s * g
     keep = (s > 0) & (divisor >= FP32_MIN_NORMAL) & ((tl.zeros_like(s) + valid) > 0.5)
     safe = tl.where(keep, divisor, 1.0)
-    y = tl.math.div_rn(xb, safe[:, :, None])
+    if FAST_DIV:
+        dn, p, r = div_prep(safe)
+        y = exact_div(xb, dn[:, :, None], p[:, :, None], r[:, :, None], INTERP)
+    else:
+        y = tl.math.div_rn(xb, safe[:, :, None])
     y = tl.where(keep[:, :, None], y, 0.0)
-    codes = rn_e2m1_code(y, TIES_AWAY)
+    if FAST_RN:
+        codes, vals = rn_e2m1(y, TIES_AWAY)
+    else:
+        codes = rn_e2m1_code(y, TIES_AWAY)
+        vals = e2m1_value(codes)
     s = tl.where(keep, s, 0.0)
-    return s, keep, codes
+    return s, keep, codes, vals
+
+
+@triton.jit
+def _sse(xg, vals, s, F64: tl.constexpr):
+    # errors are exact in FP32 (Sterbenz: x/g lies within half a step of its grid point)
+    e = xg - vals * s[:, :, None]
+    if F64:
+        e = e.to(tl.float64)
+    return tl.sum(e * e, axis=2)
 
 
 @triton.jit
@@ -59,55 +103,93 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
                 packed_ptr, scales_ptr, gout_ptr, flushed_ptr,
                 SMAX_V, V, INV_V,
                 FOUR_SIX: tl.constexpr, TIES_AWAY: tl.constexpr, SCALAR_RECIP: tl.constexpr,
-                BR: tl.constexpr, BC: tl.constexpr):
+                BR: tl.constexpr, BC: tl.constexpr, FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr,
+                SSE_MODE: tl.constexpr, LOAD3D: tl.constexpr, INTERP: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     NB: tl.constexpr = BC // 16
     g, valid = tensor_scale(amax_bits_ptr, nonfinite_ptr, gout_ptr, SMAX_V,
                              (pid_r == 0) & (pid_c == 0))
     rows = pid_r * BR + tl.arange(0, BR)
-    cols = pid_c * BC + tl.arange(0, BC)
     rmask = rows < R
-    mask = rmask[:, None] & (cols[None, :] < C)
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_r + cols[None, :], mask=mask,
-                other=0.0).to(tl.float32)
-    x = tl.where(tl.abs(x) < float("inf"), x, 0.0)           # non-finite -> 0 (g carries the NaN)
-    xb = tl.reshape(x, (BR, NB, 16))
+    r64 = rows.to(tl.int64)
+    if LOAD3D:
+        # address the tile as [BR, NB, 16] directly: a 16-block stays inside one thread (or two
+        # neighbouring lanes), so no layout conversion is needed for the block reductions
+        bcol = pid_c * NB + tl.arange(0, NB)
+        k16 = tl.arange(0, 16)
+        mask3 = rmask[:, None, None] & (bcol < C // 16)[None, :, None]
+        offs = r64[:, None, None] * stride_r + (bcol * 16)[None, :, None] + k16[None, None, :]
+        xb = tl.load(x_ptr + offs, mask=mask3, other=0.0).to(tl.float32)
+    else:
+        cols = pid_c * BC + tl.arange(0, BC)
+        mask = rmask[:, None] & (cols[None, :] < C)
+        x = tl.load(x_ptr + r64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        xb = tl.reshape(x, (BR, NB, 16))
+    xb = tl.where(tl.abs(xb) < float("inf"), xb, 0.0)         # non-finite -> 0 (g carries the NaN)
     bamax = tl.max(tl.abs(xb), axis=2)
-    s, keep, codes = _candidate(xb, bamax, g, valid, V, INV_V, TIES_AWAY, SCALAR_RECIP)
+    s, keep, codes, vals = _candidate(xb, bamax, g, valid, V, INV_V, TIES_AWAY, SCALAR_RECIP,
+                                      FAST_DIV, FAST_RN, INTERP)
     if FOUR_SIX:
         # "max->4" candidate; keep the lower SSE measured in units of g (x/g), ties to "max->6".
-        # Exact ties are common (s4 == 1.5*s6 puts both candidates on shared grid points; ~1 block
-        # in 2000 on bf16 data), so the SSE must be exact enough to see them: each error is exact
-        # in FP32 (Sterbenz: x/g lies within half a step of its grid point), its square is exact in
-        # FP64 and so, for all practical data, is the 16-term FP64 sum. The FP32 reference sums
-        # rounded squares and breaks such ties by rounding noise (see docs/RESULTS_kernels.md).
-        s4, keep4, codes4 = _candidate(xb, bamax, g, valid, 4.0, 0.25, TIES_AWAY, SCALAR_RECIP)
-        xg = tl.math.div_rn(xb, g)
-        e6 = (xg - e2m1_value(codes) * s[:, :, None]).to(tl.float64)
-        e4 = (xg - e2m1_value(codes4) * s4[:, :, None]).to(tl.float64)
-        use4 = tl.sum(e4 * e4, axis=2) < tl.sum(e6 * e6, axis=2)
+        # Exact ties are common (s4 == 1.5*s6 puts both candidates on shared grid points), so the
+        # decision needs the exact SSE: FP32 errors are exact, their FP64 squares too, and so (in
+        # practice) is the 16-term FP64 sum, as in the reference. SSE_MODE 1 first compares FP32
+        # sums (relative error < 2^-19) and redoes in FP64 only tiles holding a block whose two
+        # sums are within 2^-14 relative (or tiny): the decision is the FP64 one, at FP32 cost.
+        s4, keep4, codes4, vals4 = _candidate(xb, bamax, g, valid, 4.0, 0.25, TIES_AWAY, SCALAR_RECIP,
+                                              FAST_DIV, FAST_RN, INTERP)
+        if FAST_DIV:
+            gdn, gp, grc = div_prep(g)
+            xg = exact_div(xb, gdn, gp, grc, INTERP)
+        else:
+            xg = tl.math.div_rn(xb, g)
+        if SSE_MODE == 0:
+            use4 = _sse(xg, vals4, s4, True) < _sse(xg, vals, s, True)
+        else:
+            sse4 = _sse(xg, vals4, s4, False)
+            sse6 = _sse(xg, vals, s, False)
+            use4 = sse4 < sse6
+            if SSE_MODE == 1:
+                close = tl.abs(sse4 - sse6) <= (sse4 + sse6) * (2.0 ** -14) + 2.0 ** -100
+                if tl.max(tl.max(close.to(tl.int32), axis=1), axis=0) > 0:
+                    use4 = _sse(xg, vals4, s4, True) < _sse(xg, vals, s, True)
         s = tl.where(use4, s4, s)
         codes = tl.where(use4[:, :, None], codes4, codes)
         keep = tl.where(use4, keep4, keep)
     flushed = tl.sum(tl.sum(((~keep) & (bamax > 0)).to(tl.int32), axis=1), axis=0)
-    tl.atomic_add(flushed_ptr, flushed)
-    packed = pack_codes(tl.reshape(codes, (BR, BC)), BR, BC)
-    pcols = pid_c * (BC // 2) + tl.arange(0, BC // 2)
-    tl.store(packed_ptr + rows[:, None].to(tl.int64) * (C // 2) + pcols[None, :], packed,
-             mask=rmask[:, None] & (pcols[None, :] < C // 2))
+    tl.atomic_add(flushed_ptr, flushed, mask=flushed > 0)
     scols = pid_c * NB + tl.arange(0, NB)
-    tl.store(scales_ptr + rows[:, None].to(tl.int64) * (C // 16) + scols[None, :], e4m3_bits(s),
+    if LOAD3D:
+        even, odd = tl.split(tl.reshape(codes, (BR, NB, 8, 2)))
+        packed = even | (odd << 4)
+        k8 = tl.arange(0, 8)
+        poffs = r64[:, None, None] * (C // 2) + (scols * 8)[None, :, None] + k8[None, None, :]
+        tl.store(packed_ptr + poffs, packed, mask=rmask[:, None, None] & (scols < C // 16)[None, :, None])
+    else:
+        packed = pack_codes(tl.reshape(codes, (BR, BC)), BR, BC)
+        pcols = pid_c * (BC // 2) + tl.arange(0, BC // 2)
+        tl.store(packed_ptr + r64[:, None] * (C // 2) + pcols[None, :], packed,
+                 mask=rmask[:, None] & (pcols[None, :] < C // 2))
+    tl.store(scales_ptr + r64[:, None] * (C // 16) + scols[None, :], e4m3_bits(s),
              mask=rmask[:, None] & (scols[None, :] < C // 16))
 
 
-def tensor_amax(x: torch.Tensor):
+def tensor_amax(x: torch.Tensor, amax_mode: Optional[int] = None):
     """(amax as an int32 bit-pattern buffer [1], non-finite flag [1]) of a contiguous tensor."""
-    amax_bits = torch.zeros(1, dtype=torch.int32, device=x.device)
-    nonfinite = torch.zeros(1, dtype=torch.int32, device=x.device)
+    amax_mode = DEFAULTS["AMAX_MODE"] if amax_mode is None else amax_mode
     n = x.numel()
-    _amax_kernel[(triton.cdiv(n, AMAX_BLOCK),)](x, n, amax_bits, nonfinite, BLOCK_N=AMAX_BLOCK, num_warps=8,
-                           enable_fp_fusion=False)
+    nparts = triton.cdiv(n, AMAX_BLOCK)
+    if amax_mode:
+        buf = torch.empty(nparts + 2, dtype=torch.int32, device=x.device)   # written in full: no memset
+        parts, amax_bits, nonfinite = buf[:nparts], buf[nparts:nparts + 1], buf[nparts + 1:]
+    else:
+        buf = torch.zeros(2, dtype=torch.int32, device=x.device)
+        parts, amax_bits, nonfinite = buf, buf[0:1], buf[1:2]
+    _amax_kernel[(nparts,)](x, n, amax_bits, nonfinite, parts, BLOCK_N=AMAX_BLOCK,
+                            PARTIALS=bool(amax_mode), num_warps=8, enable_fp_fusion=False)
+    if amax_mode:
+        _amax_reduce_kernel[(1,)](parts, nparts, amax_bits, nonfinite, BLOCK=1024, num_warps=4)
     return amax_bits, nonfinite
 
 
@@ -122,6 +204,7 @@ def quantize_nvfp4_rtn(
     block_r: int = 32,
     block_c: int = 128,
     num_warps: int = 4,
+    variant: Optional[dict] = None,
 ) -> NVFP4Tensor:
     """Kernel twin of quantizers.quantize_nvfp4(x, mode="rn", v, smax, ties, four_over_six)."""
     if x.dim() != 2 or x.shape[1] % BLOCK:
@@ -133,7 +216,8 @@ def quantize_nvfp4_rtn(
     rows, cols = x.shape
     if x.stride(0) != cols:
         x = x.contiguous()
-    amax_bits, nonfinite = tensor_amax(x)
+    var = dict(DEFAULTS, LOAD3D=not four_over_six, **(variant or {}))
+    amax_bits, nonfinite = tensor_amax(x, var.pop("AMAX_MODE"))
     if amax_reduce is not None:
         amax_bits = amax_reduce(amax_bits.view(torch.float32)).reshape(1).view(torch.int32)
     packed = torch.empty(rows, cols // 2, dtype=torch.uint8, device=x.device)
@@ -145,7 +229,7 @@ def quantize_nvfp4_rtn(
     _rtn_kernel[grid](x, x.stride(0), rows, cols, amax_bits, nonfinite, packed, scales, g, flushed,
                       float(smax * v), float(v), fp32_reciprocal(v),
                       FOUR_SIX=four_over_six, TIES_AWAY=(ties == fmt.TIES_AWAY),
-                      SCALAR_RECIP=x.is_cuda, BR=block_r, BC=block_c, num_warps=num_warps,
-                      enable_fp_fusion=False)
+                      SCALAR_RECIP=False, BR=block_r, BC=block_c, num_warps=num_warps,
+                      INTERP=INTERPRET, enable_fp_fusion=False, **var)
     return NVFP4Tensor(packed=packed, block_scales=scales.view(torch.float8_e4m3fn),
                        tensor_scale=g.reshape(()), block_rows=1, flushed_blocks=flushed.reshape(()))

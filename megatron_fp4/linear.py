@@ -44,7 +44,7 @@ class NVFP4LinearFunction(torch.autograd.Function):
         else:
             xq = recipe.quantize_input(x2d, qctx)
             wq = recipe.quantize_weight(weight, qctx)
-            y = recipe.fprop(xq, wq, qctx)
+            y = recipe.fprop(xq, wq, qctx, out_dtype=x.dtype)
         _check_finite_debug(recipe, "forward output", y)
         y = y.to(x.dtype)
         if bias is not None:
@@ -68,7 +68,7 @@ class NVFP4LinearFunction(torch.autograd.Function):
             if ctx.split is not None:
                 dx = outcontrol.split_dgrad(recipe, dy, ctx.wq, ctx.split, qctx)
             else:
-                dx = recipe.dgrad(dy, ctx.wq, qctx)
+                dx = recipe.dgrad(dy, ctx.wq, qctx, out_dtype=ctx.x_dtype)
             _check_finite_debug(recipe, "dgrad", dx)
             grad_input = dx.to(ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:

@@ -282,5 +282,11 @@ def main(argv=None):
     return cpu_main(argv)
 
 
+def cli() -> int:
+    """Console script `megatron-fp4-pretrain` (same as `python -m megatron_fp4.pretrain_gpt`)."""
+    main()
+    return 0
+
+
 if __name__ == "__main__":
     main()

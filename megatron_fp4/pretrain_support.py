@@ -425,6 +425,8 @@ def write_summary(history: TrainingHistory, args, path: Optional[str], plot: boo
                    tokens_per_step=args.global_batch_size * args.seq_length)
     if summary["median_step_s"]:
         summary["tokens_per_s"] = summary["tokens_per_step"] / summary["median_step_s"]
+    from .megatron.optimizer_hooks import stabilizer_report
+    summary.update(stabilizer_report())
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(summary, fh, indent=1)

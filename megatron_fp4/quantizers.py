@@ -66,6 +66,12 @@ def _tensor_scale(amax: torch.Tensor, smax: float, v: float):
     return torch.where(valid, g, torch.ones_like(g)), valid
 
 
+def div_scalar(t: torch.Tensor, v: float) -> torch.Tensor:
+    """t / v with IEEE division on every device: torch's CUDA kernel turns division by a Python scalar
+    into multiplication by its reciprocal (a different last bit), division by a tensor it does not."""
+    return t / torch.tensor(v, dtype=torch.float32, device=t.device)
+
+
 def _blocks(x: torch.Tensor, block_rows: int = 1) -> torch.Tensor:
     """View [R, C] as [R/br, br, C/16, 16]."""
     rows, cols = x.shape
@@ -123,7 +129,7 @@ def nvfp4_block_scales(block_amax: torch.Tensor, target: float, g: torch.Tensor,
     flush when the scale rounds to 0 or the divisor is below 2^-126. Shared by the quantizer and by
     OsciReset's sharded re-quantization, so both use exactly the same arithmetic.
     """
-    scale = fmt.round_to_e4m3((block_amax / target) / g).float()
+    scale = fmt.round_to_e4m3(div_scalar(block_amax, target) / g).float()
     divisor = scale * g
     keep = (scale > 0) & (divisor >= fmt.FP32_MIN_NORMAL) & valid
     return (torch.where(keep, scale, torch.zeros_like(scale)),
@@ -144,7 +150,7 @@ def double_block_scales(block_amax: torch.Tensor, outer_amax: torch.Tensor, v: f
     """
     s_out = outer_amax / torch.tensor(fmt.E4M3_MAX * v, device=outer_amax.device)
     s_out = torch.where(outer_amax > 0, s_out, torch.ones_like(s_out))
-    t = (block_amax / s_out) / v
+    t = div_scalar(block_amax / s_out, v)
     t = torch.where(t == 0, torch.full_like(t, fmt.E4M3_MIN_SUBNORMAL), t)
     s_in = fmt.round_to_e4m3(torch.clamp(t, max=fmt.E4M3_MAX)).float()
     divisor = s_in * s_out
@@ -278,7 +284,7 @@ def _ms_eden_per128(z, stream, v, smax, ties, amax_reduce) -> NVFP4Tensor:
     g, valid = _tensor_scale(amax, smax, v)
     zb = _blocks(z)                                               # [R, 1, C/16, 16]
     block_amax = _block_amax(zb)                                  # [R, C/16]
-    s = fmt.round_to_e4m3((block_amax / v) / g).float()
+    s = fmt.round_to_e4m3(div_scalar(block_amax, v) / g).float()
     divisor = s * g
     keep = (s > 0) & (divisor >= fmt.FP32_MIN_NORMAL) & valid
     u = zb / _expand(torch.where(keep, divisor, torch.ones_like(divisor)))
@@ -312,7 +318,7 @@ def _ms_eden_per16(z, stream, v, ties, amax_reduce) -> NVFP4Tensor:
     z = torch.where(torch.isfinite(z), z, torch.zeros((), device=z.device))
     zb = _blocks(z)
     block_amax = _block_amax(zb)
-    m = truncate_mantissa(block_amax / v, 4)
+    m = truncate_mantissa(div_scalar(block_amax, v), 4)
     keep = m >= fmt.FP32_MIN_NORMAL
     u = zb / _expand(torch.where(keep, m, torch.ones_like(m)))
     u = torch.where(_expand(keep), u, torch.zeros((), device=z.device))

@@ -69,6 +69,13 @@ class Recipe:
     tp_amax_reduce: bool = True
     debug_checks: bool = False
 
+    # Per-layer overrides (Megatron integration): the first / last N transformer layers and linears
+    # whose canonical name (e.g. "decoder.layers.0.mlp.linear_fc2") matches an fnmatch pattern run in
+    # BF16. Megatron's own --first-last-layers-bf16 flags and --mfp4-bf16-modules add to these.
+    bf16_first_layers: int = 0
+    bf16_last_layers: int = 0
+    bf16_modules: tuple = ()
+
     # TetraJet-v2 stabilizers (optimizer-hooks.md), off by default. Iteration knobs accept an absolute
     # iteration (>= 1) or a fraction of the run's training iterations (< 1), so the released
     # hyperparameters can be scaled to the run length (see `stabilizer_schedule`).
@@ -96,7 +103,16 @@ class Recipe:
         """Cross-field checks; raises ValueError naming the knob."""
         self._validate_stabilizers()
 
+    def keeps_in_bf16(self, layer_number: int, num_layers: int, name: str) -> bool:
+        """Whether the recipe's per-layer overrides keep this linear (global 1-based layer) in BF16."""
+        import fnmatch
+        if layer_number <= self.bf16_first_layers or layer_number > num_layers - self.bf16_last_layers:
+            return True
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.bf16_modules)
+
     def _validate_stabilizers(self) -> None:
+        if self.bf16_first_layers < 0 or self.bf16_last_layers < 0:
+            raise ValueError("bf16_first_layers and bf16_last_layers must be non-negative")
         if self.outcontrol and self.family not in ("tetrajet2", "quartet2"):
             raise ValueError(f"outcontrol needs a tetrajet2 or quartet2 family recipe, not {self.family}")
         if self.oscireset and not self.quantized:
@@ -158,10 +174,11 @@ class Recipe:
     def quantize_weight(self, w: torch.Tensor, ctx: QuantContext) -> NVFP4Tensor:
         raise NotImplementedError
 
-    def fprop(self, xq: NVFP4Tensor, wq: NVFP4Tensor, ctx: QuantContext) -> torch.Tensor:
-        return D.matmul(xq, wq, self.gemm_mode(xq.device))
+    def fprop(self, xq: NVFP4Tensor, wq: NVFP4Tensor, ctx: QuantContext, out_dtype=None) -> torch.Tensor:
+        """Y in `out_dtype` (FP32 by default); the cast happens in the GEMM's epilogue pass on GPU."""
+        return D.matmul(xq, wq, self.gemm_mode(xq.device), out_dtype=out_dtype)
 
-    def dgrad(self, dy: torch.Tensor, wq: NVFP4Tensor, ctx: QuantContext) -> torch.Tensor:
+    def dgrad(self, dy: torch.Tensor, wq: NVFP4Tensor, ctx: QuantContext, out_dtype=None) -> torch.Tensor:
         raise NotImplementedError
 
     def wgrad(self, dy: torch.Tensor, x_saved, ctx: QuantContext) -> torch.Tensor:
@@ -218,9 +235,9 @@ class NvidiaRecipe(Recipe):
         return Q.quantize_nvfp4(t, mode=Q.ROUND_STOCHASTIC, v=6.0 / self.sr_headroom, stream=stream,
                                 amax_reduce=amax_reduce)
 
-    def dgrad(self, dy, wq, ctx):
+    def dgrad(self, dy, wq, ctx, out_dtype=None):
         eq = self._sr(dy, ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset), ctx.grad_output_amax_reduce)
-        return matmul(eq, transpose_tiles(wq))
+        return D.matmul(eq, transpose_tiles(wq), out_dtype=out_dtype)
 
     def _signs(self, ctx, device):
         if self.rht_signs == "fixed":
@@ -288,17 +305,18 @@ class TetraJet2Recipe(Recipe):
         key = derive_key(ctx.seed, int(role)) if self.rht_signs == "fixed" else derive_key(ctx.key, int(role))
         return random_signs(key, self.rht_size, device)
 
-    def dgrad(self, dy, wq, ctx):
-        return self.dgrad_dense(dy, wq.dequantize(), ctx)
+    def dgrad(self, dy, wq, ctx, out_dtype=None):
+        return self.dgrad_dense(dy, wq.dequantize(), ctx, out_dtype)
 
-    def dgrad_dense(self, dy, w_hat, ctx):
+    def dgrad_dense(self, dy, w_hat, ctx, out_dtype=None):
         """dgrad from the dequantized forward weight W_hat [N, K] (FP32): Q3 x Q4 after RHT-16 (d1)."""
         d1 = self._signs(ctx, Role.RHT_SIGNS_DGRAD, dy.device)
         eq = self._sr(rht(dy, d1), ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset),
                       ctx.grad_output_amax_reduce)
         wtq = self._sr(rht(w_hat.t(), d1),
                        ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset), ctx.weight_amax_reduce)
-        return matmul(eq, wtq, self.gemm_mode(dy.device))
+        out = matmul(eq, wtq, self.gemm_mode(dy.device))
+        return out if out_dtype is None else out.to(out_dtype)
 
     def wgrad(self, dy, xq, ctx):
         d2 = self._signs(ctx, Role.RHT_SIGNS_WGRAD, dy.device)
@@ -367,21 +385,21 @@ class Quartet2Recipe(Recipe):
         return D.rht_ms_eden(dy, sigma, ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset),
                              **self._eden_knobs(ctx.grad_output_amax_reduce))
 
-    def dgrad(self, dy, wq, ctx):
+    def dgrad(self, dy, wq, ctx, out_dtype=None):
         # W^T is rotated from the exact unscaled values q*s; the forward tensor scale goes on the output
         sigma = self._signs(ctx, dy.device)
         eq = self._grad_output_dgrad(dy, sigma, ctx)
         wtq = D.requant_ms_eden(wq, sigma, ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset),
                                 **self._eden_knobs(ctx.weight_amax_reduce))
-        return D.matmul(eq, wtq) * wq.tensor_scale
+        return D.matmul(eq, wtq, scale=wq.tensor_scale, out_dtype=out_dtype)
 
-    def dgrad_dense(self, dy, w_hat, ctx):
+    def dgrad_dense(self, dy, w_hat, ctx, out_dtype=None):
         """dgrad from a dequantized forward weight W_hat [N, K] (FP32): MS-EDEN x MS-EDEN after RHT."""
         sigma = self._signs(ctx, dy.device)
         eq = self._grad_output_dgrad(dy, sigma, ctx)
         wtq = D.rht_ms_eden(w_hat, sigma, ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset),
                             transpose=True, **self._eden_knobs(ctx.weight_amax_reduce))
-        return D.matmul(eq, wtq)
+        return D.matmul(eq, wtq, out_dtype=out_dtype)
 
     def wgrad(self, dy, xq, ctx):
         sigma = self._signs(ctx, dy.device)
@@ -389,7 +407,7 @@ class Quartet2Recipe(Recipe):
                             pad_multiple=self.token_padding, **self._eden_knobs(ctx.grad_output_amax_reduce))
         xtq = D.requant_ms_eden(xq, sigma, ctx.stream(Role.WGRAD_INPUT, ctx.in_offset, 0),
                                 pad_multiple=self.token_padding, **self._eden_knobs(ctx.input_amax_reduce))
-        return D.matmul(etq, xtq) * xq.tensor_scale
+        return D.matmul(etq, xtq, scale=xq.tensor_scale)
 
 
 FAMILIES = {cls.family: cls for cls in (BF16Recipe, NvidiaRecipe, TetraJet2Recipe, Quartet2Recipe)}

@@ -36,6 +36,12 @@ def _allowed_types(tp) -> tuple:
 
 
 def _coerce(key: str, value: Any, fld: dataclasses.Field, field_type, source: str):
+    if field_type is tuple:   # a list of strings in YAML (e.g. bf16_modules patterns)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise RecipeError(f"{source}: knob {key!r} must be a list of strings, got {value!r}")
+        return tuple(value)
     types = _allowed_types(field_type)
     if float in types and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

@@ -150,3 +150,20 @@ def test_stabilizer_presets_and_schedule_scaling():
 def test_bad_stabilizer_knobs(name, overrides, key):
     with pytest.raises(RecipeError, match=key):
         load_recipe(name, overrides)
+
+
+def test_bf16_layer_overrides(tmp_path):
+    path = tmp_path / "mixed.yaml"
+    path.write_text("family: quartet2\nbf16_first_layers: 1\nbf16_last_layers: 2\n"
+                    "bf16_modules: ['*.linear_fc2', 'decoder.layers.3.self_attention.*']\n")
+    recipe = load_recipe(str(path))
+    assert recipe.bf16_modules == ("*.linear_fc2", "decoder.layers.3.self_attention.*")
+    name = "decoder.layers.{}.self_attention.linear_qkv"
+    assert [recipe.keeps_in_bf16(n, 8, name.format(n - 1)) for n in range(1, 9)] == \
+        [True, False, False, True, False, False, True, True]
+    assert recipe.keeps_in_bf16(3, 8, "decoder.layers.2.mlp.linear_fc2")
+    assert not load_recipe("quartet2").keeps_in_bf16(1, 8, name.format(0))
+    with pytest.raises(RecipeError, match="bf16_modules"):
+        load_recipe("quartet2", {"bf16_modules": [1, 2]})
+    with pytest.raises(RecipeError, match="bf16_first_layers"):
+        load_recipe("quartet2", {"bf16_first_layers": -1})

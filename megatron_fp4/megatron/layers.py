@@ -166,7 +166,7 @@ class NVFP4TPLinearFunction(torch.autograd.Function):
                 wq = oc.SplitOperands(None, None, wq_fp4, wm)
             else:
                 wq = recipe.quantize_weight(weight, qctx)
-                y = recipe.fprop(xq, wq, qctx)
+                y = recipe.fprop(xq, wq, qctx, out_dtype=input.dtype)
                 saved_x = xq_local if sp else xq
             if recipe.debug_checks and not torch.isfinite(y).all():
                 raise FloatingPointError(f"{plan.name}: non-finite forward output")
@@ -216,7 +216,7 @@ class NVFP4TPLinearFunction(torch.autograd.Function):
                 if plan.split is not None:
                     dx = oc.split_dgrad(recipe, dy, ctx.wq, plan.split, qctx)
                 else:
-                    dx = recipe.dgrad(dy, ctx.wq, qctx)
+                    dx = recipe.dgrad(dy, ctx.wq, qctx, out_dtype=ctx.input_dtype)
                 if recipe.debug_checks and not torch.isfinite(dx).all():
                     raise FloatingPointError(f"{plan.name}: non-finite dgrad")
             dx = dx.to(ctx.input_dtype).reshape(*grad_output.shape[:-1], k)

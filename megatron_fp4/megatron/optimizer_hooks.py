@@ -287,10 +287,31 @@ def install_stabilizers(optimizer, model_chunks, train_iters: int, iteration: in
     `recipe.oscireset` (OutControl lives in the layers and needs nothing here). `iteration` is the
     resumed iteration (updates already applied). Returns the OsciResetHooks or None."""
     recipe = plugin_recipe(model_chunks)
+    _last_run.update(model_chunks=list(model_chunks), hooks=None)
     if recipe is None or not recipe.oscireset:
         return None
-    return install_oscireset(optimizer, model_chunks, recipe, train_iters, first_update=iteration,
-                             on_reset=_tensorboard_logger())
+    hooks = install_oscireset(optimizer, model_chunks, recipe, train_iters, first_update=iteration,
+                              on_reset=_tensorboard_logger())
+    _last_run["hooks"] = hooks
+    return hooks
+
+
+_last_run: dict = {}
+
+
+def stabilizer_report() -> dict:
+    """This rank's stabilizer statistics of the run set up last: OsciReset events (per layer: update,
+    elements reset and their fraction, median distance ratio) and OutControl selections (per layer:
+    outlier count and their share of the recorded input norm)."""
+    hooks = _last_run.get("hooks")
+    outcontrol = {}
+    for chunk in _last_run.get("model_chunks", []):
+        for name, module in chunk.named_modules():
+            stats = getattr(module, "mfp4_outcontrol_stats", None)
+            if stats is not None:
+                outcontrol[getattr(module, "mfp4_name", name)] = {k: v for k, v in stats.items()
+                                                                  if k != "channels_selected"}
+    return {"oscireset_events": [] if hooks is None else list(hooks.history), "outcontrol": outcontrol}
 
 
 def _tensorboard_logger():

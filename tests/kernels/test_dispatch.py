@@ -54,3 +54,15 @@ def test_dispatch_gpu_matches_reference():
     assert torch.equal(D.dequantize_unscaled(xq).float(), xq.dequantize_unscaled())
     from megatron_fp4.gemm import matmul
     assert torch.equal(D.matmul(xq, wq), matmul(xq, wq))
+
+
+@cpu_interp
+def test_scale_cast_epilogue_bit_exact():
+    # the fused GEMM epilogue: ((P * (ga*gb)) * extra).to(dtype), same FP32 ops as the reference path
+    from megatron_fp4.kernels.dequant import scale_cast
+    p = data(64, 96, seed=7) * 1e3
+    ga, gb, gx = torch.tensor([3.7e-3]), torch.tensor([1.3e-2]), torch.tensor([0.61])
+    want = ((p * (ga * gb)) * gx).to(torch.bfloat16)
+    got = scale_cast(p.clone(), ga, gb, gx, torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert torch.equal(scale_cast(p.clone(), ga, gb), p * (ga * gb))

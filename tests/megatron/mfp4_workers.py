@@ -204,10 +204,26 @@ def checkpoint_save(rank, world, settings_kwargs, ckpt_dir, steps):
     loss = driver.broadcast_from_last_stage(driver.evaluate(s, chunks, _eval_batches(s)))
     state = chunks[0].module.sharded_state_dict()
     dist_checkpointing.save(state, ckpt_dir)
-    return {"eval_loss": loss, "losses": hist["losses"]}
+    next_loss = _next_training_loss(s, chunks, hist["optimizer"], steps)
+    return {"eval_loss": loss, "losses": hist["losses"], "next_loss": next_loss}
 
 
-def checkpoint_load(rank, world, settings_kwargs, ckpt_dir):
+def _next_training_loss(s, chunks, optimizer, steps):
+    """The training loss of iteration `steps` (on the data the run would see next)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron_fp4.megatron import driver
+    batches = driver.synthetic_batches(s, ps.get_data_parallel_rank(), s.seed)
+    for _ in range(steps * s.num_microbatches):
+        next(batches)
+    scheduler = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=s.lr, min_lr=s.min_lr, lr_warmup_steps=1,
+                                        lr_decay_steps=2, lr_decay_style="constant", start_wd=0.0, end_wd=0.0,
+                                        wd_incr_steps=1, wd_incr_style="constant")
+    loss, _ = driver.train_step(s, chunks, optimizer, scheduler, [batches], steps)
+    return driver.broadcast_from_last_stage(loss)
+
+
+def checkpoint_load(rank, world, settings_kwargs, ckpt_dir, steps):
     """Build at another layout, load the checkpoint, return the eval loss and one more step's loss."""
     from megatron.core import dist_checkpointing
     from megatron_fp4.megatron import driver
@@ -218,4 +234,6 @@ def checkpoint_load(rank, world, settings_kwargs, ckpt_dir):
     state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
     model.load_state_dict(state)
     loss = driver.broadcast_from_last_stage(driver.evaluate(s, chunks, _eval_batches(s)))
-    return {"eval_loss": loss}
+    optimizer, _ = driver.build_optimizer(s, chunks)
+    driver.setup_model_hooks(config, chunks, optimizer)
+    return {"eval_loss": loss, "next_loss": _next_training_loss(s, chunks, optimizer, steps)}
