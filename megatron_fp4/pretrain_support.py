@@ -354,11 +354,13 @@ def forward_step(data_iterator, model, vp_stage: Optional[int] = None):
 
 class TrainingHistory:
     """Wraps megatron.training.training.training_log (called once per iteration) to record the
-    reduced `lm loss`, the wall time between iterations (device synchronized) and peak memory."""
+    reduced `lm loss`, the wall time between iterations (device synchronized) and peak memory, and
+    megatron.training.training.evaluate to record validation losses."""
 
     def __init__(self, summary_path: Optional[str] = None, every: int = 10):
         self.summary_path, self.every = summary_path, every
         self.records: list = []
+        self.valid: list = []          # (iteration, validation lm loss) from Megatron's evaluation
         self._last = None
         self._installed = False
 
@@ -372,6 +374,19 @@ class TrainingHistory:
 
         training_log.__wrapped__ = original
         training.training_log = training_log
+
+        original_evaluate = training.evaluate
+
+        def evaluate(*args, **kwargs):
+            result = original_evaluate(*args, **kwargs)
+            total_loss_dict = result[0] if isinstance(result, tuple) else None
+            if total_loss_dict and "lm loss" in total_loss_dict:
+                iteration = self.records[-1]["iteration"] if self.records else 0
+                self.valid.append((iteration, float(total_loss_dict["lm loss"])))
+            return result
+
+        evaluate.__wrapped__ = original_evaluate
+        training.evaluate = evaluate
         self._last = time.perf_counter()
         self._installed = True
         return self
@@ -402,6 +417,7 @@ class TrainingHistory:
         return {
             "iterations": len(self.records),
             "losses": losses,
+            "valid": list(self.valid),
             "median_step_s": statistics.median(steps) if steps else None,
             "warmup_excluded": warmup,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,

@@ -145,3 +145,38 @@ def resume_equivalence(rank, world, settings_kwargs, split_at, ckpt_path):
     return {"straight_losses": straight["losses"], "resumed_losses": first["losses"] + second["losses"],
             "mismatched": mismatched, "straight_events": straight["events"],
             "resumed_events": first["events"] + second["events"]}
+
+
+def oscireset_chained(rank, world, settings_kwargs):
+    """A ChainedOptimizer of two FP32Optimizers over disjoint halves of the model: OsciReset hooks
+    every member, and each member resets the weights it owns."""
+    import torch.optim
+    from megatron.core.optimizer import ChainedOptimizer, FP32Optimizer, OptimizerConfig
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core import parallel_state as ps
+    from megatron_fp4.megatron import driver
+    from megatron_fp4.megatron.optimizer_hooks import install_stabilizers
+    from megatron_fp4.megatron.state import set_train_iters
+    s = driver.GPTSettings(**settings_kwargs)
+    driver.initialize_parallel(s)
+    chunks, config = driver.build_model(s)
+    params = [p for p in chunks[0].parameters() if p.requires_grad]
+    halves = [params[: len(params) // 2], params[len(params) // 2:]]
+    opt_config = OptimizerConfig(optimizer="adam", lr=s.lr, weight_decay=0.0, clip_grad=0.0, bf16=False)
+    members = [FP32Optimizer(torch.optim.Adam(h, lr=s.lr), opt_config, lambda opt, config=None: None)
+               for h in halves]
+    optimizer = ChainedOptimizer(members)
+    scheduler = OptimizerParamScheduler(optimizer, init_lr=s.lr, max_lr=s.lr, min_lr=s.lr, lr_warmup_steps=0,
+                                        lr_decay_steps=s.train_steps, lr_decay_style="constant", start_wd=0.0,
+                                        end_wd=0.0, wd_incr_steps=1, wd_incr_style="constant")
+    driver.setup_model_hooks(config, chunks, optimizer)
+    set_train_iters(s.train_steps)
+    hooks = install_stabilizers(optimizer, chunks, s.train_steps)
+    batches = driver.synthetic_batches(s, ps.get_data_parallel_rank(), s.seed)
+    for i in range(s.train_steps):
+        driver.train_step(s, chunks, optimizer, scheduler, [batches], i)
+    per_member = [sorted(t.name for t in trackers) for trackers in hooks.trackers.values()]
+    reset_layers = sorted({e["layer"] for e in hooks.history})
+    _teardown()
+    return {"per_member": per_member, "reset_layers": reset_layers,
+            "events": sorted({e["update"] for e in hooks.history})}

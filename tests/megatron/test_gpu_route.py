@@ -155,3 +155,22 @@ def test_forward_step_on_a_model_from_megatrons_builder(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _MODEL_SCRIPT, *TINY, "--mock-data", "--mfp4-recipe", "quartet2",
                            "--use-cpu-initialization"], capture_output=True, text=True, timeout=110, env=env)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_training_history_records_losses_and_validation(monkeypatch):
+    """The run summary's recorder: training_log gives per-iteration losses, Megatron's evaluate the
+    validation losses (at the iteration of the last training log). The wrapped functions here are
+    stand-ins for megatron.training's, which need a GPU to run."""
+    from megatron.training import training
+    from megatron_fp4.pretrain_support import TrainingHistory
+    seen = []
+    monkeypatch.setattr(training, "training_log", lambda loss_dict, *a, **k: seen.append(loss_dict) or 0)
+    monkeypatch.setattr(training, "evaluate",
+                        lambda *a, **k: ({"lm loss": torch.tensor(2.5)}, None, False))
+    history = TrainingHistory(summary_path=None, every=0).install()
+    for it in (1, 2, 3):
+        training.training_log({"lm loss": torch.tensor(4.0 - it)}, {}, 1e-3, it)
+    assert training.evaluate(None, None, None)[0]["lm loss"].item() == 2.5
+    summary = history.summary(warmup=0)
+    assert summary["losses"] == [(1, 3.0), (2, 2.0), (3, 1.0)] and len(seen) == 3
+    assert summary["valid"] == [(3, 2.5)]

@@ -44,14 +44,17 @@ def test_outcontrol_selection_is_independent_of_tp_and_sp():
         assert r["masks"] == tp1["masks"]
 
 
-@pytest.mark.parametrize("recipe, bf16", [("tetrajet2", False), ("quartet2", True)],
-                         ids=["tetrajet2-fp32-params", "quartet2-bf16-params"])
-def test_distributed_optimizer_resets_exactly_what_the_full_masters_would(recipe, bf16):
-    """DP=2: the sharded masters' resets equal OsciReset on the gathered full masters (same run)."""
+@pytest.mark.parametrize("recipe, bf16, distributed", [("tetrajet2", False, True), ("quartet2", True, True),
+                                                        ("nvidia", True, False)],
+                         ids=["distopt-tetrajet2-fp32-params", "distopt-quartet2-bf16-params",
+                              "float16opt-nvidia-bf16-params"])
+def test_distributed_optimizer_resets_exactly_what_the_full_masters_would(recipe, bf16, distributed):
+    """DP=2: the distributed optimizer's sharded masters (or the Float16 optimizer's full masters) get
+    exactly the resets of OsciReset on the gathered full masters, on the same run."""
     overrides = dict(SCHEDULE, oscireset=True, oscireset_threshold=1.5)
     reports = dist.run(w.oscireset_sharded_vs_full, 2,
                        dict(SMALL, recipe=recipe, recipe_overrides=overrides, train_steps=12, bf16=bf16,
-                            use_distributed_optimizer=True), timeout=300)
+                            use_distributed_optimizer=distributed), timeout=300)
     for r in reports:
         assert r["compared"] > 0 and r["mismatches"] == 0, r
         assert r["events"] and r["shadow_resets"] > 0, r   # the comparison saw real resets
@@ -69,3 +72,15 @@ def test_resume_mid_window_and_mid_recording_matches_the_uninterrupted_run(tmp_p
     assert r["mismatched"] == [], r["mismatched"]
     assert [(e["layer"], e["update"], e["reset"]) for e in r["straight_events"]] == \
         [(e["layer"], e["update"], e["reset"]) for e in r["resumed_events"]]
+
+
+def test_chained_optimizer_hooks_every_member():
+    r = dist.run(w.oscireset_chained, 1,
+                 dict(SMALL, recipe="tetrajet2", recipe_overrides=dict(SCHEDULE, oscireset=True, oscireset_threshold=1.5),
+                      train_steps=12), timeout=300)[0]
+    assert len(r["per_member"]) == 2 and all(r["per_member"]), r
+    assert not set(r["per_member"][0]) & set(r["per_member"][1]), r
+    assert r["events"] == [7, 11], r
+    # resets happened in layers owned by each member
+    assert any(name in r["reset_layers"] for name in r["per_member"][0]), r
+    assert any(name in r["reset_layers"] for name in r["per_member"][1]), r
