@@ -11,19 +11,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
 STEPS=${STEPS:-100}
 MBS=${MBS:-2}
-mkdir -p "$OUT"
-export CUDA_DEVICE_MAX_CONNECTIONS=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-PY=${PYTHON:-python3}
-if ! $PY -c "import megatron.training" 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile .mcore/megatron_core-*.whl || exit 1
-fi
-if ! $PY -c "import megatron_fp4.kernels, megatron_fp4.patches, megatron_fp4.recipes" 2>/dev/null; then
-  # setup.py maps kernels/, patches/, recipes/ into megatron_fp4; mirror that without installing
-  for d in kernels patches recipes; do ln -sfn "../$d" "megatron_fp4/$d"; done
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-$PY -c "import torch, triton, megatron.core as m; print('torch', torch.__version__, 'triton', triton.__version__, 'megatron-core', m.__version__)" | tee -a "$OUT/device.txt"
+source benchmarks/_device_env.sh
 
 FLAGS=(
   --num-layers 12 --hidden-size 768 --ffn-hidden-size 3072 --num-attention-heads 12

@@ -10,17 +10,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-stabilizers_out}
 STEPS=${STEPS:-120}
-mkdir -p "$OUT"
-export CUDA_DEVICE_MAX_CONNECTIONS=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-PY=${PYTHON:-python3}
-if ! $PY -c "import megatron.training" 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile .mcore/megatron_core-*.whl || exit 1
-fi
-if ! $PY -c "import megatron_fp4.kernels, megatron_fp4.patches, megatron_fp4.recipes" 2>/dev/null; then
-  for d in kernels patches recipes; do ln -sfn "../$d" "megatron_fp4/$d"; done
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+source benchmarks/_device_env.sh
+
 FLAGS=(
   --num-layers 6 --hidden-size 512 --ffn-hidden-size 2048 --num-attention-heads 8
   --seq-length 1024 --max-position-embeddings 1024 --position-embedding-type rope --swiglu

@@ -196,10 +196,13 @@ def rn_e2m1_code(y, TIES_AWAY: tl.constexpr):
 def rn_e2m1(y, TIES_AWAY: tl.constexpr):
     """(signed code uint8, signed grid value FP32) of y rounded to E2M1, saturating at 6.
 
-    Ties to even use FP32's own RNE: with c = max(|y|, 1) * 2^22 (exact), the ulp of |y| + c is the
-    E2M1 spacing of |y|'s binade (0.5 below 2, 1 in [2, 4), 2 above), and at a tie the even neighbour
-    of the sum is the even E2M1 code, so (|y| + c) - c is |y| rounded to the grid (Sterbenz: the
-    subtraction is exact). Five FP ops instead of seven compares; identical to rn_e2m1_code.
+    Ties to even use FP32's own RNE: with c = 2^22 * 2^floor(log2(max(|y|, 1))) (a power of two,
+    from the exponent bits), the ulp of |y| + c is the E2M1 spacing of |y|'s binade (0.5 below 2,
+    1 in [2, 4), 2 above), and at a tie the even neighbour of the sum is the even E2M1 code, so
+    (|y| + c) - c is |y| rounded to the grid (Sterbenz: the subtraction is exact). c must be that
+    power of two, not max(|y|, 1) * 2^22: for |y| just below 2 or 4 the latter puts the sum in the
+    next binade of c (ulp twice the spacing), e.g. 4 - 2^-22 came out as 3 and 2 - 2^-23 as 1.5.
+    A few FP/int ops instead of seven compares; identical to rn_e2m1_code.
     Ties away keep the midpoint compares (rn_e2m1_code).
     """
     if TIES_AWAY:
@@ -207,7 +210,8 @@ def rn_e2m1(y, TIES_AWAY: tl.constexpr):
         val = e2m1_value(code)
     else:
         m = tl.abs(y)
-        c = tl.maximum(m, 1.0) * 4194304.0
+        e_field = (tl.maximum(m, 1.0).to(tl.uint32, bitcast=True) >> 23) & 0xFF
+        c = ((e_field + 22) << 23).to(tl.float32, bitcast=True)
         r = tl.minimum((m + c) - c, 6.0)
         bits = r.to(tl.uint32, bitcast=True)
         mag = tl.where(r >= 1.0, (bits >> 22) - 252, (r * 2.0).to(tl.uint32))   # 1.0 -> 254-252 = 2

@@ -1,8 +1,9 @@
 """One entry point per quantizer: the Triton kernel on CUDA tensors, the torch reference elsewhere.
 
 Set MEGATRON_FP4_KERNELS=0 to force the reference everywhere (read at each call, so tests and
-benchmarks can flip it). Anything the kernels do not cover (SR modes, 16x16 tiles, eden_group=16,
-RHT sizes other than 128, rotated dims that are not multiples of 128) silently takes the reference
+benchmarks can flip it). Anything the kernels do not cover (SR modes of the per-tensor quantizer,
+16x16 tiles, eden_group=16, RHT sizes other than 128 for MS-EDEN and 16 for the double block,
+outer_block="tensor", rotated dims that are not multiples of 128) silently takes the reference
 path, so every call here returns exactly what the reference would (up to FP32 summation order in
 the rotation and the EDEN / 4/6 sums, see the kernel modules).
 """
@@ -94,6 +95,48 @@ def requant_ms_eden(q: NVFP4Tensor, sigma: torch.Tensor, stream: RandomStream, *
         src = torch.nn.functional.pad(src, (0, extra))
     return Q.quantize_ms_eden(rht(src, sigma), stream=stream, eden_group=eden_group, v=v, smax=smax,
                               ties=ties, amax_reduce=amax_reduce)
+
+
+def _double_block_ok(mode, stream, outer_block, *tensors) -> bool:
+    return (kernels_enabled(*tensors) and outer_block in (128, "128") and mode in (Q.ROUND_NEAREST, Q.ROUND_STOCHASTIC)
+            and (mode == Q.ROUND_NEAREST or stream is not None))
+
+
+def quantize_double_block(x: torch.Tensor, **kw) -> NVFP4Tensor:
+    """Same signature and result as quantizers.quantize_double_block; outer_block=128 (RN or SR)
+    runs the kernel (amax_reduce only concerns outer_block="tensor", which takes the reference)."""
+    mode, stream = kw.get("mode", Q.ROUND_NEAREST), kw.get("stream")
+    if (_double_block_ok(mode, stream, kw.get("outer_block", 128), x) and x.dim() == 2
+            and x.numel() > 0 and x.shape[1] % 128 == 0):
+        from .double_block import quantize_double_block as kernel
+        return kernel(x, mode=mode, ties=kw.get("ties", fmt.TIES_EVEN), stream=stream,
+                      sr_headroom=kw.get("sr_headroom", 1.0))
+    return Q.quantize_double_block(x, **kw)
+
+
+def rht_double_block(a: torch.Tensor, sigma: torch.Tensor, stream: Optional[RandomStream], *,
+                     transpose: bool = False, mode: str = Q.ROUND_STOCHASTIC, ties: str = fmt.TIES_EVEN,
+                     sr_headroom: float = 1.0, pad_multiple: int = 1, outer_block=128,
+                     amax_reduce: AmaxReduce = None) -> NVFP4Tensor:
+    """QDB of A = a (or a.t()) after RHT with `sigma`, A's last dim zero-padded to pad_multiple.
+
+    Reference: quantize_double_block(rht(pad_cols(A, pad_multiple), sigma), mode, ties, stream,
+    sr_headroom, outer_block, amax_reduce). The kernel (RHT-16, outer_block=128) reads a once,
+    transposed in registers and padded by masking, and writes codes and both scale levels.
+    """
+    if (_double_block_ok(mode, stream, outer_block, a) and sigma.numel() == 16 and a.dim() == 2
+            and a.numel() > 0):
+        cols = a.shape[0] if transpose else a.shape[1]
+        if (cols + (-cols) % max(pad_multiple, 1)) % 128 == 0:
+            from .double_block import quantize_double_block as kernel
+            return kernel(a, mode=mode, ties=ties, stream=stream, sr_headroom=sr_headroom, sigma=sigma,
+                          transpose=transpose, pad_multiple=pad_multiple)
+    src = a.t() if transpose else a
+    extra = (-src.shape[1]) % pad_multiple
+    if extra:
+        src = torch.nn.functional.pad(src, (0, extra))
+    return Q.quantize_double_block(rht(src, sigma), mode=mode, ties=ties, stream=stream,
+                                   sr_headroom=sr_headroom, outer_block=outer_block, amax_reduce=amax_reduce)
 
 
 def dequantize_unscaled(q: NVFP4Tensor) -> torch.Tensor:

@@ -257,7 +257,8 @@ def cpu_main(argv) -> dict:
     _plot(history, plot, f"GPT {n_params / 1e6:.1f}M, {args.mfp4_recipe}, byte-level stdlib corpus")
     summary = {"recipe": args.mfp4_recipe, "iterations": it + 1, "train_time_s": round(train_time, 1),
                "first_loss": history["losses"][0], "last_loss": history["losses"][-1],
-               "valid": history["valid"], "mean_step_s": float(np.mean(history["step_times"])),
+               "valid": history["valid"], "losses": history["losses"],
+               "mean_step_s": float(np.mean(history["step_times"])),
                "tokens_per_s": tokens_per_step / float(np.mean(history["step_times"])),
                "checkpoint": ckpt, "plot": plot,
                "oscireset_events": [] if oscireset is None else oscireset.history,

@@ -286,14 +286,17 @@ class TetraJet2Recipe(Recipe):
             return "bf16" if torch.device(device).type == "cuda" else "exact"
         return self.gemm_emulation
 
+    # Every quantizer below goes through kernels/dispatch.py: the fused Triton kernel on CUDA
+    # (outer_block=128, RHT-16), exactly the reference composition elsewhere.
     def _rn(self, t, amax_reduce):
-        return Q.quantize_double_block(t, ties=self.rtn_ties, outer_block=self.outer_block,
+        return D.quantize_double_block(t, ties=self.rtn_ties, outer_block=self.outer_block,
                                        amax_reduce=amax_reduce)
 
-    def _sr(self, t, stream, amax_reduce):
-        return Q.quantize_double_block(t, mode=Q.ROUND_STOCHASTIC, stream=stream,
-                                       sr_headroom=self.sr_headroom, outer_block=self.outer_block,
-                                       amax_reduce=amax_reduce)
+    def _rht_sr(self, a, sigma, stream, amax_reduce, transpose=False, pad_multiple=1):
+        """QDB SR of rht(pad_cols(A, pad_multiple), sigma), A = a or a.t()."""
+        return D.rht_double_block(a, sigma, stream, transpose=transpose, mode=Q.ROUND_STOCHASTIC,
+                                  sr_headroom=self.sr_headroom, pad_multiple=pad_multiple,
+                                  outer_block=self.outer_block, amax_reduce=amax_reduce)
 
     def quantize_input(self, x, ctx):
         return self._rn(x, ctx.input_amax_reduce)
@@ -311,19 +314,19 @@ class TetraJet2Recipe(Recipe):
     def dgrad_dense(self, dy, w_hat, ctx, out_dtype=None):
         """dgrad from the dequantized forward weight W_hat [N, K] (FP32): Q3 x Q4 after RHT-16 (d1)."""
         d1 = self._signs(ctx, Role.RHT_SIGNS_DGRAD, dy.device)
-        eq = self._sr(rht(dy, d1), ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset),
-                      ctx.grad_output_amax_reduce)
-        wtq = self._sr(rht(w_hat.t(), d1),
-                       ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset), ctx.weight_amax_reduce)
+        eq = self._rht_sr(dy, d1, ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset),
+                          ctx.grad_output_amax_reduce)
+        wtq = self._rht_sr(w_hat, d1, ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset),
+                           ctx.weight_amax_reduce, transpose=True)
         out = matmul(eq, wtq, self.gemm_mode(dy.device))
         return out if out_dtype is None else out.to(out_dtype)
 
     def wgrad(self, dy, xq, ctx):
         d2 = self._signs(ctx, Role.RHT_SIGNS_WGRAD, dy.device)
-        et = rht(pad_cols(dy.t(), self.token_padding), d2)
-        xt = rht(pad_cols(xq.dequantize().t(), self.token_padding), d2)
-        etq = self._sr(et, ctx.stream(Role.WGRAD_GRAD_OUTPUT, ctx.out_offset, 0), ctx.grad_output_amax_reduce)
-        xtq = self._sr(xt, ctx.stream(Role.WGRAD_INPUT, ctx.in_offset, 0), ctx.input_amax_reduce)
+        etq = self._rht_sr(dy, d2, ctx.stream(Role.WGRAD_GRAD_OUTPUT, ctx.out_offset, 0),
+                           ctx.grad_output_amax_reduce, transpose=True, pad_multiple=self.token_padding)
+        xtq = self._rht_sr(xq.dequantize(), d2, ctx.stream(Role.WGRAD_INPUT, ctx.in_offset, 0),
+                           ctx.input_amax_reduce, transpose=True, pad_multiple=self.token_padding)
         return matmul(etq, xtq, self.gemm_mode(dy.device))
 
 

@@ -314,3 +314,15 @@ def ref_ms_eden_per16(z: torch.Tensor, ties: str = "even", rel: float = 1e-5):
     return dict(codes=codes.reshape(rows, cols), m=m, keep=keep, u=u.reshape(rows, cols),
                 r_lo=torch.where(keep, bf16(r * (1 - rel)), zero),
                 r_hi=torch.where(keep, bf16(r * (1 + rel)), zero))
+
+
+# -- test data ---------------------------------------------------------------------------------
+
+def gaussian(rows, cols, seed, scale=1.0, spread=0):
+    """N(0,1) * scale; spread > 0 multiplies each 16-block by 2^U{-spread..spread}."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=gen, dtype=F64)
+    if spread:
+        e = torch.randint(-spread, spread + 1, (rows, cols // 16), generator=gen).to(F64)
+        x = x * torch.exp2(e).repeat_interleave(16, dim=1)
+    return (x * scale).float()

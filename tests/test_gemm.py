@@ -27,18 +27,11 @@ from megatron_fp4.hadamard import rht
 from megatron_fp4.rng import RandomStream, derive_key, random_signs
 
 import fp4_reference as ref
+from fp4_reference import gaussian
 
 F64 = torch.float64
 U = 2.0 ** -24
 
-
-def gaussian(rows, cols, seed, scale=1.0, spread=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, cols, generator=gen, dtype=F64)
-    if spread:
-        e = torch.randint(-spread, spread + 1, (rows, cols // 16), generator=gen).to(F64)
-        x = x * torch.exp2(e).repeat_interleave(16, dim=1)
-    return (x * scale).float()
 
 
 def unscaled64(qt) -> torch.Tensor:

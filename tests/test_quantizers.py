@@ -15,6 +15,7 @@ from megatron_fp4.hadamard import rht
 from megatron_fp4.rng import RandomStream, derive_key, random_signs
 
 import fp4_reference as ref
+from fp4_reference import gaussian
 
 F64 = torch.float64
 HEADROOM_V = 6.0 * 16.0 / 17.0
@@ -23,15 +24,6 @@ HEADROOM_V = 6.0 * 16.0 / 17.0
 def lib_codes(qt) -> torch.Tensor:
     return ref.unpack_nibbles(qt.packed)
 
-
-def gaussian(rows, cols, seed, scale=1.0, spread=0):
-    """N(0,1) * scale; spread > 0 multiplies each 16-block by 2^U{-spread..spread}."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, cols, generator=gen, dtype=F64)
-    if spread:
-        e = torch.randint(-spread, spread + 1, (rows, cols // 16), generator=gen).to(F64)
-        x = x * torch.exp2(e).repeat_interleave(16, dim=1)
-    return (x * scale).float()
 
 
 def tie_rich(rows, cols, seed, g_exp=0, block_rows=1):

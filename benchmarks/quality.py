@@ -1,0 +1,201 @@
+"""Training-quality benchmark: the same Llama-style GPT trained under every recipe against BF16.
+
+    python benchmarks/quality.py --out runs/quality                 # GPU: Megatron's training loop
+    python benchmarks/quality.py --out runs/quality --only quartet2 nvidia
+    python benchmarks/quality.py --out runs/smoke --cpu --steps 20  # CPU smoke (megatron-core driver)
+
+Every run: same model (RMSNorm, SwiGLU, RoPE, untied embeddings, no biases), same data and order (the
+corpus builder's default corpus, byte-level, held-out validation split of whole files), same
+hyperparameters (AdamW 0.9/0.95, weight decay 0.1, clip 1.0, cosine with 10% warm-up to lr/10), same
+seed — except the second BF16 run, whose seed differs, to measure the seed-to-seed spread.
+Runs already complete in --out are skipped, so the command resumes the missing recipes only; a run cut
+short keeps its partial summary (written at every log interval) and is reported as such; a run with a
+non-finite loss is reported as NaN/Inf, a run whose loss ends above where it started as diverged.
+Output: <out>/table.md (final validation loss, gap to BF16 absolute and %, gap as a fraction of
+NVIDIA's gap) and <out>/gap.png (gap to BF16 over training).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+RUNS = [  # (run name, recipe, seed offset)
+    ("bf16", "bf16", 0), ("bf16-seed2", "bf16", 1), ("nvidia", "nvidia", 0), ("tetrajet2", "tetrajet2", 0),
+    ("tetrajet2-full", "tetrajet2-full", 0), ("quartet2-no46", "quartet2-no46", 0),
+    ("quartet2", "quartet2", 0), ("quartet2-plus", "quartet2-plus", 0),
+]
+
+
+def non_embedding_params(layers: int, hidden: int, ffn: int) -> int:
+    """Transformer-block linear parameters (SwiGLU: 3 matrices of hidden x ffn; attention: 4 of hidden^2)."""
+    return layers * (4 * hidden * hidden + 3 * hidden * ffn)
+
+
+def run_flags(a, name: str, recipe: str, seed: int, corpus: str) -> list:
+    out = os.path.join(a.out, name)
+    warmup = max(1, a.steps // 10)
+    common = ["--num-layers", a.layers, "--hidden-size", a.hidden, "--ffn-hidden-size", a.ffn,
+              "--num-attention-heads", a.heads, "--seq-length", a.seq, "--micro-batch-size", a.micro_batch,
+              "--train-iters", a.steps, "--lr", a.lr, "--min-lr", a.lr / 10, "--lr-warmup-iters", warmup,
+              "--weight-decay", 0.1, "--clip-grad", 1.0, "--seed", seed, "--swiglu",
+              "--eval-interval", a.eval_interval, "--eval-iters", a.eval_iters, "--log-interval", 10,
+              "--mfp4-recipe", recipe, "--save", out]
+    if a.cpu:   # the CPU driver's own flags (AdamW 0.9/0.95, RMSNorm and cosine are its defaults)
+        extra = ["--mfp4-cpu", "--data-path", os.path.join(corpus, "train"),
+                 "--valid-data-path", os.path.join(corpus, "valid"), "--mfp4-time-budget", 1e9]
+    else:       # Megatron's flags
+        extra = ["--max-position-embeddings", a.seq, "--position-embedding-type", "rope",
+                 "--normalization", "RMSNorm", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+                 "--global-batch-size", a.global_batch, "--lr-decay-style", "cosine",
+                 "--adam-beta1", 0.9, "--adam-beta2", 0.95, "--bf16", "--transformer-impl", "local",
+                 "--tokenizer-type", "NullTokenizer", "--vocab-size", 256, "--null-tokenizer-eod-id", 0,
+                 "--train-data-path", os.path.join(corpus, "train"), "--valid-data-path", os.path.join(corpus, "valid"),
+                 "--test-data-path", os.path.join(corpus, "valid"),
+                 "--mfp4-summary", os.path.join(out, "summary.json")]
+    return [str(x) for x in common + extra]
+
+
+def load_summary(out: str, name: str):
+    path = os.path.join(out, name, "summary.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        summary = json.load(fh)
+    # the CPU driver logs losses as a list, the GPU route as (iteration, loss) pairs
+    losses = summary.get("losses", [])
+    if losses and not isinstance(losses[0], (list, tuple)):
+        summary["losses"] = [(i + 1, l) for i, l in enumerate(losses)]
+    return summary
+
+
+def status_of(summary, steps: int) -> str:
+    if summary is None:
+        return "missing"
+    values = [l for _, l in summary["losses"]] + [l for _, l in summary.get("valid", [])]
+    if any(not math.isfinite(v) for v in values if v is not None):
+        return "NaN/Inf"
+    if summary["losses"] and summary["losses"][-1][1] > summary["losses"][0][1]:
+        return "diverged"
+    last_iteration = summary["losses"][-1][0] if summary["losses"] else 0
+    return "complete" if last_iteration >= steps and summary.get("valid") else "cut short"
+
+
+def report(out: str, steps: int, names=None) -> str:
+    """The result table (markdown) and the gap plot, from whatever summaries exist."""
+    names = names or [n for n, _, _ in RUNS]
+    summaries = {n: load_summary(out, n) for n in names}
+    final = {n: s["valid"][-1][1] for n, s in summaries.items() if s and s.get("valid")}
+    base = final.get("bf16")
+    nv_gap = final["nvidia"] - base if base is not None and "nvidia" in final else None
+    lines = ["| run | status | final validation loss | gap to BF16 | gap % | gap / NVIDIA gap |",
+             "|---|---|---|---|---|---|"]
+    for n in names:
+        s = summaries[n]
+        st = status_of(s, steps)
+        if n not in final or base is None:
+            lines.append(f"| {n} | {st} | {final.get(n, float('nan')):.4f} | - | - | - |")
+            continue
+        gap = final[n] - base
+        frac = f"{gap / nv_gap:.2f}" if nv_gap else "-"
+        lines.append(f"| {n} | {st} | {final[n]:.4f} | {gap:+.4f} | {100 * gap / base:+.2f}% | {frac} |")
+    if base is not None and "bf16-seed2" in final:
+        lines.append(f"\nBF16 seed-to-seed spread (|bf16 - bf16-seed2|): {abs(final['bf16-seed2'] - base):.4f}")
+    table = "\n".join(lines)
+    with open(os.path.join(out, "table.md"), "w") as fh:
+        fh.write(table + "\n")
+    _plot_gaps(out, summaries)
+    return table
+
+
+def _plot_gaps(out: str, summaries: dict) -> None:
+    base = summaries.get("bf16")
+    if not base or not base.get("valid"):
+        return
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ref = dict(base["valid"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, s in summaries.items():
+        if name == "bf16" or not s or not s.get("valid"):
+            continue
+        pts = [(it, v - ref[it]) for it, v in s["valid"] if it in ref and math.isfinite(v)]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("validation loss - BF16")
+    ax.set_title("Gap to BF16 over training")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "gap.png"), dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/quality")
+    p.add_argument("--only", nargs="*", help="restrict to these run names (default: all)")
+    p.add_argument("--force", action="store_true", help="rerun runs that are already complete")
+    p.add_argument("--cpu", action="store_true", help="CPU driver (smoke test)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=768)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("--global-batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=2100)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--eval-interval", type=int, default=100)
+    p.add_argument("--eval-iters", type=int, default=10)
+    p.add_argument("--timeout", type=float, default=900, help="seconds per run (a run cut short is kept)")
+    p.add_argument("--corpus-src", default=None, help="text files for the corpus (default: Python stdlib)")
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    corpus = os.path.join(a.out, "corpus")
+    if not os.path.exists(os.path.join(corpus, "valid.idx")):
+        from megatron_fp4.data import corpus as corpus_builder
+        info = corpus_builder.build(a.corpus_src, corpus)
+        print(f"corpus from {info['source']}: {info['counts']}", flush=True)
+    params = non_embedding_params(a.layers, a.hidden, a.ffn)
+    tokens = a.steps * a.global_batch * a.seq
+    print(f"model: {params / 1e6:.2f}M non-embedding parameters; {tokens / 1e6:.1f}M tokens = "
+          f"{tokens / params:.1f} tokens per parameter", flush=True)
+    names = a.only or [n for n, _, _ in RUNS]
+    unknown = set(names) - {n for n, _, _ in RUNS}
+    if unknown:
+        raise SystemExit(f"unknown run names {sorted(unknown)}; known: {[n for n, _, _ in RUNS]}")
+    for name, recipe, seed_offset in RUNS:
+        if name not in names:
+            continue
+        if not a.force and status_of(load_summary(a.out, name), a.steps) == "complete":
+            print(f"{name}: complete, skipped", flush=True)
+            continue
+        os.makedirs(os.path.join(a.out, name), exist_ok=True)
+        cmd = [sys.executable, "-m", "megatron_fp4.pretrain_gpt",
+               *run_flags(a, name, recipe, a.seed + seed_offset, corpus)]
+        start = time.time()
+        with open(os.path.join(a.out, name, "log.txt"), "w") as log:
+            log.write(" ".join(cmd) + "\n")
+            log.flush()
+            try:
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=a.timeout).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        status = status_of(load_summary(a.out, name), a.steps)
+        print(f"{name}: exit {rc}, {status}, {time.time() - start:.0f} s", flush=True)
+    print(report(a.out, a.steps, names), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The training-quality benchmark's bookkeeping (benchmarks/quality.py): gaps, statuses, resume, and
+a CPU smoke run of two recipes through the real launcher."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+import quality  # noqa: E402
+
+
+def write(out, name, losses, valid):
+    os.makedirs(os.path.join(out, name), exist_ok=True)
+    with open(os.path.join(out, name, "summary.json"), "w") as fh:
+        json.dump({"losses": losses, "valid": valid}, fh)
+
+
+def test_table_gaps_and_statuses(tmp_path):
+    out = str(tmp_path)
+    write(out, "bf16", [[1, 5.0], [10, 3.0]], [[10, 3.00]])
+    write(out, "bf16-seed2", [[1, 5.0], [10, 3.0]], [[10, 3.01]])
+    write(out, "nvidia", [[1, 5.0], [10, 3.1]], [[10, 3.10]])
+    write(out, "quartet2", [[1, 5.0], [10, 3.05]], [[10, 3.05]])
+    write(out, "tetrajet2", [[1, 5.0], [10, float("nan")]], [[10, float("nan")]])
+    write(out, "quartet2-no46", [[1, 5.0], [10, 6.0]], [[10, 6.0]])
+    write(out, "tetrajet2-full", [[1, 5.0], [5, 4.0]], [[5, 4.0]])
+    table = quality.report(out, steps=10)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["quartet2"][0] == "complete" and rows["quartet2"][2] == "+0.0500"
+    assert math.isclose(float(rows["quartet2"][4]), 0.5)          # half of NVIDIA's 0.10 gap
+    assert rows["nvidia"][4] == "1.00"
+    assert rows["tetrajet2"][0] == "NaN/Inf"                      # reported, never dropped
+    assert rows["quartet2-no46"][0] == "diverged"
+    assert rows["tetrajet2-full"][0] == "cut short"
+    assert rows["quartet2-plus"][0] == "missing"
+    assert "seed-to-seed spread" in table and "0.0100" in table
+    assert os.path.exists(os.path.join(out, "table.md")) and os.path.getsize(os.path.join(out, "gap.png")) > 1000
+
+
+def test_non_embedding_parameter_count():
+    # 4 attention matrices of hidden^2 plus 3 SwiGLU matrices of hidden x ffn per layer
+    assert quality.non_embedding_params(4, 256, 768) == 4 * (4 * 256 ** 2 + 3 * 256 * 768)
+
+
+def test_cpu_smoke_runs_resume_and_report(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(24):
+        (src / f"m{i}.py").write_text("def f(x):\n    return x + %d\n" % i * 30)
+    out = tmp_path / "q"
+    cmd = [sys.executable, os.path.join(os.path.dirname(quality.__file__), "quality.py"), "--out", str(out),
+           "--cpu", "--corpus-src", str(src), "--only", "bf16", "quartet2", "--steps", "4", "--layers", "2",
+           "--hidden", "128", "--ffn", "256", "--heads", "2", "--seq", "64", "--micro-batch", "2",
+           "--eval-interval", "2", "--eval-iters", "1", "--timeout", "240"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "bf16: exit 0, complete" in first.stdout and "quartet2: exit 0, complete" in first.stdout
+    table = (out / "table.md").read_text()
+    assert "| quartet2 | complete |" in table
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)   # resumes: nothing to do
+    assert "bf16: complete, skipped" in second.stdout and "quartet2: complete, skipped" in second.stdout
