@@ -382,7 +382,15 @@ class _NVFP4LinearMixin:
             "iteration": state.get_iteration(), "micro_batches": int(self.mfp4_record_state[2]),
             "channels_selected": mask.nonzero().squeeze(1).tolist()}
         log.info("%s: OutControl keeps %d of %d input channels in MXFP8 (%.1f%% of the recorded input "
-                 "norm)", self.mfp4_name, count, sums.numel(), 100 * self.mfp4_outcontrol_stats["norm_share"])
+                 "norm): %s", self.mfp4_name, count, sums.numel(), 100 * self.mfp4_outcontrol_stats["norm_share"],
+                 self.mfp4_outcontrol_stats["channels_selected"])
+        writer = state.tensorboard_writer()
+        if writer is not None:
+            it = self.mfp4_outcontrol_stats["iteration"]
+            writer.add_scalar(f"mfp4/outcontrol_norm_share/{self.mfp4_name}",
+                              self.mfp4_outcontrol_stats["norm_share"], it)
+            writer.add_text(f"mfp4/outcontrol_channels/{self.mfp4_name}",
+                            str(self.mfp4_outcontrol_stats["channels_selected"]), it)
 
     def set_mfp4_identity(self, layer_number: int, name: str, bf16: bool = False) -> None:
         """Tag with the global 1-based layer number and canonical name; validate shapes now."""

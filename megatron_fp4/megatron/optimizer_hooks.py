@@ -316,11 +316,8 @@ def stabilizer_report() -> dict:
 
 def _tensorboard_logger():
     """Log reset statistics to Megatron's TensorBoard writer when one is configured."""
-    try:
-        from megatron.training.global_vars import get_tensorboard_writer
-        writer = get_tensorboard_writer()
-    except Exception:   # megatron.training not initialised (CPU driver, tests)
-        writer = None
+    from .state import tensorboard_writer
+    writer = tensorboard_writer()
     if writer is None:
         return None
 

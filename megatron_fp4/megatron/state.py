@@ -120,3 +120,12 @@ def format_comm_stats() -> str:
     lines.append(f"  total  {total_q / 2**20:.3f}  {total_b / 2**20:.3f}  "
                  f"{total_q / total_b if total_b else float('nan'):.3f}")
     return "\n".join(lines)
+
+
+def tensorboard_writer():
+    """Megatron's TensorBoard writer when megatron.training set one up (None otherwise)."""
+    try:
+        from megatron.training.global_vars import get_tensorboard_writer
+        return get_tensorboard_writer()
+    except Exception:   # megatron.training not initialised (CPU driver, tests)
+        return None
