@@ -376,17 +376,30 @@ class TrainingHistory:
         training.training_log = training_log
 
         original_evaluate = training.evaluate
+        original_print = training.evaluate_and_print_results
+        context = {"prefix": ""}
+
+        def evaluate_and_print_results(prefix, *args, **kwargs):
+            # the same evaluate() serves the validation and the final test-set evaluation; the prefix
+            # ("iteration N on test set") tells them apart
+            context["prefix"] = str(prefix)
+            try:
+                return original_print(prefix, *args, **kwargs)
+            finally:
+                context["prefix"] = ""
 
         def evaluate(*args, **kwargs):
             result = original_evaluate(*args, **kwargs)
             total_loss_dict = result[0] if isinstance(result, tuple) else None
-            if total_loss_dict and "lm loss" in total_loss_dict:
+            if total_loss_dict and "lm loss" in total_loss_dict and "test set" not in context["prefix"]:
                 iteration = self.records[-1]["iteration"] if self.records else 0
                 self.valid.append((iteration, float(total_loss_dict["lm loss"])))
             return result
 
         evaluate.__wrapped__ = original_evaluate
         training.evaluate = evaluate
+        evaluate_and_print_results.__wrapped__ = original_print
+        training.evaluate_and_print_results = evaluate_and_print_results
         self._last = time.perf_counter()
         self._installed = True
         return self

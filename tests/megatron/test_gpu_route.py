@@ -167,10 +167,13 @@ def test_training_history_records_losses_and_validation(monkeypatch):
     monkeypatch.setattr(training, "training_log", lambda loss_dict, *a, **k: seen.append(loss_dict) or 0)
     monkeypatch.setattr(training, "evaluate",
                         lambda *a, **k: ({"lm loss": torch.tensor(2.5)}, None, False))
+    # stand-in for Megatron's: evaluates through the module-level evaluate()
+    monkeypatch.setattr(training, "evaluate_and_print_results", lambda prefix, *a, **k: training.evaluate())
     history = TrainingHistory(summary_path=None, every=0).install()
     for it in (1, 2, 3):
         training.training_log({"lm loss": torch.tensor(4.0 - it)}, {}, 1e-3, it)
-    assert training.evaluate(None, None, None)[0]["lm loss"].item() == 2.5
+    training.evaluate_and_print_results("iteration 3 on validation set")
+    training.evaluate_and_print_results("iteration 3 on test set")   # the final test-set pass
     summary = history.summary(warmup=0)
     assert summary["losses"] == [(1, 3.0), (2, 2.0), (3, 1.0)] and len(seen) == 3
     assert summary["valid"] == [(3, 2.5)]
