@@ -180,3 +180,14 @@ def oscireset_chained(rank, world, settings_kwargs):
     _teardown()
     return {"per_member": per_member, "reset_layers": reset_layers,
             "events": sorted({e["update"] for e in hooks.history})}
+
+
+def bf16_layer_flags(rank, world, settings_kwargs):
+    """Which plugin linears of a built GPT run in BF16 (recipe-level per-layer overrides)."""
+    from megatron_fp4.megatron import driver
+    s = driver.GPTSettings(**settings_kwargs)
+    driver.initialize_parallel(s)
+    chunks, _ = driver.build_model(s)
+    flags = {m.mfp4_name: m.mfp4_bf16 for c in chunks for m in c.modules() if hasattr(m, "mfp4_bf16")}
+    _teardown()
+    return flags

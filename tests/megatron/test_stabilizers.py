@@ -84,3 +84,15 @@ def test_chained_optimizer_hooks_every_member():
     # resets happened in layers owned by each member
     assert any(name in r["reset_layers"] for name in r["per_member"][0]), r
     assert any(name in r["reset_layers"] for name in r["per_member"][1]), r
+
+
+def test_recipe_yaml_keeps_chosen_layers_in_bf16(tmp_path):
+    """Per-layer overrides from the recipe YAML reach the built model: the first layer and every fc2
+    run the stock BF16 GEMM, the rest the recipe."""
+    path = tmp_path / "mixed.yaml"
+    path.write_text("family: quartet2\nbf16_first_layers: 1\nbf16_modules: ['*.linear_fc2']\n")
+    flags = dist.run(w.bf16_layer_flags, 1, dict(SMALL, recipe=str(path)), timeout=120)[0]
+    assert len(flags) == 8, flags
+    for name, bf16 in flags.items():
+        expected = name.startswith("decoder.layers.0.") or name.endswith("linear_fc2")
+        assert bf16 == expected, (name, bf16)
