@@ -167,7 +167,8 @@ class Recipe:
                           if f.name != "name")
         return f"{self.name} ({self.family}: {knobs})"
 
-    # The GEMM table (overridden per family) -----------------------------------------------------
+    # The GEMM table: every quantized family overrides these; the bf16 family (quantized = False)
+    # never reaches them, because the layers and the autograd linear take the stock GEMM path for it.
     def quantize_input(self, x: torch.Tensor, ctx: QuantContext) -> NVFP4Tensor:
         raise NotImplementedError
 
