@@ -9,10 +9,10 @@ Writes DIR/results.md (markdown tables), DIR/results.json and prints the tables 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -20,10 +20,12 @@ import traceback
 import torch
 import triton
 
+from timing import median_ms
+
 from megatron_fp4 import quantizers as Q
 from megatron_fp4.hadamard import rht
 from megatron_fp4.linear import nvfp4_linear
-from megatron_fp4.recipe import QuantContext, Quartet2Recipe, pad_cols
+from megatron_fp4.recipe import QuantContext, Quartet2Recipe
 from megatron_fp4.rng import RandomStream, Role, derive_key, random_signs
 from megatron_fp4.kernels import dispatch as D
 from megatron_fp4.kernels.dequant import dequantize_unscaled_bf16
@@ -49,24 +51,9 @@ def log(msg=""):
     LINES.append(msg)
 
 
-def time_cuda(fn, warmup=3, reps=20, min_ms=None):
-    """Median milliseconds over `reps` event-timed calls after `warmup` calls."""
-    if DRYRUN:
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def time_cuda(fn, warmup=3, reps=20):
+    """Median milliseconds after warm-up (benchmarks/timing.py)."""
+    return median_ms(fn, warmup, reps, dryrun=DRYRUN)
 
 
 def guarded(name):
@@ -201,53 +188,20 @@ def bandwidth(rows, cols):
 
 
 # ---------------------------------------------------------------------------------------------
-class Quartet2Kernels(Quartet2Recipe):
-    """Quartet2Recipe with every quantizer and GEMM routed through kernels.dispatch (what the
-    suggested recipe.py call-site changes amount to)."""
-
-    def _forward(self, t, amax_reduce):
-        smax = Q.FOUR_OVER_SIX_SMAX if self.four_over_six else 448.0
-        return D.quantize_nvfp4(t, smax=smax, ties=self.rtn_ties, four_over_six=self.four_over_six,
-                                amax_reduce=amax_reduce)
-
-    # GEMMs: dequant + cuBLAS FP32 output, then one fused epilogue pass (D.matmul's scale/out_dtype)
-    # that applies g_a*g_b, the forward g of a re-quantized operand and the cast to BF16: the same
-    # bits as recipe.py's separate mul_, `* tensor_scale` and linear.py's cast (bench_variants checks)
-    def fprop(self, xq, wq, ctx):
-        return D.matmul(xq, wq, out_dtype=torch.bfloat16)
-
-    def _kw(self):
-        return dict(eden_group=self.eden_group, v=self.eden_v, smax=self.eden_smax, ties=self.rtn_ties)
-
-    def dgrad(self, dy, wq, ctx):
-        sigma = self._signs(ctx, dy.device)
-        eq = D.rht_ms_eden(dy, sigma, ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset),
-                           amax_reduce=ctx.grad_output_amax_reduce, **self._kw())
-        wtq = D.requant_ms_eden(wq, sigma, ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset),
-                                amax_reduce=ctx.weight_amax_reduce, **self._kw())
-        return D.matmul(eq, wtq, scale=wq.tensor_scale, out_dtype=torch.bfloat16)
-
-    def wgrad(self, dy, xq, ctx):
-        sigma = self._signs(ctx, dy.device)
-        etq = D.rht_ms_eden(dy, sigma, ctx.stream(Role.WGRAD_GRAD_OUTPUT, ctx.out_offset, 0), transpose=True,
-                            pad_multiple=self.token_padding, amax_reduce=ctx.grad_output_amax_reduce, **self._kw())
-        xtq = D.requant_ms_eden(xq, sigma, ctx.stream(Role.WGRAD_INPUT, ctx.in_offset, 0),
-                                pad_multiple=self.token_padding, amax_reduce=ctx.input_amax_reduce, **self._kw())
-        return D.matmul(etq, xtq, scale=xq.tensor_scale, out_dtype=torch.bfloat16)
-
-
 LLAMA7B = [("qkv", 4096, 3 * 4096), ("o", 4096, 4096), ("gate+up", 4096, 2 * 11008), ("down", 11008, 4096)]
 
 
-def _linear_step(recipe, x, w, dy, key):
+def _linear_step(recipe, x, w, dy, key, reference=False):
+    """One forward + backward; reference=True runs the recipe's torch twins instead of the kernels."""
     def step():
         w.grad = None
         x.grad = None
-        if recipe is None:
-            y = torch.nn.functional.linear(x, w)
-        else:
-            y = nvfp4_linear(x, w, None, recipe, QuantContext(key=key, seed=recipe.seed))
-        y.backward(dy)
+        with D.reference_only() if reference else contextlib.nullcontext():
+            if recipe is None:
+                y = torch.nn.functional.linear(x, w)
+            else:
+                y = nvfp4_linear(x, w, None, recipe, QuantContext(key=key, seed=recipe.seed))
+            y.backward(dy)
     return step
 
 
@@ -256,7 +210,7 @@ def linear_block(tokens, reps, check_rows):
     log(f"\n### Linear forward + backward (dgrad + wgrad), T={tokens}, Llama-7B block linears\n")
     log("| linear (K -> N) | BF16 ms | quartet2 reference ms | ratio | quartet2 kernels ms | ratio |")
     log("|---|---|---|---|---|---|")
-    ref_recipe, ker_recipe = Quartet2Recipe(), Quartet2Kernels()
+    recipe = Quartet2Recipe()   # routes through kernels.dispatch: kernels on CUDA, twins if told
     totals = [0.0, 0.0, 0.0]
     for name, k, n in LLAMA7B:
         x = randn(tokens, k, 10).requires_grad_(True)
@@ -264,16 +218,16 @@ def linear_block(tokens, reps, check_rows):
         dy = randn(tokens, n, 12) * 1e-3
         key = derive_key(1234, 0, 1, 0)
         t_bf = time_cuda(_linear_step(None, x, w, dy, key), warmup=3, reps=reps)
-        t_ref = time_cuda(_linear_step(ref_recipe, x, w, dy, key), warmup=1, reps=max(3, reps // 4))
+        t_ref = time_cuda(_linear_step(recipe, x, w, dy, key, reference=True), warmup=1, reps=max(3, reps // 4))
         empty_cache()
-        t_ker = time_cuda(_linear_step(ker_recipe, x, w, dy, key), warmup=3, reps=reps)
+        t_ker = time_cuda(_linear_step(recipe, x, w, dy, key), warmup=3, reps=reps)
         empty_cache()
         for i, t in enumerate((t_bf, t_ref, t_ker)):
             totals[i] += t
         log(f"| {name} ({k} -> {n}) | {t_bf:.2f} | {t_ref:.2f} | {t_ref / t_bf:.2f}x | {t_ker:.2f} | {t_ker / t_bf:.2f}x |")
         RESULTS["linear"].append(dict(linear=name, k=k, n=n, bf16_ms=t_bf, ref_ms=t_ref, ker_ms=t_ker))
         if name == "down":
-            agreement(ref_recipe, ker_recipe, x, w, dy, key)
+            agreement(recipe, x, w, dy, key)
         del x, w, dy
         empty_cache()
     log(f"| **block total** | {totals[0]:.2f} | {totals[1]:.2f} | {totals[1] / totals[0]:.2f}x | "
@@ -281,14 +235,15 @@ def linear_block(tokens, reps, check_rows):
     RESULTS["linear_totals"] = totals
 
 
-def agreement(ref_recipe, ker_recipe, x, w, dy, key):
+def agreement(recipe, x, w, dy, key):
     """Kernel path vs reference path on the same inputs and key: Y exact (same codes, same GEMM),
     dX and dW equal up to the rotation's FP32 rounding (so rare differing codes/scales)."""
     outs = []
-    for r in (ref_recipe, ker_recipe):
+    for reference in (True, False):
         x.grad = w.grad = None
-        y = nvfp4_linear(x, w, None, r, QuantContext(key=key, seed=r.seed))
-        y.backward(dy)
+        with D.reference_only() if reference else contextlib.nullcontext():
+            y = nvfp4_linear(x, w, None, recipe, QuantContext(key=key, seed=recipe.seed))
+            y.backward(dy)
         outs.append((y.detach().float(), x.grad.float(), w.grad.float()))
     (y0, dx0, dw0), (y1, dx1, dw1) = outs
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()

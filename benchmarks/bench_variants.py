@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 import torch
 import triton
 import triton.language as tl
+
+from timing import median_ms
 
 from megatron_fp4 import quantizers as Q
 from megatron_fp4.rng import RandomStream, derive_key, random_signs
@@ -34,15 +35,7 @@ def log(m=""):
 
 
 def bench(fn, reps=30, warmup=5):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts) * 1e3   # us
+    return median_ms(fn, warmup, reps) * 1e3   # us
 
 
 @triton.jit

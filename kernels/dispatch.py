@@ -9,6 +9,7 @@ the rotation and the EDEN / 4/6 sums, see the kernel modules).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, Optional
 
@@ -22,6 +23,21 @@ from megatron_fp4.rng import RandomStream
 from megatron_fp4.tensor import NVFP4Tensor
 
 AmaxReduce = Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Inside this block every call here runs the torch reference twin, also on CUDA tensors
+    (what MEGATRON_FP4_KERNELS=0 does for a whole process); benchmarks time both paths this way."""
+    previous = os.environ.get("MEGATRON_FP4_KERNELS")
+    os.environ["MEGATRON_FP4_KERNELS"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MEGATRON_FP4_KERNELS")
+        else:
+            os.environ["MEGATRON_FP4_KERNELS"] = previous
 
 
 def kernels_enabled(*tensors: torch.Tensor) -> bool:

@@ -1,6 +1,6 @@
 """GPU timing and exactness of the double-block kernels (not collected by pytest: no test_ prefix).
 
-    python3 tests/kernels/bench_double_block.py --out $OUT/qdb
+    python3 benchmarks/bench_double_block.py --out $OUT/qdb
 
 bf16 randn [16384, 4096]: for each kernel, bits against the reference (for RHT-16: against the
 reference run on the kernel's own rotation, and against the full reference composition), median
@@ -10,16 +10,17 @@ config sweep; and the tetrajet2 linear forward+backward with kernels on and off.
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 import triton
 
+from timing import median_ms
+
 from megatron_fp4 import quantizers as Q
 from megatron_fp4.hadamard import rht
 from megatron_fp4.rng import RandomStream, derive_key, random_signs
-from megatron_fp4.kernels import dispatch as D
+from megatron_fp4.kernels import dispatch
 from megatron_fp4.kernels.double_block import quantize_double_block as kernel, rht16
 
 OUT = {}
@@ -35,23 +36,7 @@ def log(msg=""):
 
 
 def time_cuda(fn, warmup=3, reps=20):
-    if DRYRUN:
-        import time
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return median_ms(fn, warmup, reps, dryrun=DRYRUN)
 
 
 def mismatch(got, ref):
@@ -175,9 +160,8 @@ def main():
         return f
     t_bf = time_cuda(step(None), reps=10)
     t_ker = time_cuda(step(rec), reps=10)
-    os.environ["MEGATRON_FP4_KERNELS"] = "0"
-    t_ref = time_cuda(step(rec), warmup=1, reps=5)
-    os.environ.pop("MEGATRON_FP4_KERNELS")
+    with dispatch.reference_only():
+        t_ref = time_cuda(step(rec), warmup=1, reps=5)
     log(f"\ntetrajet2 linear fwd+bwd T={T} K={K} N={N}: bf16 {t_bf:.2f} ms, kernels {t_ker:.2f} ms "
         f"({t_ker / t_bf:.2f}x), reference quantizers {t_ref:.2f} ms ({t_ref / t_bf:.2f}x)")
     OUT["linear"] = dict(bf16_ms=t_bf, kernels_ms=t_ker, reference_ms=t_ref)
