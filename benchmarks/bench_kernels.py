@@ -26,6 +26,7 @@ from megatron_fp4 import quantizers as Q
 from megatron_fp4.hadamard import rht
 from megatron_fp4.linear import nvfp4_linear
 from megatron_fp4.recipe import QuantContext, Quartet2Recipe
+from megatron_fp4.registry import load_recipe
 from megatron_fp4.rng import RandomStream, Role, derive_key, random_signs
 from megatron_fp4.kernels import dispatch as D
 from megatron_fp4.kernels.dequant import dequantize_unscaled_bf16
@@ -205,34 +206,80 @@ def _linear_step(recipe, x, w, dy, key, reference=False):
     return step
 
 
+LLAMA1B = [("qkv", 2048, 3 * 2048), ("o", 2048, 2048), ("gate+up", 2048, 2 * 5632), ("down", 5632, 2048)]
+QUALITY = [("qkv", 256, 768), ("o", 256, 256), ("gate+up", 256, 1536), ("down", 768, 256)]
+RECIPES = ("bf16", "nvidia", "tetrajet2", "quartet2")
+
+
 @guarded("linear")
-def linear_block(tokens, reps, check_rows):
-    log(f"\n### Linear forward + backward (dgrad + wgrad), T={tokens}, Llama-7B block linears\n")
-    log("| linear (K -> N) | BF16 ms | quartet2 reference ms | ratio | quartet2 kernels ms | ratio |")
-    log("|---|---|---|---|---|---|")
-    recipe = Quartet2Recipe()   # routes through kernels.dispatch: kernels on CUDA, twins if told
-    totals = [0.0, 0.0, 0.0]
-    for name, k, n in LLAMA7B:
+def linear_block(tokens, reps, shapes, label):
+    """Forward + backward of every recipe (its default GPU path: kernels where they exist) for the four
+    linears of one block, each as a ratio to BF16 timed in the same loop."""
+    log(f"\n### Linear forward + backward (dgrad + wgrad), T={tokens}, {label} block linears\n")
+    log("| linear (K -> N) | " + " | ".join(f"{r} ms" for r in RECIPES) + " | "
+        + " | ".join(f"{r}/bf16" for r in RECIPES[1:]) + " |")
+    log("|---" * (2 * len(RECIPES)) + "|")
+    totals = dict.fromkeys(RECIPES, 0.0)
+    for name, k, n in shapes:
         x = randn(tokens, k, 10).requires_grad_(True)
         w = (randn(n, k, 11) * 0.02).requires_grad_(True)
         dy = randn(tokens, n, 12) * 1e-3
         key = derive_key(1234, 0, 1, 0)
-        t_bf = time_cuda(_linear_step(None, x, w, dy, key), warmup=3, reps=reps)
-        t_ref = time_cuda(_linear_step(recipe, x, w, dy, key, reference=True), warmup=1, reps=max(3, reps // 4))
-        empty_cache()
-        t_ker = time_cuda(_linear_step(recipe, x, w, dy, key), warmup=3, reps=reps)
-        empty_cache()
-        for i, t in enumerate((t_bf, t_ref, t_ker)):
-            totals[i] += t
-        log(f"| {name} ({k} -> {n}) | {t_bf:.2f} | {t_ref:.2f} | {t_ref / t_bf:.2f}x | {t_ker:.2f} | {t_ker / t_bf:.2f}x |")
-        RESULTS["linear"].append(dict(linear=name, k=k, n=n, bf16_ms=t_bf, ref_ms=t_ref, ker_ms=t_ker))
-        if name == "down":
-            agreement(recipe, x, w, dy, key)
+        times = {}
+        for r in RECIPES:
+            recipe = None if r == "bf16" else load_recipe(r)
+            times[r] = time_cuda(_linear_step(recipe, x, w, dy, key), warmup=3, reps=reps)
+            totals[r] += times[r]
+            empty_cache()
+        log(f"| {name} ({k} -> {n}) | " + " | ".join(f"{times[r]:.2f}" for r in RECIPES) + " | "
+            + " | ".join(f"{times[r] / times['bf16']:.2f}x" for r in RECIPES[1:]) + " |")
+        RESULTS["linear"].append(dict(shapes=label, linear=name, k=k, n=n, **{f"{r}_ms": times[r] for r in RECIPES}))
+        if name == "down" and label.startswith("Llama-7B"):
+            agreement(Quartet2Recipe(), x, w, dy, key)
+            recipe = Quartet2Recipe()
+            t_ref = time_cuda(_linear_step(recipe, x, w, dy, key, reference=True), warmup=1, reps=3)
+            log(f"quartet2 down proj with the torch twins (dispatch.reference_only()): {t_ref:.2f} ms = "
+                f"{t_ref / times['bf16']:.1f}x BF16; with the kernels {times['quartet2'] / times['bf16']:.2f}x\n")
+            RESULTS["reference_down_ms"] = t_ref
         del x, w, dy
         empty_cache()
-    log(f"| **block total** | {totals[0]:.2f} | {totals[1]:.2f} | {totals[1] / totals[0]:.2f}x | "
-        f"{totals[2]:.2f} | {totals[2] / totals[0]:.2f}x |")
-    RESULTS["linear_totals"] = totals
+    log(f"| **block total** | " + " | ".join(f"{totals[r]:.2f}" for r in RECIPES) + " | "
+        + " | ".join(f"**{totals[r] / totals['bf16']:.2f}x**" for r in RECIPES[1:]) + " |")
+    RESULTS.setdefault("linear_totals", {})[label] = totals
+
+
+@guarded("overhead")
+def host_overhead(tokens, shapes, label):
+    """Small linears (the quality benchmark's model) are bound by the host: per fwd+bwd call, GPU time
+    (events), host time (calls issued back to back without a sync) and the number of kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    log(f"\n### Host overhead, T={tokens}, {label} linears (sum over the block's four)\n")
+    log("| recipe | GPU ms (events) | host ms per call | kernels launched |")
+    log("|---|---|---|---|")
+    for r in RECIPES:
+        recipe = None if r == "bf16" else load_recipe(r)
+        gpu = host = 0.0
+        launches = 0
+        for name, k, n in shapes:
+            x = randn(tokens, k, 10).requires_grad_(True)
+            w = (randn(n, k, 11) * 0.02).requires_grad_(True)
+            dy = randn(tokens, n, 12) * 1e-3
+            step = _linear_step(recipe, x, w, dy, derive_key(1234, 0, 1, 0))
+            gpu += time_cuda(step, warmup=3, reps=20)
+            if not DRYRUN:
+                torch.cuda.synchronize()
+            begin = time.perf_counter()
+            for _ in range(20):
+                step()
+            host += (time.perf_counter() - begin) * 1e3 / 20
+            if not DRYRUN:
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    step()
+                    torch.cuda.synchronize()
+                launches += sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+        log(f"| {r} | {gpu:.3f} | {host:.3f} | {launches} |")
+        RESULTS.setdefault("overhead", []).append(dict(recipe=r, gpu_ms=gpu, host_ms=host, launches=launches))
 
 
 def agreement(recipe, x, w, dy, key):
@@ -314,6 +361,8 @@ def main():
         rows, cols = 128, 256
         global LLAMA7B
         LLAMA7B = [("tiny", 256, 384), ("down", 384, 256)]
+        global LLAMA1B, QUALITY
+        LLAMA1B = QUALITY = [("tiny", 256, 256)]
     exactness(rows, cols)
     log(f"[{time.time() - t0:.0f}s]")
     bandwidth(rows, cols)
@@ -324,7 +373,11 @@ def main():
             tokens = 128
         stages(tokens, 256, 384) if DRYRUN else stages(tokens, 4096, 11008)
         log(f"[{time.time() - t0:.0f}s]")
-        linear_block(tokens, reps=10, check_rows=0)
+        linear_block(tokens, 10, LLAMA7B, "Llama-7B (hidden 4096, MLP 11008)")
+        log(f"[{time.time() - t0:.0f}s]")
+        linear_block(tokens, 10, LLAMA1B, "Llama-1B-like (hidden 2048, MLP 5632)")
+        log(f"[{time.time() - t0:.0f}s]")
+        host_overhead(128 if DRYRUN else 32768, QUALITY, "quality-benchmark model (hidden 256, MLP 768)")
         log(f"[{time.time() - t0:.0f}s]")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(LINES) + "\n")

@@ -53,6 +53,7 @@ def run_flags(a, name: str, recipe: str, seed: int, corpus: str) -> list:
                  "--normalization", "RMSNorm", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
                  "--global-batch-size", a.global_batch, "--lr-decay-style", "cosine",
                  "--adam-beta1", 0.9, "--adam-beta2", 0.95, "--bf16", "--transformer-impl", "local",
+                 "--attention-dropout", 0.0, "--hidden-dropout", 0.0,   # no dropout, as in the sweeps
                  "--tokenizer-type", "NullTokenizer", "--vocab-size", 256, "--null-tokenizer-eod-id", 0,
                  "--train-data-path", os.path.join(corpus, "train"), "--valid-data-path", os.path.join(corpus, "valid"),
                  "--test-data-path", os.path.join(corpus, "valid"),
@@ -140,6 +141,37 @@ def _plot_gaps(out: str, summaries: dict) -> None:
     plt.close(fig)
 
 
+def run_all(todo: list, a) -> None:
+    """Run (name, command) pairs, at most a.parallel at a time (each its own process; on one GPU they
+    share it), each under a.timeout seconds; a run's output goes to <out>/<name>/log.txt."""
+    pending, running = list(todo), {}
+    while pending or running:
+        while pending and len(running) < a.parallel:
+            name, cmd = pending.pop(0)
+            log = open(os.path.join(a.out, name, "log.txt"), "w")
+            log.write(" ".join(cmd) + "\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            running[name] = (proc, log, time.time())
+            print(f"{name}: started", flush=True)
+        time.sleep(1.0)
+        for name, (proc, log, start) in list(running.items()):
+            rc = proc.poll()
+            if rc is None and time.time() - start > a.timeout:
+                proc.kill()
+                proc.wait()
+                rc = "timeout"
+            if rc is None:
+                continue
+            log.close()
+            del running[name]
+            summary = load_summary(a.out, name)
+            step = summary.get("median_step_s") if summary else None
+            step_txt = f", median step {1000 * step:.1f} ms" if step else ""
+            print(f"{name}: exit {rc}, {status_of(summary, a.steps)}, {time.time() - start:.0f} s{step_txt}",
+                  flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/quality")
@@ -151,16 +183,20 @@ def main(argv=None):
     p.add_argument("--ffn", type=int, default=768)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--micro-batch", type=int, default=32)
-    p.add_argument("--global-batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=2100)
+    p.add_argument("--micro-batch", type=int, default=64)
+    p.add_argument("--global-batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=1050)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--eval-interval", type=int, default=100)
-    p.add_argument("--eval-iters", type=int, default=10)
+    p.add_argument("--eval-iters", type=int, default=5)
     p.add_argument("--timeout", type=float, default=900, help="seconds per run (a run cut short is kept)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="runs at a time (one GPU is shared: small models leave it mostly idle)")
     p.add_argument("--corpus-src", default=None, help="text files for the corpus (default: Python stdlib)")
     a = p.parse_args(argv)
+    if a.parallel < 1:
+        p.error("--parallel must be at least 1")
     os.makedirs(a.out, exist_ok=True)
     corpus = os.path.join(a.out, "corpus")
     if not os.path.exists(os.path.join(corpus, "valid.idx")):
@@ -175,6 +211,7 @@ def main(argv=None):
     unknown = set(names) - {n for n, _, _ in RUNS}
     if unknown:
         raise SystemExit(f"unknown run names {sorted(unknown)}; known: {[n for n, _, _ in RUNS]}")
+    todo = []
     for name, recipe, seed_offset in RUNS:
         if name not in names:
             continue
@@ -182,18 +219,9 @@ def main(argv=None):
             print(f"{name}: complete, skipped", flush=True)
             continue
         os.makedirs(os.path.join(a.out, name), exist_ok=True)
-        cmd = [sys.executable, "-m", "megatron_fp4.pretrain_gpt",
-               *run_flags(a, name, recipe, a.seed + seed_offset, corpus)]
-        start = time.time()
-        with open(os.path.join(a.out, name, "log.txt"), "w") as log:
-            log.write(" ".join(cmd) + "\n")
-            log.flush()
-            try:
-                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=a.timeout).returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-        status = status_of(load_summary(a.out, name), a.steps)
-        print(f"{name}: exit {rc}, {status}, {time.time() - start:.0f} s", flush=True)
+        todo.append((name, [sys.executable, "-m", "megatron_fp4.pretrain_gpt",
+                            *run_flags(a, name, recipe, a.seed + seed_offset, corpus)]))
+    run_all(todo, a)
     print(report(a.out, a.steps, names), flush=True)
 
 

@@ -12,9 +12,11 @@ give the same bits:
 """
 from __future__ import annotations
 
+import collections
 import os
 
 import numpy as np
+import torch
 import triton
 import triton.language as tl
 
@@ -222,6 +224,22 @@ def rn_e2m1(y, TIES_AWAY: tl.constexpr):
 
 
 @triton.jit
+def sr_e2m1(y, uniform):
+    """quantizers.encode_sr: |y| (clipped at 6) rounds up to the next grid value with probability
+    (|y| - lo) / (hi - lo); the gap is a power of two, so multiplying by its inverse is the same
+    exact quotient the reference divides out."""
+    m = tl.minimum(tl.abs(y), 6.0)
+    lo_code = ((m >= 0.5).to(tl.uint8) + (m >= 1.0).to(tl.uint8) + (m >= 1.5).to(tl.uint8)
+               + (m >= 2.0).to(tl.uint8) + (m >= 3.0).to(tl.uint8) + (m >= 4.0).to(tl.uint8)
+               + (m >= 6.0).to(tl.uint8))
+    lo = e2m1_value(lo_code)
+    inv_gap = tl.where(lo < 2.0, 2.0, tl.where(lo < 4.0, 1.0, 0.5))
+    prob_up = tl.where(lo_code < 7, (m - lo) * inv_gap, 0.0)
+    code = lo_code + (uniform < prob_up).to(tl.uint8)
+    return code | ((y < 0).to(tl.uint8) << 3)
+
+
+@triton.jit
 def e2m1_value(code):
     """FP32 value of signed 4-bit codes (format.decode_e2m1), without a table."""
     c = (code & 7).to(tl.float32)
@@ -245,3 +263,27 @@ def signed_key(key: int) -> int:
     """A 32-bit key as the int32 with the same bit pattern (kernel arguments are typed by value)."""
     key &= 0xFFFFFFFF
     return key - (1 << 32) if key >= (1 << 31) else key
+
+
+_SIGNED_HADAMARD_CACHE: "collections.OrderedDict" = collections.OrderedDict()
+
+
+def signed_hadamard(sigma: torch.Tensor, pm1: torch.Tensor, device) -> torch.Tensor:
+    """diag(sigma) H+-1 as the kernels' dot operand: BF16 on GPU (exact: entries are +-1), FP32
+    under the interpreter. `pm1` is the +-1 Sylvester matrix of sigma's size.
+
+    Built once per sigma tensor (identity and version, so an in-place change rebuilds it) and device:
+    a backward call rotates several operands with the same signs, and each build is three launches.
+    The entry holds sigma itself, so its id cannot be reused while the entry lives."""
+    device = torch.device(device)
+    cache_key = (id(sigma), sigma._version, str(device), INTERPRET)
+    entry = _SIGNED_HADAMARD_CACHE.get(cache_key)
+    if entry is not None and entry[0] is sigma:
+        _SIGNED_HADAMARD_CACHE.move_to_end(cache_key)
+        return entry[1]
+    hs = sigma.reshape(-1).to(device=device, dtype=torch.float32)[:, None] * pm1.to(device)
+    hs = hs.contiguous() if INTERPRET else hs.to(torch.bfloat16).contiguous()
+    _SIGNED_HADAMARD_CACHE[cache_key] = (sigma, hs)
+    while len(_SIGNED_HADAMARD_CACHE) > 16:
+        _SIGNED_HADAMARD_CACHE.popitem(last=False)
+    return hs

@@ -1,14 +1,14 @@
 """One entry point per quantizer: the Triton kernel on CUDA tensors, the torch reference elsewhere.
 
 Set MEGATRON_FP4_KERNELS=0 to force the reference everywhere (read at each call, so tests and
-benchmarks can flip it). Anything the kernels do not cover (SR modes of the per-tensor quantizer,
-16x16 tiles, eden_group=16, RHT sizes other than 128 for MS-EDEN and 16 for the double block,
+benchmarks can flip it). Anything the kernels do not cover (SR with 4/6, 16x16 tiles, eden_group=16, RHT sizes other than 128 for MS-EDEN and 16 for the double block,
 outer_block="tensor", rotated dims that are not multiples of 128) silently takes the reference
 path, so every call here returns exactly what the reference would (up to FP32 summation order in
 the rotation and the EDEN / 4/6 sums, see the kernel modules).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 from typing import Callable, Optional
@@ -19,7 +19,7 @@ from megatron_fp4 import format as fmt
 from megatron_fp4 import quantizers as Q
 from megatron_fp4.gemm import matmul as _reference_matmul
 from megatron_fp4.hadamard import rht
-from megatron_fp4.rng import RandomStream
+from megatron_fp4.rng import RandomStream, random_signs
 from megatron_fp4.tensor import NVFP4Tensor
 
 AmaxReduce = Optional[Callable[[torch.Tensor], torch.Tensor]]
@@ -47,16 +47,42 @@ def kernels_enabled(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors)
 
 
+_SIGNS_CACHE: "collections.OrderedDict" = collections.OrderedDict()
+
+
+def rht_signs(key: int, n: int, device) -> torch.Tensor:
+    """rng.random_signs(key, n, device), the same values. On CUDA they are hashed on the host (about
+    35 tiny tensor ops: on the GPU each would be a kernel launch) and sent in one asynchronous copy
+    from pinned memory; the last few vectors are kept, because every backward operand of a layer
+    call uses the same signs (Quartet II: four operands; TetraJet-v2: two per vector)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cuda":
+        return random_signs(key, n, device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cache_key = (key, n, index)
+    sigma = _SIGNS_CACHE.get(cache_key)
+    if sigma is None:
+        sigma = random_signs(key, n).pin_memory().to(torch.device("cuda", index), non_blocking=True)
+        _SIGNS_CACHE[cache_key] = sigma
+        while len(_SIGNS_CACHE) > 8:
+            _SIGNS_CACHE.popitem(last=False)
+    else:
+        _SIGNS_CACHE.move_to_end(cache_key)
+    return sigma
+
+
 def quantize_nvfp4(x: torch.Tensor, **kw) -> NVFP4Tensor:
-    """Same signature and result as quantizers.quantize_nvfp4; RN 1x16 (+4/6) runs the kernel."""
+    """Same signature and result as quantizers.quantize_nvfp4; 1x16 RN (+4/6) and 1x16 SR (with a
+    stream, without 4/6) run the kernel."""
     mode = kw.get("mode", Q.ROUND_NEAREST)
-    if (kernels_enabled(x) and mode == Q.ROUND_NEAREST and kw.get("block_rows", 1) == 1
+    stream, four_over_six = kw.get("stream"), kw.get("four_over_six", False)
+    sr_ok = mode == Q.ROUND_STOCHASTIC and stream is not None and not four_over_six
+    if (kernels_enabled(x) and (mode == Q.ROUND_NEAREST or sr_ok) and kw.get("block_rows", 1) == 1
             and x.dim() == 2 and x.shape[1] % 16 == 0 and x.numel() > 0):
         from .rtn import quantize_nvfp4_rtn
         return quantize_nvfp4_rtn(x, v=kw.get("v", 6.0), smax=kw.get("smax", 448.0),
-                                  ties=kw.get("ties", fmt.TIES_EVEN),
-                                  four_over_six=kw.get("four_over_six", False),
-                                  amax_reduce=kw.get("amax_reduce"))
+                                  ties=kw.get("ties", fmt.TIES_EVEN), four_over_six=four_over_six,
+                                  amax_reduce=kw.get("amax_reduce"), mode=mode, stream=stream)
     return Q.quantize_nvfp4(x, **kw)
 
 

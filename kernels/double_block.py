@@ -36,7 +36,7 @@ from megatron_fp4.rng import RandomStream
 from megatron_fp4.tensor import BLOCK, OUTER_BLOCK, NVFP4Tensor
 
 from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, e2m1_value, e4m3_bits, exact_div,
-                      hash_uniform, rn_e2m1, rn_e4m3, signed_key)
+                      hash_uniform, rn_e2m1, rn_e4m3, signed_hadamard, signed_key, sr_e2m1)
 
 N_RHT = 16
 
@@ -86,22 +86,6 @@ def _load_tile(src_ptr, stride_s, R, C_SRC, r0, c0, h_ptr,
 
 
 @triton.jit
-def _sr_e2m1(y, uniform):
-    """quantizers.encode_sr: |y| (clipped at 6) rounds up to the next grid value with probability
-    (|y| - lo) / (hi - lo); the gap is a power of two, so multiplying by its inverse is the same
-    exact quotient the reference divides out."""
-    m = tl.minimum(tl.abs(y), 6.0)
-    lo_code = ((m >= 0.5).to(tl.uint8) + (m >= 1.0).to(tl.uint8) + (m >= 1.5).to(tl.uint8)
-               + (m >= 2.0).to(tl.uint8) + (m >= 3.0).to(tl.uint8) + (m >= 4.0).to(tl.uint8)
-               + (m >= 6.0).to(tl.uint8))
-    lo = e2m1_value(lo_code)
-    inv_gap = tl.where(lo < 2.0, 2.0, tl.where(lo < 4.0, 1.0, 0.5))
-    prob_up = tl.where(lo_code < 7, (m - lo) * inv_gap, 0.0)
-    code = lo_code + (uniform < prob_up).to(tl.uint8)
-    return code | ((y < 0).to(tl.uint8) << 3)
-
-
-@triton.jit
 def _qdb_kernel(src_ptr, stride_s, R, C, C_SRC, h_ptr,
                 packed_ptr, scales_ptr, outer_ptr, flushed_ptr, nonfinite_ptr,
                 key, row_off, col_off, SMAX_V, V,
@@ -137,7 +121,7 @@ def _qdb_kernel(src_ptr, stride_s, R, C, C_SRC, h_ptr,
         # one uniform per element, counter (global row, global column) = RandomStream.uniform
         hi = (rows + row_off).to(tl.uint32)
         lo = ((bcol * 16)[:, None] + k16[None, :] + col_off).to(tl.uint32)
-        codes = _sr_e2m1(y, hash_uniform(key, hi[:, None, None], lo[None, :, :]))
+        codes = sr_e2m1(y, hash_uniform(key, hi[:, None, None], lo[None, :, :]))
     else:
         codes, _ = rn_e2m1(y, TIES_AWAY)
     flushed = tl.sum(tl.sum(((~keep) & (bamax > 0)).to(tl.int32), axis=1), axis=0)
@@ -172,19 +156,19 @@ def _rht16_store_kernel(src_ptr, stride_s, R, C, C_SRC, h_ptr, z_ptr,
 
 
 @functools.lru_cache(maxsize=None)
-def _hadamard_pm1() -> torch.Tensor:
+def _hadamard_pm1(device: str) -> torch.Tensor:
+    # made once per device: a host-to-device copy at every call would make the host wait for the GPU
     h = torch.ones(1, 1)
     while h.shape[0] < N_RHT:   # Sylvester, natural order (hadamard.hadamard_matrix without 1/sqrt(n))
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
+    return h.to(device)
 
 
 def _signed_hadamard(sigma: torch.Tensor, device) -> torch.Tensor:
     """diag(sigma) H+-1 [16, 16]: BF16 on GPU (exact), FP32 interpreted."""
     if sigma.numel() != N_RHT:
         raise ValueError(f"the kernel rotates in 16-chunks, got {sigma.numel()} signs")
-    hs = sigma.reshape(-1).to(device=device, dtype=torch.float32)[:, None] * _hadamard_pm1().to(device)
-    return hs.contiguous() if INTERPRET else hs.to(torch.bfloat16).contiguous()
+    return signed_hadamard(sigma, _hadamard_pm1(str(torch.device(device))), device)
 
 
 def _source(a: torch.Tensor, transpose: bool, pad_multiple: int):

@@ -38,7 +38,7 @@ from megatron_fp4.tensor import BLOCK, NVFP4Tensor
 from .rtn import _amax_reduce_kernel
 from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, div_scalar, e2m1_value, e4m3_bits, e4m3_value,
                       exact_div, fp32_reciprocal, hash_uniform, pack_codes, rn_e2m1, rn_e2m1_code, rn_e4m3,
-                      signed_key, sr_e4m3, tensor_scale)
+                      signed_hadamard, signed_key, sr_e4m3, tensor_scale)
 
 N_RHT = 128
 # Variant switches (constexpr) for benchmarks/bench_variants.py; defaults = fastest bit-exact on H100
@@ -214,8 +214,7 @@ def _signed_hadamard(sigma: torch.Tensor, device) -> torch.Tensor:
     """diag(sigma) H±1: (a*sigma) @ H == a @ (diag(sigma) H); BF16 on GPU (exact), FP32 interpreted."""
     if sigma.numel() != N_RHT:
         raise ValueError(f"the kernel rotates in 128-chunks, got {sigma.numel()} signs")
-    hs = sigma.to(device=device, dtype=torch.float32)[:, None] * _hadamard_pm1(str(device))
-    return hs.contiguous() if INTERPRET else hs.to(torch.bfloat16).contiguous()
+    return signed_hadamard(sigma, _hadamard_pm1(str(torch.device(device))), device)
 
 
 def _source(a: Optional[torch.Tensor], packed: Optional[NVFP4Tensor], transpose: bool):

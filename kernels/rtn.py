@@ -21,8 +21,11 @@ import triton.language as tl
 from megatron_fp4 import format as fmt
 from megatron_fp4.tensor import BLOCK, NVFP4Tensor
 
+from megatron_fp4.rng import RandomStream
+
 from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, div_scalar, e2m1_value, e4m3_bits, exact_div,
-                      fp32_reciprocal, pack_codes, rn_e2m1, rn_e2m1_code, rn_e4m3, tensor_scale)
+                      fp32_reciprocal, hash_uniform, pack_codes, rn_e2m1, rn_e2m1_code, rn_e4m3, signed_key,
+                      sr_e2m1, tensor_scale)
 
 AMAX_BLOCK = 8192
 
@@ -86,7 +89,7 @@ def _candidate(xb, bamax, g, valid, target, inv_target, TIES_AWAY: tl.constexpr,
         codes = rn_e2m1_code(y, TIES_AWAY)
         vals = e2m1_value(codes)
     s = tl.where(keep, s, 0.0)
-    return s, keep, codes, vals
+    return s, keep, codes, vals, y
 
 
 @triton.jit
@@ -101,8 +104,8 @@ def _sse(xg, vals, s, F64: tl.constexpr):
 @triton.jit
 def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
                 packed_ptr, scales_ptr, gout_ptr, flushed_ptr,
-                SMAX_V, V, INV_V,
-                FOUR_SIX: tl.constexpr, TIES_AWAY: tl.constexpr, SCALAR_RECIP: tl.constexpr,
+                SMAX_V, V, INV_V, key, row_off, col_off,
+                SR: tl.constexpr, FOUR_SIX: tl.constexpr, TIES_AWAY: tl.constexpr, SCALAR_RECIP: tl.constexpr,
                 BR: tl.constexpr, BC: tl.constexpr, FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr,
                 SSE_MODE: tl.constexpr, LOAD3D: tl.constexpr, INTERP: tl.constexpr):
     pid_r = tl.program_id(0)
@@ -128,8 +131,15 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
         xb = tl.reshape(x, (BR, NB, 16))
     xb = tl.where(tl.abs(xb) < float("inf"), xb, 0.0)         # non-finite -> 0 (g carries the NaN)
     bamax = tl.max(tl.abs(xb), axis=2)
-    s, keep, codes, vals = _candidate(xb, bamax, g, valid, V, INV_V, TIES_AWAY, SCALAR_RECIP,
-                                      FAST_DIV, FAST_RN, INTERP)
+    s, keep, codes, vals, y = _candidate(xb, bamax, g, valid, V, INV_V, TIES_AWAY, SCALAR_RECIP,
+                                         FAST_DIV, FAST_RN, INTERP)
+    if SR:
+        # NVIDIA's SR4 elements (4/6 excluded by the caller): one uniform per element, counter
+        # (global row, global column) = RandomStream.uniform, same rule as the double-block kernel
+        bcols = pid_c * NB + tl.arange(0, NB)
+        hi = (rows + row_off).to(tl.uint32)
+        lo = ((bcols * 16)[:, None] + tl.arange(0, 16)[None, :] + col_off).to(tl.uint32)
+        codes = sr_e2m1(y, hash_uniform(key, hi[:, None, None], lo[None, :, :]))
     if FOUR_SIX:
         # "max->4" candidate; keep the lower SSE measured in units of g (x/g), ties to "max->6".
         # Exact ties are common (s4 == 1.5*s6 puts both candidates on shared grid points), so the
@@ -137,7 +147,7 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
         # practice) is the 16-term FP64 sum, as in the reference. SSE_MODE 1 first compares FP32
         # sums (relative error < 2^-19) and redoes in FP64 only tiles holding a block whose two
         # sums are within 2^-14 relative (or tiny): the decision is the FP64 one, at FP32 cost.
-        s4, keep4, codes4, vals4 = _candidate(xb, bamax, g, valid, 4.0, 0.25, TIES_AWAY, SCALAR_RECIP,
+        s4, keep4, codes4, vals4, _ = _candidate(xb, bamax, g, valid, 4.0, 0.25, TIES_AWAY, SCALAR_RECIP,
                                               FAST_DIV, FAST_RN, INTERP)
         if FAST_DIV:
             gdn, gp, grc = div_prep(g)
@@ -205,8 +215,18 @@ def quantize_nvfp4_rtn(
     block_c: int = 128,
     num_warps: int = 4,
     variant: Optional[dict] = None,
+    mode: str = "rn",
+    stream: Optional[RandomStream] = None,
 ) -> NVFP4Tensor:
-    """Kernel twin of quantizers.quantize_nvfp4(x, mode="rn", v, smax, ties, four_over_six)."""
+    """Kernel twin of quantizers.quantize_nvfp4(x, mode, v, smax, ties, four_over_six, stream) for
+    1x16 blocks: RN (optionally 4/6) or SR elements (NVIDIA's backward; counters (row_offset + row,
+    col_offset + column) of `stream`)."""
+    if mode not in ("rn", "sr"):
+        raise ValueError(f"rounding mode must be 'rn' or 'sr', got {mode!r}")
+    if mode == "sr" and stream is None:
+        raise ValueError("stochastic rounding needs a RandomStream")
+    if mode == "sr" and four_over_six:
+        raise ValueError("4/6 cannot be combined with stochastic rounding (it biases the estimator)")
     if x.dim() != 2 or x.shape[1] % BLOCK:
         raise ValueError(f"need a 2-D operand with cols % 16 == 0, got {tuple(x.shape)}")
     if ties not in (fmt.TIES_EVEN, fmt.TIES_AWAY):
@@ -228,7 +248,8 @@ def quantize_nvfp4_rtn(
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     _rtn_kernel[grid](x, x.stride(0), rows, cols, amax_bits, nonfinite, packed, scales, g, flushed,
                       float(smax * v), float(v), fp32_reciprocal(v),
-                      FOUR_SIX=four_over_six, TIES_AWAY=(ties == fmt.TIES_AWAY),
+                      signed_key(stream.key) if stream else 0, stream.row_offset if stream else 0,
+                      stream.col_offset if stream else 0, SR=(mode == "sr"), FOUR_SIX=four_over_six, TIES_AWAY=(ties == fmt.TIES_AWAY),
                       SCALAR_RECIP=False, BR=block_r, BC=block_c, num_warps=num_warps,
                       INTERP=INTERPRET, enable_fp_fusion=False, **var)
     return NVFP4Tensor(packed=packed, block_scales=scales.view(torch.float8_e4m3fn),

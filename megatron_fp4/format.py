@@ -6,6 +6,8 @@ exactly as the spec's tie table says (numerics.md §2.1).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # Positive E2M1 magnitudes by code 0..7; codes 8..15 carry the sign in bit 3.
@@ -22,9 +24,22 @@ TIES_EVEN = "even"
 TIES_AWAY = "away"
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_constant(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def device_constant(value, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """A read-only tensor holding `value` (a number or a tuple) on `device`, made once per (value,
+    dtype, device). Why: `torch.tensor(v, device="cuda")` copies from pageable host memory, which
+    makes the host wait for the GPU at every call; the quantizers' hot paths must not synchronize.
+    Callers never write into the result."""
+    return _cached_constant(value, dtype, torch.device(device if device is not None else "cpu"))
+
+
 def e2m1_values(device=None) -> torch.Tensor:
     """All 16 code values (index = code), code 8 being -0."""
-    pos = torch.tensor(E2M1_GRID, dtype=torch.float32, device=device)
+    pos = device_constant(E2M1_GRID, device=device)
     return torch.cat([pos, -pos])
 
 
@@ -53,7 +68,7 @@ def e2m1_lower_code(mag: torch.Tensor) -> torch.Tensor:
 
 def code_to_magnitude(code: torch.Tensor) -> torch.Tensor:
     """Float32 magnitude of magnitude codes 0..7."""
-    table = torch.tensor(E2M1_GRID, dtype=torch.float32, device=code.device)
+    table = device_constant(E2M1_GRID, device=code.device)
     return table[code.long()]
 
 

@@ -181,7 +181,7 @@ def edge_score(master: torch.Tensor, qd: torch.Tensor, scale: torch.Tensor) -> t
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.where(scale > 0, qd / safe, torch.zeros_like(qd))
     code = fmt.round_to_e2m1_code(q.abs())
-    width = torch.tensor(_BIN_WIDTH, device=master.device)[code.long()]
+    width = fmt.device_constant(tuple(_BIN_WIDTH), device=master.device)[code.long()]
     return torch.where(scale > 0, (master / safe - q).abs() / width, torch.zeros_like(q))
 
 

@@ -61,7 +61,7 @@ def _finite_amax(x: torch.Tensor) -> torch.Tensor:
 
 def _tensor_scale(amax: torch.Tensor, smax: float, v: float):
     """g = amax / (Smax * v) in FP32; returns (g, valid) with g = 1 where the operand flushes to zero."""
-    g = amax.float() / torch.tensor(smax * v, dtype=torch.float32, device=amax.device)
+    g = amax.float() / fmt.device_constant(float(smax * v), device=amax.device)
     valid = g >= fmt.FP32_MIN_NORMAL
     return torch.where(valid, g, torch.ones_like(g)), valid
 
@@ -69,7 +69,7 @@ def _tensor_scale(amax: torch.Tensor, smax: float, v: float):
 def div_scalar(t: torch.Tensor, v: float) -> torch.Tensor:
     """t / v with IEEE division on every device: torch's CUDA kernel turns division by a Python scalar
     into multiplication by its reciprocal (a different last bit), division by a tensor it does not."""
-    return t / torch.tensor(v, dtype=torch.float32, device=t.device)
+    return t / fmt.device_constant(float(v), device=t.device)
 
 
 def _blocks(x: torch.Tensor, block_rows: int = 1) -> torch.Tensor:
@@ -148,7 +148,7 @@ def double_block_scales(block_amax: torch.Tensor, outer_amax: torch.Tensor, v: f
 
     Returns (s_in as FP32, 0 where flushed; s_out; divisor s_in * s_out, 1 where flushed; keep).
     """
-    s_out = outer_amax / torch.tensor(fmt.E4M3_MAX * v, device=outer_amax.device)
+    s_out = outer_amax / fmt.device_constant(float(fmt.E4M3_MAX * v), device=outer_amax.device)
     s_out = torch.where(outer_amax > 0, s_out, torch.ones_like(s_out))
     t = div_scalar(block_amax / s_out, v)
     t = torch.where(t == 0, torch.full_like(t, fmt.E4M3_MIN_SUBNORMAL), t)

@@ -26,7 +26,7 @@ from . import quantizers as Q
 from .gemm import matmul
 from .hadamard import rht
 from .kernels import dispatch as D
-from .rng import RandomStream, Role, derive_key, random_signs
+from .rng import RandomStream, Role, derive_key
 from .tensor import NVFP4Tensor
 
 AmaxReduce = Optional[Callable[[torch.Tensor], torch.Tensor]]
@@ -233,7 +233,7 @@ class NvidiaRecipe(Recipe):
                                 amax_reduce=ctx.weight_amax_reduce)
 
     def _sr(self, t, stream, amax_reduce):
-        return Q.quantize_nvfp4(t, mode=Q.ROUND_STOCHASTIC, v=6.0 / self.sr_headroom, stream=stream,
+        return D.quantize_nvfp4(t, mode=Q.ROUND_STOCHASTIC, v=6.0 / self.sr_headroom, stream=stream,
                                 amax_reduce=amax_reduce)
 
     def dgrad(self, dy, wq, ctx, out_dtype=None):
@@ -242,16 +242,16 @@ class NvidiaRecipe(Recipe):
 
     def _signs(self, ctx, device):
         if self.rht_signs == "fixed":
-            return random_signs(derive_key(ctx.seed, int(Role.RHT_SIGNS_FIXED)), self.rht_size, device)
-        return random_signs(derive_key(ctx.key, int(Role.RHT_SIGNS)), self.rht_size, device)
+            return D.rht_signs(derive_key(ctx.seed, int(Role.RHT_SIGNS_FIXED)), self.rht_size, device)
+        return D.rht_signs(derive_key(ctx.key, int(Role.RHT_SIGNS)), self.rht_size, device)
 
     def wgrad(self, dy, x, ctx):
         sigma = self._signs(ctx, dy.device)
         et = rht(pad_cols(dy.t(), self.token_padding), sigma)
         xt = rht(pad_cols(x.t(), self.token_padding), sigma)
         etq = self._sr(et, ctx.stream(Role.WGRAD_GRAD_OUTPUT, ctx.out_offset, 0), ctx.grad_output_amax_reduce)
-        xtq = Q.quantize_nvfp4(xt, ties=self.rtn_ties, amax_reduce=ctx.input_amax_reduce)
-        return matmul(etq, xtq)
+        xtq = D.quantize_nvfp4(xt, ties=self.rtn_ties, amax_reduce=ctx.input_amax_reduce)
+        return D.matmul(etq, xtq)
 
 
 def transpose_tiles(t: NVFP4Tensor) -> NVFP4Tensor:
@@ -307,7 +307,7 @@ class TetraJet2Recipe(Recipe):
 
     def _signs(self, ctx, role, device):
         key = derive_key(ctx.seed, int(role)) if self.rht_signs == "fixed" else derive_key(ctx.key, int(role))
-        return random_signs(key, self.rht_size, device)
+        return D.rht_signs(key, self.rht_size, device)
 
     def dgrad(self, dy, wq, ctx, out_dtype=None):
         return self.dgrad_dense(dy, wq.dequantize(), ctx, out_dtype)
@@ -380,7 +380,7 @@ class Quartet2Recipe(Recipe):
 
     def _signs(self, ctx, device):
         key = derive_key(ctx.seed if self.rht_signs == "fixed" else ctx.key, int(Role.RHT_SIGNS))
-        return random_signs(key, self.rht_size, device)
+        return D.rht_signs(key, self.rht_size, device)
 
     # Each MS-EDEN operand below is MS-EDEN(rht(A, sigma)) with A as the table says; the dispatch runs
     # the fused kernel (rotation + quantization, or unpack + transpose + rotation + quantization from

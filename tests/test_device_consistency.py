@@ -48,3 +48,12 @@ def test_quantizers_match(kind):
         "eden16": lambda t: Q.quantize_ms_eden(t, stream=s, eden_group=16),
     }[kind]
     same_nvfp4(fn(x), fn(x.cuda()))
+
+
+@cuda
+def test_host_hashed_signs_equal_the_device_reference_and_are_reused():
+    from megatron_fp4.kernels import dispatch as D
+    got = D.rht_signs(31337, 128, "cuda")
+    assert got.is_cuda and torch.equal(got.cpu(), random_signs(31337, 128, device="cuda").cpu())
+    assert D.rht_signs(31337, 128, "cuda") is got          # one backward's operands share one copy
+    assert not torch.equal(D.rht_signs(31338, 128, "cuda").cpu(), got.cpu())

@@ -387,3 +387,13 @@ def test_quantize_nvfp4_output_properties(x, variant, seed):
         in_range = keep & (y.abs() <= 6)
         assert ((q - y).abs() <= half_step)[in_range].all()
         assert (q.abs() == 6)[keep & (y.abs() > 6)].all()
+
+
+def test_device_constant_holds_the_value_and_is_made_once():
+    from megatron_fp4.format import device_constant
+    c = device_constant(448.0 * 6.0)
+    assert c.dtype == torch.float32 and c.shape == () and c.item() == 2688.0
+    assert device_constant(448.0 * 6.0) is c
+    table = device_constant((0.0, 0.5, 6.0), device="cpu")
+    assert table.tolist() == [0.0, 0.5, 6.0]
+    assert device_constant(1.0, dtype=torch.float64).dtype == torch.float64

@@ -55,7 +55,7 @@ def test_cpu_smoke_runs_resume_and_report(tmp_path):
     cmd = [sys.executable, os.path.join(os.path.dirname(quality.__file__), "quality.py"), "--out", str(out),
            "--cpu", "--corpus-src", str(src), "--only", "bf16", "quartet2", "--steps", "4", "--layers", "2",
            "--hidden", "128", "--ffn", "256", "--heads", "2", "--seq", "64", "--micro-batch", "2",
-           "--eval-interval", "2", "--eval-iters", "1", "--timeout", "240"]
+           "--eval-interval", "2", "--eval-iters", "1", "--timeout", "240", "--parallel", "2"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "bf16: exit 0, complete" in first.stdout and "quartet2: exit 0, complete" in first.stdout

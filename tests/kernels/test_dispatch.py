@@ -66,3 +66,24 @@ def test_scale_cast_epilogue_bit_exact():
     got = scale_cast(p.clone(), ga, gb, gx, torch.bfloat16)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
     assert torch.equal(scale_cast(p.clone(), ga, gb), p * (ga * gb))
+
+
+def test_signed_hadamard_is_built_once_per_sigma_and_rebuilt_after_an_in_place_change():
+    from megatron_fp4.hadamard import hadamard_matrix
+    from megatron_fp4.kernels._common import signed_hadamard
+    from megatron_fp4.rng import random_signs
+    pm1 = (hadamard_matrix(16) * 4).round()        # the +-1 Sylvester matrix (H * sqrt(16))
+    sigma = random_signs(77, 16)
+    first = signed_hadamard(sigma, pm1, "cpu")
+    assert torch.equal(first.float(), sigma[:, None] * pm1)   # independent: diag(sigma) H+-1
+    assert signed_hadamard(sigma, pm1, "cpu") is first
+    equal_values = sigma.clone()                   # same values, another tensor: its own entry
+    assert signed_hadamard(equal_values, pm1, "cpu") is not first
+    sigma.neg_()                                   # in place: the cached entry must not be served
+    assert torch.equal(signed_hadamard(sigma, pm1, "cpu").float(), sigma[:, None] * pm1)
+
+
+def test_rht_signs_on_cpu_are_the_reference_signs():
+    from megatron_fp4.rng import random_signs
+    assert torch.equal(D.rht_signs(5, 128, "cpu"), random_signs(5, 128, "cpu"))
+    assert torch.equal(D.rht_signs(5, 16, None), random_signs(5, 16))

@@ -84,3 +84,65 @@ def test_rtn_gpu_matches_reference(four_over_six):
         assert_same_46(got, ref, x)
     else:
         assert_same_operand(got, ref)
+
+
+SR_CASES = [  # (rows, cols, dtype, v, row_offset, col_offset)
+    (32, 256, torch.float32, 6.0, 0, 0),
+    (20, 96, torch.bfloat16, 6.0 * 16 / 17, 5, 4096),     # NVIDIA's 17/16 headroom, partial tiles
+    (64, 128, torch.float32, 6.0 * 16 / 17, 1 << 20, 7),
+]
+
+
+@cpu_interp
+@pytest.mark.parametrize("rows,cols,dtype,v,row_offset,col_offset", SR_CASES)
+def test_sr_matches_reference(rows, cols, dtype, v, row_offset, col_offset):
+    # same counters -> same uniforms -> the same codes bit for bit (spread rows: flushed and
+    # subnormal-scale blocks included)
+    from megatron_fp4.rng import RandomStream
+    x = data(rows, cols, seed=rows * cols, dtype=dtype)
+    stream = RandomStream(0xC0FFEE, row_offset, col_offset)
+    got = quantize_nvfp4_rtn(x, v=v, mode="sr", stream=stream)
+    assert_same_operand(got, Q.quantize_nvfp4(x, v=v, mode=Q.ROUND_STOCHASTIC, stream=stream))
+    other = quantize_nvfp4_rtn(x, v=v, mode="sr", stream=RandomStream(0xC0FFEF, row_offset, col_offset))
+    assert (other.packed != got.packed).any()          # the key matters
+
+
+@cpu_interp
+def test_sr_is_unbiased_per_element():
+    # E[dequant] = x for SR (v < 6 leaves headroom, so nothing clips). Per element, the mean of N=400
+    # independent draws has standard error <= gap/(2 sqrt(N)) = gap/40 (Bernoulli variance <= 1/4 of
+    # the squared grid gap); allow 5 of those: |mean - x| <= gap/8. A biased rounding (RN errs up to
+    # gap/2, SR-with-the-wrong-probability by O(gap)) fails this for most elements.
+    from megatron_fp4.rng import RandomStream
+    x = data(16, 64, seed=9, spread=False)
+    v = 6.0 * 16 / 17
+    draws = [quantize_nvfp4_rtn(x, v=v, mode="sr", stream=RandomStream(k)) for k in range(400)]
+    mean = torch.stack([d.dequantize() for d in draws]).mean(0)
+    scale = (draws[0].block_scales.float() * draws[0].tensor_scale).repeat_interleave(16, dim=1)
+    y = (x / scale).abs()
+    gap = torch.where(y < 2, 0.5, torch.where(y < 4, 1.0, 2.0)) * scale
+    assert ((mean - x).abs() <= gap / 8).all(), float(((mean - x).abs() / gap).max())
+    rn = quantize_nvfp4_rtn(x, v=v).dequantize()          # the bound has teeth: RN is biased per element
+    assert ((rn - x).abs() > gap / 8).float().mean() > 0.5
+
+
+@cpu_interp
+def test_sr_bad_arguments():
+    from megatron_fp4.rng import RandomStream
+    x = data(16, 64)
+    with pytest.raises(ValueError, match="RandomStream"):
+        quantize_nvfp4_rtn(x, mode="sr")
+    with pytest.raises(ValueError, match="4/6"):
+        quantize_nvfp4_rtn(x, mode="sr", stream=RandomStream(1), four_over_six=True)
+    with pytest.raises(ValueError, match="rounding mode"):
+        quantize_nvfp4_rtn(x, mode="up")
+
+
+@gpu
+@needs_cuda
+def test_sr_gpu_matches_reference():
+    from megatron_fp4.rng import RandomStream
+    x = data(1024, 4096, seed=12, dtype=torch.bfloat16, device="cuda")
+    stream = RandomStream(77, 3, 64)
+    got = quantize_nvfp4_rtn(x, v=6.0 * 16 / 17, mode="sr", stream=stream)
+    assert_same_operand(got, Q.quantize_nvfp4(x, v=6.0 * 16 / 17, mode=Q.ROUND_STOCHASTIC, stream=stream))
