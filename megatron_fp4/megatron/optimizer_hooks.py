@@ -285,9 +285,15 @@ def plugin_recipe(model_chunks) -> Optional[Recipe]:
 def install_stabilizers(optimizer, model_chunks, train_iters: int, iteration: int = 0):
     """Install what the recipe's stabilizers need on a built Megatron optimizer: OsciReset hooks when
     `recipe.oscireset` (OutControl lives in the layers and needs nothing here). `iteration` is the
-    resumed iteration (updates already applied). Returns the OsciResetHooks or None."""
+    resumed iteration (updates already applied). Returns the OsciResetHooks or None.
+
+    Also declares the run length to `state`, so that schedules given as fractions of the run (the
+    layers' OutControl window too) resolve in Megatron's own training loop."""
     recipe = plugin_recipe(model_chunks)
     _last_run.update(model_chunks=list(model_chunks), hooks=None)
+    if train_iters > 0:
+        from .state import set_train_iters
+        set_train_iters(train_iters)
     if recipe is None or not recipe.oscireset:
         return None
     hooks = install_oscireset(optimizer, model_chunks, recipe, train_iters, first_update=iteration,

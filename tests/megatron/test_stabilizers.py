@@ -96,3 +96,25 @@ def test_recipe_yaml_keeps_chosen_layers_in_bf16(tmp_path):
     for name, bf16 in flags.items():
         expected = name.startswith("decoder.layers.0.") or name.endswith("linear_fc2")
         assert bf16 == expected, (name, bf16)
+
+
+def test_install_stabilizers_declares_the_run_length_for_fractional_schedules(monkeypatch):
+    # Megatron's own loop (GPU route) only calls install_stabilizers; OutControl's window in the
+    # layers reads the schedule from `state`, so fractions of the run must resolve after it
+    import dataclasses
+
+    import torch
+
+    from megatron_fp4.megatron import state
+    from megatron_fp4.megatron.optimizer_hooks import install_stabilizers
+    from megatron_fp4.registry import load_recipe
+    recipe = dataclasses.replace(load_recipe("tetrajet2-full"), oscireset=False)
+    assert 0 < recipe.oscireset_start < 1                 # the released YAML uses fractions
+    layer = torch.nn.Linear(4, 4)
+    layer.mfp4_recipe = recipe
+    monkeypatch.setattr(state, "_train_iters", None)
+    with pytest.raises(RuntimeError, match="run length is unknown"):
+        state.stabilizer_schedule(recipe)
+    assert install_stabilizers(None, [layer], 1050) is None
+    assert state.stabilizer_schedule(recipe) == recipe.stabilizer_schedule(1050)
+    assert state.stabilizer_schedule(recipe)["oscireset_start"] == round(recipe.oscireset_start * 1050)
