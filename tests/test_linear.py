@@ -82,6 +82,47 @@ def test_quartet2_backward_follows_the_table():
     torch.testing.assert_close(dw.double(), dw_ref, rtol=1e-5, atol=1e-6 * dw_ref.abs().max().item())
 
 
+def test_tetrajet2_backward_follows_the_table():
+    """dgrad and wgrad of tetrajet2 rebuilt from primitives (numerics.md §6.2): Q3/Q4 = QDB SR after
+    RHT-16 with d1 on E and on dequant(Q2(W))^T; Q5/Q6 = QDB SR after RHT-16 with a separate d2 on E^T
+    and dequant(Q1(X))^T, along T. No headroom (official TetraJet-v2); double-block GEMM in float64."""
+    recipe = load_recipe("tetrajet2")
+    x, w, dy = data()
+    key = 91
+    _, dx, dw = run(recipe, x, w, dy, key=key)
+    xq, wq = expected_forward_operands("tetrajet2", x, w)
+    d1 = random_signs(derive_key(key, int(Role.RHT_SIGNS_DGRAD)), 16)
+    d2 = random_signs(derive_key(key, int(Role.RHT_SIGNS_WGRAD)), 16)
+    assert not torch.equal(d1, d2)
+
+    def qdb_sr(t, signs, role):
+        return Q.quantize_double_block(rht(t, signs), mode="sr", stream=RandomStream(derive_key(key, int(role))))
+
+    e_q = qdb_sr(dy, d1, Role.DGRAD_GRAD_OUTPUT)
+    wt_q = qdb_sr(wq.dequantize().t(), d1, Role.DGRAD_WEIGHT)
+    dx_ref = e_q.dequantize().double() @ wt_q.dequantize().double().t()
+    et_q = qdb_sr(dy.t(), d2, Role.WGRAD_GRAD_OUTPUT)
+    xt_q = qdb_sr(xq.dequantize().t(), d2, Role.WGRAD_INPUT)
+    dw_ref = et_q.dequantize().double() @ xt_q.dequantize().double().t()
+    torch.testing.assert_close(dx.double(), dx_ref, rtol=1e-5, atol=1e-6 * dx_ref.abs().max().item())
+    torch.testing.assert_close(dw.double(), dw_ref, rtol=1e-5, atol=1e-6 * dw_ref.abs().max().item())
+
+
+def test_nvidia_wgrad_follows_the_table():
+    """NVIDIA wgrad: E^T by SR (headroom 17/16) and the original X^T by RN, both after RHT-16 with the
+    fixed signs, along T."""
+    recipe = load_recipe("nvidia")
+    x, w, dy = data()
+    key = 4
+    _, _, dw = run(recipe, x, w, dy, key=key)
+    sigma = random_signs(derive_key(recipe.seed, int(Role.RHT_SIGNS_FIXED)), 16)
+    et_q = Q.quantize_nvfp4(rht(dy.t(), sigma), mode="sr", v=6 * 16 / 17,
+                            stream=RandomStream(derive_key(key, int(Role.WGRAD_GRAD_OUTPUT))))
+    xt_q = Q.quantize_nvfp4(rht(x.t(), sigma))
+    dw_ref = et_q.dequantize().double() @ xt_q.dequantize().double().t()
+    torch.testing.assert_close(dw.double(), dw_ref, rtol=1e-5, atol=1e-6 * dw_ref.abs().max().item())
+
+
 def test_nvidia_dgrad_reuses_forward_weight_tiles():
     """NVIDIA dgrad: E by SR (1x16, headroom 17/16) times the *forward* 16x16-tile W, no re-quantization."""
     recipe = load_recipe("nvidia")

@@ -20,24 +20,28 @@ def write(out, name, losses, valid):
 
 def test_table_gaps_and_statuses(tmp_path):
     out = str(tmp_path)
-    write(out, "bf16", [[1, 5.0], [10, 3.0]], [[10, 3.00]])
-    write(out, "bf16-seed2", [[1, 5.0], [10, 3.0]], [[10, 3.01]])
-    write(out, "nvidia", [[1, 5.0], [10, 3.1]], [[10, 3.10]])
-    write(out, "quartet2", [[1, 5.0], [10, 3.05]], [[10, 3.05]])
+    write(out, "bf16", [[1, 5.0], [10, 3.0]], [[5, 3.50], [10, 3.00]])
+    write(out, "bf16-seed2", [[1, 5.0], [10, 3.0]], [[5, 3.52], [10, 3.01]])
+    write(out, "nvidia", [[1, 5.0], [10, 3.1]], [[5, 3.60], [10, 3.10]])
+    write(out, "quartet2", [[1, 5.0], [10, 3.05]], [[5, 3.55], [10, 3.05]])
     write(out, "tetrajet2", [[1, 5.0], [10, float("nan")]], [[10, float("nan")]])
     write(out, "quartet2-no46", [[1, 5.0], [10, 6.0]], [[10, 6.0]])
-    write(out, "tetrajet2-full", [[1, 5.0], [5, 4.0]], [[5, 4.0]])
+    write(out, "tetrajet2-full", [[1, 5.0], [7, 4.0]], [[5, 3.58]])   # cut short after iteration 5's eval
     table = quality.report(out, steps=10)
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in table.splitlines() if line.startswith("| ") and "---" not in line}
-    assert rows["quartet2"][0] == "complete" and rows["quartet2"][2] == "+0.0500"
-    assert math.isclose(float(rows["quartet2"][4]), 0.5)          # half of NVIDIA's 0.10 gap
-    assert rows["nvidia"][4] == "1.00"
+    # columns: status, iterations, last validation at, loss, BF16 there, gap, gap %, gap / NVIDIA gap
+    assert rows["quartet2"][0] == "complete" and rows["quartet2"][5] == "+0.0500"
+    assert rows["quartet2"][7] == "0.50 (10)"                     # half of NVIDIA's 0.10 gap
+    assert rows["nvidia"][7] == "1.00 (10)"
     assert rows["tetrajet2"][0] == "NaN/Inf"                      # reported, never dropped
     assert rows["quartet2-no46"][0] == "diverged"
-    assert rows["tetrajet2-full"][0] == "cut short"
+    # a run cut short is compared with BF16 at the iteration where it stopped, not with BF16's end
+    assert rows["tetrajet2-full"][:3] == ["cut short", "7", "5"]
+    assert rows["tetrajet2-full"][4] == "3.5000" and rows["tetrajet2-full"][5] == "+0.0800"
+    assert rows["tetrajet2-full"][7] == "0.80 (5)"                # NVIDIA's gap at 5 is 0.10
     assert rows["quartet2-plus"][0] == "missing"
-    assert "seed-to-seed spread" in table and "0.0100" in table
+    assert "seed-to-seed spread" in table and "0.0100 at iteration 10" in table and "max 0.0200" in table
     assert os.path.exists(os.path.join(out, "table.md")) and os.path.getsize(os.path.join(out, "gap.png")) > 1000
 
 
