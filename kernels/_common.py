@@ -118,6 +118,13 @@ def hash_uniform(key, hi, lo):
 
 
 @triton.jit
+def counter(local, off, split, off_hi):
+    """Global random-counter coordinate (uint32) of local indices: rng.global_index with
+    (off, split, off_hi) from RandomStream.kernel_offsets (off_hi already has the split subtracted)."""
+    return tl.where(local < split, local + off, local + off_hi).to(tl.uint32)
+
+
+@triton.jit
 def rn_e4m3(t):
     """format.round_to_e4m3 for t >= 0 (NaN-free): RNE to the E4M3 grid, saturating at 448, as FP32.
 

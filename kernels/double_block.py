@@ -36,7 +36,7 @@ from megatron_fp4.rng import RandomStream
 from megatron_fp4.tensor import BLOCK, OUTER_BLOCK, NVFP4Tensor
 
 from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, e2m1_value, e4m3_bits, exact_div,
-                      hash_uniform, rn_e2m1, rn_e4m3, signed_hadamard, signed_key, sr_e2m1)
+                      counter, hash_uniform, rn_e2m1, rn_e4m3, signed_hadamard, signed_key, sr_e2m1)
 
 N_RHT = 16
 
@@ -88,7 +88,7 @@ def _load_tile(src_ptr, stride_s, R, C_SRC, r0, c0, h_ptr,
 @triton.jit
 def _qdb_kernel(src_ptr, stride_s, R, C, C_SRC, h_ptr,
                 packed_ptr, scales_ptr, outer_ptr, flushed_ptr, nonfinite_ptr,
-                key, row_off, col_off, SMAX_V, V,
+                key, row_off, row_split, row_hi, col_off, col_split, col_hi, SMAX_V, V,
                 TRANS: tl.constexpr, ROT: tl.constexpr, SPLIT: tl.constexpr, SR: tl.constexpr,
                 TIES_AWAY: tl.constexpr, INTERP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     NB: tl.constexpr = BC // 16
@@ -119,8 +119,8 @@ def _qdb_kernel(src_ptr, stride_s, R, C, C_SRC, h_ptr,
     k16 = tl.arange(0, 16)
     if SR:
         # one uniform per element, counter (global row, global column) = RandomStream.uniform
-        hi = (rows + row_off).to(tl.uint32)
-        lo = ((bcol * 16)[:, None] + k16[None, :] + col_off).to(tl.uint32)
+        hi = counter(rows, row_off, row_split, row_hi)
+        lo = counter((bcol * 16)[:, None] + k16[None, :], col_off, col_split, col_hi)
         codes = sr_e2m1(y, hash_uniform(key, hi[:, None, None], lo[None, :, :]))
     else:
         codes, _ = rn_e2m1(y, TIES_AWAY)
@@ -242,11 +242,12 @@ def quantize_double_block(
     scales = torch.empty(rows, cols // BLOCK, dtype=torch.uint8, device=dev)
     outer = torch.empty(rows, cols // OUTER_BLOCK, dtype=torch.float32, device=dev)
     counters = torch.zeros(2, dtype=torch.int32, device=dev)   # flushed blocks, non-finite flag
-    key, row_off, col_off = (signed_key(stream.key), stream.row_offset, stream.col_offset) if stream else (0, 0, 0)
+    key = signed_key(stream.key) if stream else 0
+    offsets = (stream or RandomStream(0)).kernel_offsets()
     v = 6.0 / sr_headroom
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     _qdb_kernel[grid](a, stride, rows, cols, c_src, h, packed, scales, outer, counters[0:1], counters[1:2],
-                      key, row_off, col_off, float(fmt.E4M3_MAX * v), float(v),
+                      key, *offsets, float(fmt.E4M3_MAX * v), float(v),
                       TRANS=transpose, ROT=sigma is not None, SPLIT=split, SR=(mode == "sr"),
                       TIES_AWAY=(ties == fmt.TIES_AWAY), INTERP=INTERPRET, BR=block_r, BC=block_c,
                       num_warps=num_warps, enable_fp_fusion=False)

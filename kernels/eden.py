@@ -38,7 +38,7 @@ from megatron_fp4.tensor import BLOCK, NVFP4Tensor
 from .rtn import _amax_reduce_kernel
 from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, div_scalar, e2m1_value, e4m3_bits, e4m3_value,
                       exact_div, fp32_reciprocal, hash_uniform, pack_codes, rn_e2m1, rn_e2m1_code, rn_e4m3,
-                      signed_hadamard, signed_key, sr_e4m3, tensor_scale)
+                      counter, signed_hadamard, signed_key, sr_e4m3, tensor_scale)
 
 N_RHT = 128
 # Variant switches (constexpr) for benchmarks/bench_variants.py; defaults = fastest bit-exact on H100
@@ -138,7 +138,7 @@ def _rht_store_kernel(src_ptr, ssc_ptr, stride_s, R, C, h_ptr, INV_SQRT, z_ptr,
 @triton.jit
 def _eden_kernel(src_ptr, ssc_ptr, stride_s, R, C, h_ptr, INV_SQRT, amax_bits_ptr, nonfinite_ptr,
                  packed_ptr, scales_ptr, gout_ptr, flushed_ptr, clamped_ptr,
-                 key, row_off, col_off, SMAX_V, V, INV_V,
+                 key, row_off, row_split, row_hi, col_off, col_split, col_hi, SMAX_V, V, INV_V,
                  SRC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr,
                  TIES_AWAY: tl.constexpr, SCALAR_RECIP: tl.constexpr, BR: tl.constexpr,
                  FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr, TILES: tl.constexpr):
@@ -150,13 +150,15 @@ def _eden_kernel(src_ptr, ssc_ptr, stride_s, R, C, h_ptr, INV_SQRT, amax_bits_pt
     for t in range(TILES):                   # TILES row tiles per program share one load of h
         r0 = (pid_r * TILES + t) * BR
         _eden_tile(src_ptr, ssc_ptr, stride_s, R, C, h, INV_SQRT, g, valid, r0, c0,
-                   packed_ptr, scales_ptr, flushed_ptr, clamped_ptr, key, row_off, col_off, V, INV_V,
+                   packed_ptr, scales_ptr, flushed_ptr, clamped_ptr, key, row_off, row_split, row_hi,
+                   col_off, col_split, col_hi, V, INV_V,
                    SRC, SPLIT, INTERP, TIES_AWAY, SCALAR_RECIP, BR, FAST_DIV, FAST_RN)
 
 
 @triton.jit
 def _eden_tile(src_ptr, ssc_ptr, stride_s, R, C, h, INV_SQRT, g, valid, r0, c0,
-               packed_ptr, scales_ptr, flushed_ptr, clamped_ptr, key, row_off, col_off, V, INV_V,
+               packed_ptr, scales_ptr, flushed_ptr, clamped_ptr, key, row_off, row_split, row_hi,
+                   col_off, col_split, col_hi, V, INV_V,
                SRC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, TIES_AWAY: tl.constexpr,
                SCALAR_RECIP: tl.constexpr, BR: tl.constexpr, FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr):
     z = _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, h, INV_SQRT, SRC, SPLIT, INTERP, BR)
@@ -187,8 +189,8 @@ def _eden_tile(src_ptr, ssc_ptr, stride_s, R, C, h, INV_SQRT, g, valid, r0, c0,
     clamped = tl.sum(tl.sum((corrected > 448.0).to(tl.int32), axis=1), axis=0)
     # scale SR: one uniform per 16-block, counter (global row, global column of the block start)
     rows = r0 + tl.arange(0, BR)
-    hi = (rows + row_off).to(tl.uint32)
-    lo = (c0 + tl.arange(0, 8) * 16 + col_off).to(tl.uint32)
+    hi = counter(rows, row_off, row_split, row_hi)
+    lo = counter(c0 + tl.arange(0, 8) * 16, col_off, col_split, col_hi)
     uni = hash_uniform(key, hi[:, None], lo[None, :])
     sbits = tl.where(keep, sr_e4m3(corrected, uni), 0)
     flushed = tl.sum(tl.sum(((~keep) & (bamax > 0)).to(tl.int32), axis=1), axis=0)
@@ -315,7 +317,7 @@ def rht_ms_eden(
     counters = torch.zeros(2, dtype=torch.int32, device=dev)
     _eden_kernel[grid](src, sc, stride, rows, cols, h, INV_SQRT_128, amax_bits, nonfinite,
                        packed_out, scales, g, counters[0:1], counters[1:2],
-                       signed_key(stream.key), stream.row_offset, stream.col_offset,
+                       signed_key(stream.key), *stream.kernel_offsets(),
                        float(smax * v), float(v), fp32_reciprocal(v),
                        TIES_AWAY=(ties == fmt.TIES_AWAY), SCALAR_RECIP=False, **common, **var)
     return NVFP4Tensor(packed=packed_out, block_scales=scales.view(torch.float8_e4m3fn),

@@ -24,7 +24,7 @@ from megatron_fp4.tensor import BLOCK, NVFP4Tensor
 from megatron_fp4.rng import RandomStream
 
 from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, div_scalar, e2m1_value, e4m3_bits, exact_div,
-                      fp32_reciprocal, hash_uniform, pack_codes, rn_e2m1, rn_e2m1_code, rn_e4m3, signed_key,
+                      counter, fp32_reciprocal, hash_uniform, pack_codes, rn_e2m1, rn_e2m1_code, rn_e4m3, signed_key,
                       sr_e2m1, tensor_scale)
 
 AMAX_BLOCK = 8192
@@ -104,7 +104,7 @@ def _sse(xg, vals, s, F64: tl.constexpr):
 @triton.jit
 def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
                 packed_ptr, scales_ptr, gout_ptr, flushed_ptr,
-                SMAX_V, V, INV_V, key, row_off, col_off,
+                SMAX_V, V, INV_V, key, row_off, row_split, row_hi, col_off, col_split, col_hi,
                 SR: tl.constexpr, FOUR_SIX: tl.constexpr, TIES_AWAY: tl.constexpr, SCALAR_RECIP: tl.constexpr,
                 BR: tl.constexpr, BC: tl.constexpr, FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr,
                 SSE_MODE: tl.constexpr, LOAD3D: tl.constexpr, INTERP: tl.constexpr):
@@ -137,8 +137,8 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
         # NVIDIA's SR4 elements (4/6 excluded by the caller): one uniform per element, counter
         # (global row, global column) = RandomStream.uniform, same rule as the double-block kernel
         bcols = pid_c * NB + tl.arange(0, NB)
-        hi = (rows + row_off).to(tl.uint32)
-        lo = ((bcols * 16)[:, None] + tl.arange(0, 16)[None, :] + col_off).to(tl.uint32)
+        hi = counter(rows, row_off, row_split, row_hi)
+        lo = counter((bcols * 16)[:, None] + tl.arange(0, 16)[None, :], col_off, col_split, col_hi)
         codes = sr_e2m1(y, hash_uniform(key, hi[:, None, None], lo[None, :, :]))
     if FOUR_SIX:
         # "max->4" candidate; keep the lower SSE measured in units of g (x/g), ties to "max->6".
@@ -248,8 +248,8 @@ def quantize_nvfp4_rtn(
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     _rtn_kernel[grid](x, x.stride(0), rows, cols, amax_bits, nonfinite, packed, scales, g, flushed,
                       float(smax * v), float(v), fp32_reciprocal(v),
-                      signed_key(stream.key) if stream else 0, stream.row_offset if stream else 0,
-                      stream.col_offset if stream else 0, SR=(mode == "sr"), FOUR_SIX=four_over_six, TIES_AWAY=(ties == fmt.TIES_AWAY),
+                      signed_key(stream.key) if stream else 0,
+                      *(stream.kernel_offsets() if stream else RandomStream(0).kernel_offsets()), SR=(mode == "sr"), FOUR_SIX=four_over_six, TIES_AWAY=(ties == fmt.TIES_AWAY),
                       SCALAR_RECIP=False, BR=block_r, BC=block_c, num_warps=num_warps,
                       INTERP=INTERPRET, enable_fp_fusion=False, **var)
     return NVFP4Tensor(packed=packed, block_scales=scales.view(torch.float8_e4m3fn),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 
@@ -70,23 +71,81 @@ def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
     return (bits >> 8).to(torch.float32) * (2.0 ** -24)
 
 
+NO_SPLIT = (1 << 31) - 1   # a split point no local index reaches (fits the kernels' int32 indices)
+
+
+@dataclass(frozen=True)
+class TwoPieces:
+    """Global coordinates of a local dimension made of two contiguous pieces of the global one.
+
+    Local indices [0, split) are global [offset, offset + split); local indices from `split` on are
+    global [offset_hi, ...). SwiGLU's fc1 at TP > 1 is the case: each rank holds its shard of the gate
+    half and its shard of the up half side by side, so its output features are two strided pieces of
+    the unsplit [gate; up] layout, and random counters must follow them to stay TP-invariant.
+    """
+
+    offset: int
+    split: int
+    offset_hi: int
+
+    def __post_init__(self):
+        if min(self.offset, self.split, self.offset_hi) < 0:
+            raise ValueError(f"offsets and split must be non-negative, got {self}")
+
+
+Offset = Union[int, TwoPieces]
+
+
+def _pieces(offset: Offset) -> tuple:
+    """(offset, split, offset_hi) of an int or TwoPieces offset."""
+    if isinstance(offset, TwoPieces):
+        return offset.offset, offset.split, offset.offset_hi
+    return int(offset), NO_SPLIT, int(offset) + NO_SPLIT
+
+
+def global_index(local, offset: Offset):
+    """Global counter coordinate of local indices (an int64 tensor or a Python int)."""
+    base, split, hi = _pieces(offset)
+    if isinstance(local, int):
+        return local + base if local < split else local - split + hi
+    return torch.where(local < split, local + base, local - split + hi)
+
+
+def _largest_global(count: int, step: int, offset: Offset) -> int:
+    # in Python: checking the tensor instead would make the host wait for the GPU
+    last = (count - 1) * step
+    base, split, hi = _pieces(offset)
+    candidates = [last] + ([min(last, split - 1)] if split > 0 else [])
+    return max(global_index(i, offset) for i in candidates)
+
+
 @dataclass(frozen=True)
 class RandomStream:
-    """Draws for one operand: the stream key plus the global offset of the local block of data."""
+    """Draws for one operand: the stream key plus the global offset of the local block of data
+    (per dim an int, or TwoPieces for a local dim made of two pieces of the global one)."""
 
     key: int
-    row_offset: int = 0
-    col_offset: int = 0
+    row_offset: Offset = 0
+    col_offset: Offset = 0
 
     def bits(self, rows: int, cols: int, device=None, col_step: int = 1) -> torch.Tensor:
         """u32 draws (int64 tensor) for local positions (r, c * col_step), global coordinates."""
-        last_row = self.row_offset + rows - 1
-        last_col = self.col_offset + (cols - 1) * col_step
+        last_row = _largest_global(rows, 1, self.row_offset) if rows else 0
+        last_col = _largest_global(cols, col_step, self.col_offset) if cols else 0
         if last_row > MASK32 or last_col > MASK32:
             raise ValueError(f"random counter ({last_row}, {last_col}) exceeds 32 bits")
-        hi = torch.arange(rows, dtype=torch.int64, device=device) + self.row_offset
-        lo = torch.arange(cols, dtype=torch.int64, device=device) * col_step + self.col_offset
+        hi = global_index(torch.arange(rows, dtype=torch.int64, device=device), self.row_offset)
+        lo = global_index(torch.arange(cols, dtype=torch.int64, device=device) * col_step, self.col_offset)
         return hash_counter(self.key, hi[:, None], lo[None, :])
+
+    def kernel_offsets(self) -> tuple:
+        """(row_off, row_split, row_off_hi, col_off, col_split, col_off_hi) for the Triton kernels, which
+        map a local index i to i + off if i < split else i + off_hi (off_hi = offset_hi - split)."""
+        out = []
+        for offset in (self.row_offset, self.col_offset):
+            base, split, hi = _pieces(offset)
+            out += [base, split, hi - split]
+        return tuple(out)
 
     def uniform(self, rows: int, cols: int, device=None, col_step: int = 1) -> torch.Tensor:
         return uniform_from_bits(self.bits(rows, cols, device, col_step))

@@ -250,3 +250,25 @@ def test_random_signs_match_python_reference():
     s = rng.random_signs(0xABCDEF, 64)
     expected = [1.0 - 2.0 * (py_hash_counter(0xABCDEF, 0, i) >> 31) for i in range(64)]
     assert s.tolist() == expected
+
+
+def test_two_piece_offsets_draw_the_unsplit_operands_bits():
+    # SwiGLU fc1 at TP=2, rank 1 of a [T, 2*ffn] operand (ffn=96): local columns [0, 48) are global
+    # gate columns [48, 96), local [48, 96) are global up columns [144, 192)
+    ffn, s = 96, 48
+    full = RandomStream(1234).bits(5, 2 * ffn)
+    cols = rng.TwoPieces(offset=s, split=s, offset_hi=ffn + s)
+    local = RandomStream(1234, 0, cols).bits(5, 2 * s)
+    assert torch.equal(local, torch.cat([full[:, s:ffn], full[:, ffn + s:]], dim=1))
+    rows = RandomStream(1234, cols, 0).bits(2 * s, 3)          # the same split along rows (E^T)
+    assert torch.equal(rows, torch.cat([RandomStream(1234).bits(2 * ffn, 3)[s:ffn],
+                                        RandomStream(1234).bits(2 * ffn, 3)[ffn + s:]]))
+    # a step of 16 (per-block scale draws) maps the block starts the same way
+    blocks = RandomStream(9, 0, cols).bits(2, 2 * s // 16, col_step=16)
+    assert torch.equal(blocks, RandomStream(9).bits(2, 2 * ffn // 16, col_step=16)[:, [3, 4, 5, 9, 10, 11]])
+    # kernels get (off, split, off_hi - split) per dim; no split leaves every index in the first piece
+    assert RandomStream(1, 7, cols).kernel_offsets() == (7, rng.NO_SPLIT, 7, s, s, ffn)
+    with pytest.raises(ValueError, match="non-negative"):
+        rng.TwoPieces(-1, 0, 0)
+    with pytest.raises(ValueError, match="exceeds 32 bits"):
+        RandomStream(1, 0, rng.TwoPieces(0, 4, rng.MASK32)).bits(1, 8)

@@ -38,6 +38,7 @@ from .. import outcontrol as oc
 from .. import quantizers as Q
 from ..gemm import matmul_mxfp8
 from ..recipe import QuantContext, Recipe
+from ..rng import TwoPieces
 from ..tensor import MXFP8Tensor, NVFP4Tensor
 from . import state
 from .config import check_supported, resolve_recipe
@@ -522,9 +523,20 @@ class NVFP4ColumnParallelLinear(_NVFP4LinearMixin, ColumnParallelLinear):
         return 0, self.input_size   # column-parallel: K is not sharded
 
     def _mfp4_offsets(self, tp_rank):
-        # stride > 1 (interleaved init of e.g. GLU halves) keeps this contiguous-shard offset: draws
-        # stay valid but are then not identical across TP sizes
-        return 0, tp_rank * self.output_size_per_partition
+        """(K offset, N offset) of this rank's shard in the unsplit operand, for the random counters.
+
+        Megatron builds SwiGLU's fc1 with partition stride 2: each rank holds its shard of the gate
+        half and its shard of the up half side by side, i.e. two pieces of the unsplit [gate; up]
+        layout; the N offset is then an rng.TwoPieces, so every TP size draws the TP=1 bits
+        (tests/megatron: SwiGLU GPT at TP=2 matches TP=1). Other strides keep the contiguous offset:
+        valid draws, but not TP-invariant."""
+        per_rank = self.output_size_per_partition
+        stride = getattr(self.weight, "partition_stride", 1) if self.weight is not None else 1
+        if stride == 2 and per_rank % 2 == 0:
+            piece = per_rank // 2
+            return 0, TwoPieces(offset=tp_rank * piece, split=piece,
+                                offset_hi=self.output_size // 2 + tp_rank * piece)
+        return 0, tp_rank * per_rank
 
     def _mfp4_reducers(self, group, sequence_parallel):
         r = _max_reducer(group)

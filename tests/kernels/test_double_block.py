@@ -194,3 +194,12 @@ def test_rht_qdb_gpu_fp32_source():
     z = rht16(w, sigma, transpose=True)
     assert_same_qdb(got, _ref(z, "sr", stream))
     assert ((z - rht(w.t(), sigma)).norm() / z.norm()).item() < 1e-6
+
+
+@cpu_interp
+def test_sr_two_piece_counters_match_the_reference():
+    # the N dim of SwiGLU's fc1 at TP > 1 (rng.TwoPieces), on rows (W^T after transpose) and columns
+    from megatron_fp4.rng import TwoPieces
+    x = data(48, 256, seed=33)
+    stream = _stream(6, TwoPieces(0, 16, 200), TwoPieces(128, 128, 512))
+    assert_same_qdb(qdb_kernel(x, mode="sr", stream=stream), _ref(x, "sr", stream))

@@ -146,3 +146,12 @@ def test_sr_gpu_matches_reference():
     stream = RandomStream(77, 3, 64)
     got = quantize_nvfp4_rtn(x, v=6.0 * 16 / 17, mode="sr", stream=stream)
     assert_same_operand(got, Q.quantize_nvfp4(x, v=6.0 * 16 / 17, mode=Q.ROUND_STOCHASTIC, stream=stream))
+
+
+@cpu_interp
+def test_sr_two_piece_counters_match_the_reference():
+    from megatron_fp4.rng import RandomStream, TwoPieces
+    x = data(32, 128, seed=31)
+    stream = RandomStream(5, TwoPieces(8, 16, 100), TwoPieces(0, 64, 320))
+    assert_same_operand(quantize_nvfp4_rtn(x, mode="sr", stream=stream),
+                        Q.quantize_nvfp4(x, mode=Q.ROUND_STOCHASTIC, stream=stream))

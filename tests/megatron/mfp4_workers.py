@@ -108,6 +108,33 @@ def layer_parity(rank, world, recipe_name, sp):
     return report
 
 
+def swiglu_fc1_parity(rank, world, recipe_name):
+    """SwiGLU's fc1 as Megatron builds it (partition stride 2: rank r holds gate and up shards r) at
+    TP=world against the single-device layer on the full [gate; up] weight, same stream key."""
+    from megatron_fp4.megatron import NVFP4ColumnParallelLinear
+    _init_tp(world)
+    s, b, hidden, ffn = 32, 2, 256, 1024          # ffn = 2 x 512: gate and up halves
+    cfg = _config(world, recipe_name, sp=False)
+    torch.manual_seed(7)
+    x_full = torch.randn(s, b, hidden)
+    dy_full = torch.randn(s, b, ffn)
+    torch.manual_seed(11)
+    col = NVFP4ColumnParallelLinear(hidden, ffn, config=cfg, init_method=_init, bias=False, stride=2,
+                                    gather_output=False, keep_master_weight_for_test=True)
+    col.set_mfp4_identity(1, "decoder.layers.0.mlp.linear_fc1")
+    piece = ffn // 2 // world
+    rows = torch.cat([torch.arange(rank * piece, (rank + 1) * piece),
+                      ffn // 2 + torch.arange(rank * piece, (rank + 1) * piece)])
+    x_in = x_full.clone().requires_grad_(True)
+    y, _ = col(x_in)
+    y.backward(dy_full[:, :, rows])
+    ry, rdx, rdw, _ = _reference(col, x_full, col.master_weight, None, dy_full)
+    return {"fwd_bitexact": torch.equal(y, ry[:, :, rows]),
+            "weights_match": torch.equal(col.weight.detach(), col.master_weight[rows].to(col.weight.dtype)),
+            "dw_maxdiff": _maxdiff(col.weight.grad, rdw[rows]),
+            "dx_maxdiff": _maxdiff(x_in.grad, rdx), "dx_scale": rdx.abs().max().item()}
+
+
 def _gather_list(t, world):
     out = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(out, t.contiguous())
