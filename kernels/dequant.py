@@ -1,13 +1,15 @@
 """Packed NVFP4 (1x16) -> BF16 e2m1(q)*e4m3(s), one pass: the twin of
 `NVFP4Tensor.dequantize_unscaled()`. Every such product is exact in BF16 (numerics.md §1.4), so the
-GEMM operand is exact and cuBLAS BF16 x BF16 -> FP32 reproduces the block-scaled MMA (gemm.py)."""
+GEMM operand is exact and cuBLAS BF16 x BF16 -> FP32 reproduces the block-scaled MMA (gemm.py).
+Also: double-block operands (TetraJet-v2) -> FP32 or BF16 `dequantize()` values, and the GEMM's
+FP32 -> output epilogue."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from megatron_fp4.tensor import BLOCK, NVFP4Tensor
+from megatron_fp4.tensor import BLOCK, OUTER_BLOCK, NVFP4Tensor
 
 from ._common import e2m1_value, e4m3_value
 
@@ -42,6 +44,63 @@ def dequantize_unscaled_bf16(t: NVFP4Tensor, block_r: int = 32, block_c: int = 2
 
 
 @triton.jit
+def _round_bf16(y, INTERP: tl.constexpr):
+    """FP32 -> BF16 round to nearest even. The interpreter's cast truncates, so there the rounding is
+    done on the bits (finite values; NaN keeps a quiet-NaN pattern)."""
+    if INTERP:
+        b = y.to(tl.uint32, bitcast=True)
+        rb = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+        rb = tl.where(y == y, rb, 0x7FC00000)
+        y = rb.to(tl.float32, bitcast=True)
+    return y.to(tl.bfloat16)
+
+
+@triton.jit
+def _dequant_double_block_kernel(packed_ptr, scales_ptr, outer_ptr, out_ptr, R, C, OUT_BF16: tl.constexpr,
+                                 INTERP: tl.constexpr, BR: tl.constexpr):
+    # one 128-column slab per program column: (e2m1(q) * e4m3(s_in)) * s_out in FP32, the reference's
+    # order (NVFP4Tensor.dequantize), then optionally RNE to BF16 as gemm.matmul's "bf16" mode does
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    slab = tl.program_id(1)
+    rmask = (rows < R)[:, None]
+    r64 = rows[:, None].to(tl.int64)
+    bcols = slab * 64 + tl.arange(0, 64)
+    scols = slab * 8 + tl.arange(0, 8)
+    byte = tl.load(packed_ptr + r64 * (C // 2) + bcols[None, :], mask=rmask, other=0)
+    sb = tl.load(scales_ptr + r64 * (C // 16) + scols[None, :], mask=rmask, other=0)
+    so = tl.load(outer_ptr + r64 * (C // 128) + slab, mask=rmask, other=0.0)       # [BR, 1]
+    codes = tl.reshape(tl.join(byte & 15, byte >> 4), (BR, 128))
+    vals = tl.reshape(tl.reshape(e2m1_value(codes), (BR, 8, 16)) * e4m3_value(sb)[:, :, None], (BR, 128))
+    vals = vals * so
+    cols = slab * 128 + tl.arange(0, 128)
+    if OUT_BF16:
+        tl.store(out_ptr + r64 * C + cols[None, :], _round_bf16(vals, INTERP), mask=rmask)
+    else:
+        tl.store(out_ptr + r64 * C + cols[None, :], vals, mask=rmask)
+
+
+def dequantize_double_block(t: NVFP4Tensor, out_dtype=torch.float32, block_r: int = 32) -> torch.Tensor:
+    """Twin of `t.dequantize()` (FP32, bit for bit) for a double-block operand, or of
+    `t.dequantize().to(torch.bfloat16)` with out_dtype=bfloat16: one pass instead of the reference's
+    unpack / decode / two scale expansions / two multiplies (and cast)."""
+    from ._common import INTERPRET
+    if t.outer_scales is None or t.block_rows != 1 or t.tensor_scale is not None:
+        raise ValueError("the double-block dequant kernel needs a 1x16 operand with 1x128 outer scales")
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"out_dtype must be float32 or bfloat16, got {out_dtype}")
+    rows, cols = t.shape
+    if cols % OUTER_BLOCK:
+        raise ValueError(f"columns ({cols}) must be a multiple of {OUTER_BLOCK}")
+    out = torch.empty(rows, cols, dtype=out_dtype, device=t.device)
+    grid = (triton.cdiv(rows, block_r), cols // OUTER_BLOCK)
+    _dequant_double_block_kernel[grid](t.packed.contiguous(), t.block_scales.view(torch.uint8).contiguous(),
+                                       t.outer_scales.float().contiguous(), out, rows, cols,
+                                       OUT_BF16=out_dtype == torch.bfloat16, INTERP=INTERPRET, BR=block_r,
+                                       num_warps=4, enable_fp_fusion=False)
+    return out
+
+
+@triton.jit
 def _scale_cast_kernel(p_ptr, out_ptr, n, ga_ptr, gb_ptr, gx_ptr, HAS_EXTRA: tl.constexpr,
                        OUT_BF16: tl.constexpr, INTERP: tl.constexpr, BLOCK: tl.constexpr):
     # GEMM epilogue in one pass: ((P * (g_a*g_b)) * g_extra) -> output dtype, the same FP32 ops in the
@@ -53,14 +112,7 @@ def _scale_cast_kernel(p_ptr, out_ptr, n, ga_ptr, gb_ptr, gx_ptr, HAS_EXTRA: tl.
     if HAS_EXTRA:
         y = y * tl.load(gx_ptr)
     if OUT_BF16:
-        if INTERP:
-            # the interpreter truncates fp32->bf16: round to nearest-even on the bits (finite values;
-            # NaN keeps a quiet-NaN pattern)
-            b = y.to(tl.uint32, bitcast=True)
-            rb = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
-            rb = tl.where(y == y, rb, 0x7FC00000)
-            y = rb.to(tl.float32, bitcast=True)
-        tl.store(out_ptr + offs, y.to(tl.bfloat16), mask=mask)
+        tl.store(out_ptr + offs, _round_bf16(y, INTERP), mask=mask)
     else:
         tl.store(out_ptr + offs, y, mask=mask)
 

@@ -181,12 +181,43 @@ def rht_double_block(a: torch.Tensor, sigma: torch.Tensor, stream: Optional[Rand
                                    sr_headroom=sr_headroom, outer_block=outer_block, amax_reduce=amax_reduce)
 
 
+def rht_of(a: torch.Tensor, sigma: torch.Tensor, *, transpose: bool = False, pad_multiple: int = 1) -> torch.Tensor:
+    """FP32 rht(pad_cols(A, pad_multiple), sigma) with A = a or a.t(). On CUDA with 16 signs and a
+    padded rotated dim that is a multiple of 128, the double-block module's fused kernel reads `a`
+    once (transposed and padded in registers) instead of a transposed copy, a pad and a small-K GEMM;
+    equal to the reference up to FP32 summation order in the rotation (relative error < 1e-6)."""
+    cols = a.shape[0] if transpose else a.shape[-1]
+    padded = cols + (-cols) % max(pad_multiple, 1)
+    if kernels_enabled(a) and sigma.numel() == 16 and a.dim() == 2 and a.numel() > 0 and padded % 128 == 0:
+        from .double_block import rht16
+        return rht16(a, sigma, transpose=transpose, pad_multiple=pad_multiple)
+    src = a.t() if transpose else a
+    extra = (-src.shape[1]) % pad_multiple
+    if extra:
+        src = torch.nn.functional.pad(src, (0, extra))
+    return rht(src, sigma)
+
+
 def dequantize_unscaled(q: NVFP4Tensor) -> torch.Tensor:
     """e2m1*e4m3 values: BF16 from the kernel on CUDA (exact), FP32 from the reference elsewhere."""
     if kernels_enabled(q.packed) and q.block_rows == 1:
         from .dequant import dequantize_unscaled_bf16
         return dequantize_unscaled_bf16(q)
     return q.dequantize_unscaled()
+
+
+def _double_block_kernel_ok(q: NVFP4Tensor) -> bool:
+    return (kernels_enabled(q.packed) and q.outer_scales is not None and q.block_rows == 1
+            and q.tensor_scale is None and q.shape[1] % 128 == 0)
+
+
+def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q.dequantize().to(dtype), the same bits; one kernel pass for double-block operands on CUDA."""
+    if _double_block_kernel_ok(q) and dtype in (torch.float32, torch.bfloat16):
+        from .dequant import dequantize_double_block
+        return dequantize_double_block(q, dtype)
+    out = q.dequantize()
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def matmul(a: NVFP4Tensor, b: NVFP4Tensor, mode: str = "exact", *, scale: Optional[torch.Tensor] = None,
@@ -206,6 +237,14 @@ def matmul(a: NVFP4Tensor, b: NVFP4Tensor, mode: str = "exact", *, scale: Option
         except (TypeError, RuntimeError):
             out = torch.mm(a16.float(), b16.float().t())
         return scale_cast(out, a.tensor_scale, b.tensor_scale, scale, out_dtype or torch.float32)
+    if mode == "bf16" and _double_block_kernel_ok(a) and _double_block_kernel_ok(b) and a.shape[1] == b.shape[1]:
+        # gemm.matmul's "bf16" mode for double-block operands: outer scales folded into BF16 operands
+        # (dequantize().to(bf16)), BF16 GEMM with FP32 output; the dequant kernel makes each operand
+        # in one pass
+        out = torch.mm(dequantize(a, torch.bfloat16), dequantize(b, torch.bfloat16).t(), out_dtype=torch.float32)
+        if scale is not None:
+            out = out * scale
+        return out if out_dtype is None else out.to(out_dtype)
     out = _reference_matmul(a, b, mode)
     if scale is not None:
         out = out * scale

@@ -23,8 +23,6 @@ import torch
 
 from . import format as fmt
 from . import quantizers as Q
-from .gemm import matmul
-from .hadamard import rht
 from .kernels import dispatch as D
 from .rng import RandomStream, Role, derive_key
 from .tensor import NVFP4Tensor
@@ -247,8 +245,8 @@ class NvidiaRecipe(Recipe):
 
     def wgrad(self, dy, x, ctx):
         sigma = self._signs(ctx, dy.device)
-        et = rht(pad_cols(dy.t(), self.token_padding), sigma)
-        xt = rht(pad_cols(x.t(), self.token_padding), sigma)
+        et = D.rht_of(dy, sigma, transpose=True, pad_multiple=self.token_padding)
+        xt = D.rht_of(x, sigma, transpose=True, pad_multiple=self.token_padding)
         etq = self._sr(et, ctx.stream(Role.WGRAD_GRAD_OUTPUT, ctx.out_offset, 0), ctx.grad_output_amax_reduce)
         xtq = D.quantize_nvfp4(xt, ties=self.rtn_ties, amax_reduce=ctx.input_amax_reduce)
         return D.matmul(etq, xtq)
@@ -310,7 +308,7 @@ class TetraJet2Recipe(Recipe):
         return D.rht_signs(key, self.rht_size, device)
 
     def dgrad(self, dy, wq, ctx, out_dtype=None):
-        return self.dgrad_dense(dy, wq.dequantize(), ctx, out_dtype)
+        return self.dgrad_dense(dy, D.dequantize(wq), ctx, out_dtype)
 
     def dgrad_dense(self, dy, w_hat, ctx, out_dtype=None):
         """dgrad from the dequantized forward weight W_hat [N, K] (FP32): Q3 x Q4 after RHT-16 (d1)."""
@@ -319,16 +317,15 @@ class TetraJet2Recipe(Recipe):
                           ctx.grad_output_amax_reduce)
         wtq = self._rht_sr(w_hat, d1, ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset),
                            ctx.weight_amax_reduce, transpose=True)
-        out = matmul(eq, wtq, self.gemm_mode(dy.device))
-        return out if out_dtype is None else out.to(out_dtype)
+        return D.matmul(eq, wtq, self.gemm_mode(dy.device), out_dtype=out_dtype)
 
     def wgrad(self, dy, xq, ctx):
         d2 = self._signs(ctx, Role.RHT_SIGNS_WGRAD, dy.device)
         etq = self._rht_sr(dy, d2, ctx.stream(Role.WGRAD_GRAD_OUTPUT, ctx.out_offset, 0),
                            ctx.grad_output_amax_reduce, transpose=True, pad_multiple=self.token_padding)
-        xtq = self._rht_sr(xq.dequantize(), d2, ctx.stream(Role.WGRAD_INPUT, ctx.in_offset, 0),
+        xtq = self._rht_sr(D.dequantize(xq), d2, ctx.stream(Role.WGRAD_INPUT, ctx.in_offset, 0),
                            ctx.input_amax_reduce, transpose=True, pad_multiple=self.token_padding)
-        return matmul(etq, xtq, self.gemm_mode(dy.device))
+        return D.matmul(etq, xtq, self.gemm_mode(dy.device))
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Dispatch: kernels on CUDA tensors, references elsewhere, MEGATRON_FP4_KERNELS=0 forces references;
 plus the dequant kernel (twin of NVFP4Tensor.dequantize_unscaled)."""
+import contextlib
+
 import pytest
 import torch
 
@@ -87,3 +89,51 @@ def test_rht_signs_on_cpu_are_the_reference_signs():
     from megatron_fp4.rng import random_signs
     assert torch.equal(D.rht_signs(5, 128, "cpu"), random_signs(5, 128, "cpu"))
     assert torch.equal(D.rht_signs(5, 16, None), random_signs(5, 16))
+
+
+def test_rht_of_on_cpu_is_the_reference_composition():
+    a = data(40, 96, seed=3)
+    sigma = random_signs(11, 16)
+    padded = torch.nn.functional.pad(a.t(), (0, 128 - 40))
+    assert torch.equal(D.rht_of(a, sigma, transpose=True, pad_multiple=128), rht(padded, sigma))
+    assert torch.equal(D.rht_of(a, sigma), rht(a, sigma))
+
+
+@gpu
+@needs_cuda
+def test_rht_of_gpu_kernel_matches_the_reference():
+    dy = data(1000, 256, seed=4, device="cuda", dtype=torch.bfloat16)      # T=1000 pads to 1024
+    sigma = random_signs(12, 16, "cuda")
+    got = D.rht_of(dy, sigma, transpose=True, pad_multiple=16 * 64)
+    ref = rht(torch.nn.functional.pad(dy.t(), (0, 24)), sigma)
+    assert got.shape == ref.shape == (256, 1024)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-6
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("name", ["nvidia", "tetrajet2", "quartet2"])
+def test_recipe_kernel_path_agrees_with_the_reference_path(name):
+    """Whole linear on the GPU, kernels vs torch twins (dispatch.reference_only()), same key: Y bit for
+    bit; dX and dW differ only where the rotation's FP32 summation order moves a decision, so their
+    difference must be far below that of two independent draws (another key)."""
+    from megatron_fp4.linear import nvfp4_linear
+    from megatron_fp4.recipe import QuantContext
+    from megatron_fp4.registry import load_recipe
+    recipe = load_recipe(name)
+    x = data(1024, 512, seed=7, device="cuda", dtype=torch.bfloat16, spread=False)
+    w = data(384, 512, seed=8, device="cuda", dtype=torch.bfloat16, spread=False) * 0.05
+    dy = data(1024, 384, seed=9, device="cuda", dtype=torch.bfloat16, spread=False)
+
+    def run(key, reference):
+        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        with D.reference_only() if reference else contextlib.nullcontext():
+            y = nvfp4_linear(xr, wr, None, recipe, QuantContext(key=key, seed=recipe.seed))
+            y.backward(dy)
+        return y.detach().float(), xr.grad.float(), wr.grad.float()
+
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    ker, ref, other = run(5, False), run(5, True), run(6, True)
+    assert torch.equal(ker[0], ref[0])
+    for i in (1, 2):
+        assert rel(ker[i], ref[i]) < 0.1 * rel(other[i], ref[i]), (name, i, rel(ker[i], ref[i]), rel(other[i], ref[i]))

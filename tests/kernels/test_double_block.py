@@ -203,3 +203,39 @@ def test_sr_two_piece_counters_match_the_reference():
     x = data(48, 256, seed=33)
     stream = _stream(6, TwoPieces(0, 16, 200), TwoPieces(128, 128, 512))
     assert_same_qdb(qdb_kernel(x, mode="sr", stream=stream), _ref(x, "sr", stream))
+
+
+@cpu_interp
+@pytest.mark.parametrize("rows,cols,mode", [(40, 256, "rn"), (33, 384, "sr"), (8, 128, "rn")])
+def test_double_block_dequant_kernel_is_the_reference(rows, cols, mode):
+    from megatron_fp4.kernels.dequant import dequantize_double_block
+    x = data(rows, cols, seed=rows + cols)                 # spread rows: subnormal scales, flushed blocks
+    q = Q.quantize_double_block(x, mode=mode, stream=_stream(4) if mode == "sr" else None)
+    ref = q.dequantize()
+    got = dequantize_double_block(q)
+    assert got.dtype == torch.float32 and torch.equal(got.view(torch.int32), ref.view(torch.int32))
+    got16 = dequantize_double_block(q, torch.bfloat16)     # gemm.matmul "bf16" mode: RNE of the FP32 value
+    assert torch.equal(got16.view(torch.int16), ref.to(torch.bfloat16).view(torch.int16))
+
+
+@cpu_interp
+def test_double_block_dequant_kernel_nan_and_bad_input():
+    from megatron_fp4.kernels.dequant import dequantize_double_block
+    x = data(16, 256, seed=5)
+    x[3, 7] = float("inf")
+    q = Q.quantize_double_block(x)
+    assert torch.isnan(q.outer_scales).all() and torch.isnan(dequantize_double_block(q)).all()
+    with pytest.raises(ValueError, match="outer scales"):
+        dequantize_double_block(Q.quantize_nvfp4(data(16, 256)))
+    with pytest.raises(ValueError, match="out_dtype"):
+        dequantize_double_block(Q.quantize_double_block(data(16, 256)), torch.float16)
+
+
+@gpu
+@needs_cuda
+def test_double_block_gemm_and_dequant_gpu_match_the_reference():
+    from megatron_fp4.gemm import matmul as reference_matmul
+    a = Q.quantize_double_block(data(512, 1024, seed=1, device="cuda"), mode="sr", stream=_stream(1))
+    b = Q.quantize_double_block(data(384, 1024, seed=2, device="cuda", spread=False))
+    assert torch.equal(D.dequantize(a).view(torch.int32), a.dequantize().view(torch.int32))
+    assert torch.equal(D.matmul(a, b, "bf16"), reference_matmul(a, b, "bf16"))
