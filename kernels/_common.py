@@ -118,6 +118,28 @@ def hash_uniform(key, hi, lo):
 
 
 @triton.jit
+def dot_pm1(a, h, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+    """a @ h with FP32 sums and every product exact, for a +-1 matrix h (the signed Hadamard, BF16 on
+    the GPU): a BF16 source is one tensor-core dot (SPLIT=1); an FP32 source is split into three BF16
+    parts hi + mid + lo == a exactly and dotted three times into one FP32 accumulator (SPLIT=3).
+    The interpreter reads BF16 dot operands as integers, so there it multiplies in FP32."""
+    if INTERP:
+        acc = tl.dot(a.to(tl.float32), h.to(tl.float32))
+    elif SPLIT == 1:
+        acc = tl.dot(a.to(tl.bfloat16), h)
+    else:
+        af = a.to(tl.float32)
+        hi = af.to(tl.bfloat16)
+        r1 = af - hi.to(tl.float32)
+        mid = r1.to(tl.bfloat16)
+        lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(hi, h)
+        acc = tl.dot(mid, h, acc)
+        acc = tl.dot(lo, h, acc)
+    return acc
+
+
+@triton.jit
 def counter(local, off, split, off_hi):
     """Global random-counter coordinate (uint32) of local indices: rng.global_index with
     (off, split, off_hi) from RandomStream.kernel_offsets (off_hi already has the split subtracted)."""

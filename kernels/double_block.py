@@ -36,7 +36,7 @@ from megatron_fp4.rng import RandomStream
 from megatron_fp4.tensor import BLOCK, OUTER_BLOCK, NVFP4Tensor
 
 from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, e2m1_value, e4m3_bits, exact_div,
-                      counter, hash_uniform, rn_e2m1, rn_e4m3, signed_hadamard, signed_key, sr_e2m1)
+                      counter, dot_pm1, hash_uniform, rn_e2m1, rn_e4m3, signed_hadamard, signed_key, sr_e2m1)
 
 N_RHT = 16
 
@@ -69,19 +69,7 @@ def _load_tile(src_ptr, stride_s, R, C_SRC, r0, c0, h_ptr,
         hr = tl.arange(0, 16)
         h = tl.load(h_ptr + hr[:, None] * 16 + hr[None, :])
         x2 = tl.reshape(xb, (BR * NB, 16))
-        if INTERP:
-            acc = tl.dot(x2, h.to(tl.float32))          # the interpreter misreads BF16 dot operands
-        elif SPLIT == 1:
-            acc = tl.dot(x2.to(tl.bfloat16), h)         # BF16 source: exact in one part
-        else:
-            hi = x2.to(tl.bfloat16)                     # FP32 source: hi + mid + lo == x exactly
-            r1 = x2 - hi.to(tl.float32)
-            mid = r1.to(tl.bfloat16)
-            lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
-            acc = tl.dot(hi, h)
-            acc = tl.dot(mid, h, acc)
-            acc = tl.dot(lo, h, acc)
-        xb = tl.reshape(acc * 0.25, (BR, NB, 16))      # 1/sqrt(16) is exact
+        xb = tl.reshape(dot_pm1(x2, h, SPLIT, INTERP) * 0.25, (BR, NB, 16))   # 1/sqrt(16) is exact
     return xb
 
 

@@ -38,7 +38,7 @@ from megatron_fp4.tensor import BLOCK, NVFP4Tensor
 from .rtn import _amax_reduce_kernel
 from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, div_scalar, e2m1_value, e4m3_bits, e4m3_value,
                       exact_div, fp32_reciprocal, hash_uniform, pack_codes, rn_e2m1, rn_e2m1_code, rn_e4m3,
-                      counter, signed_hadamard, signed_key, sr_e4m3, tensor_scale)
+                      counter, dot_pm1, signed_hadamard, signed_key, sr_e4m3, tensor_scale)
 
 N_RHT = 128
 # Variant switches (constexpr) for benchmarks/bench_variants.py; defaults = fastest bit-exact on H100
@@ -80,21 +80,7 @@ def _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, h, INV_SQRT,
                      mask=(scols < R // 16)[None, :], other=0)
         vals = tl.reshape(e2m1_value(codes), (128, BR // 16, 16)) * e4m3_value(sb)[:, :, None]
         a = tl.trans(tl.reshape(vals, (128, BR)))
-    if INTERP:
-        # the interpreter reads BF16 dot operands as integers: rotate in FP32 there
-        acc = tl.dot(a.to(tl.float32), h.to(tl.float32))
-    elif SPLIT == 1:
-        acc = tl.dot(a.to(tl.bfloat16), h)                         # exact products, FP32 sum
-    else:
-        af = a.to(tl.float32)
-        hi = af.to(tl.bfloat16)
-        r1 = af - hi.to(tl.float32)
-        mid = r1.to(tl.bfloat16)
-        lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
-        acc = tl.dot(hi, h)
-        acc = tl.dot(mid, h, acc)
-        acc = tl.dot(lo, h, acc)
-    z = acc * INV_SQRT
+    z = dot_pm1(a, h, SPLIT, INTERP) * INV_SQRT                   # exact products, FP32 sums
     return tl.where(rmask[:, None], z, 0.0)
 
 
