@@ -171,6 +171,19 @@ def _plot_gaps(out: str, summaries: dict) -> None:
     plt.close(fig)
 
 
+def import_summaries(src: str, out: str) -> None:
+    """Copy src/<run>.json to out/<run>/summary.json for runs that have no summary in out yet."""
+    import shutil
+    if not os.path.isdir(src):
+        raise SystemExit(f"--import-summaries: {src} is not a directory")
+    for name, _, _ in RUNS:
+        path = os.path.join(src, f"{name}.json")
+        if os.path.exists(path) and load_summary(out, name) is None:
+            os.makedirs(os.path.join(out, name), exist_ok=True)
+            shutil.copyfile(path, os.path.join(out, name, "summary.json"))
+            print(f"{name}: summary imported from {path}", flush=True)
+
+
 def run_all(todo: list, a) -> None:
     """Run (name, command) pairs, at most a.parallel at a time (each its own process; on one GPU they
     share it), each under a.timeout seconds; a run's output goes to <out>/<name>/log.txt."""
@@ -224,6 +237,9 @@ def main(argv=None):
     p.add_argument("--parallel", type=int, default=1,
                    help="runs at a time (one GPU is shared: small models leave it mostly idle)")
     p.add_argument("--corpus-src", default=None, help="text files for the corpus (default: Python stdlib)")
+    p.add_argument("--import-summaries", default=None, metavar="DIR",
+                   help="start from earlier results: DIR/<run>.json (e.g. docs/quality) become the summaries "
+                        "of runs that have none in --out, so only the missing or cut-short runs are trained")
     a = p.parse_args(argv)
     if a.parallel < 1:
         p.error("--parallel must be at least 1")
@@ -233,6 +249,8 @@ def main(argv=None):
         from megatron_fp4.data import corpus as corpus_builder
         info = corpus_builder.build(a.corpus_src, corpus)
         print(f"corpus from {info['source']}: {info['counts']}", flush=True)
+    if a.import_summaries:
+        import_summaries(a.import_summaries, a.out)
     params = non_embedding_params(a.layers, a.hidden, a.ffn)
     tokens = a.steps * a.global_batch * a.seq
     print(f"model: {params / 1e6:.2f}M non-embedding parameters; {tokens / 1e6:.1f}M tokens = "
@@ -252,7 +270,7 @@ def main(argv=None):
         todo.append((name, [sys.executable, "-m", "megatron_fp4.pretrain_gpt",
                             *run_flags(a, name, recipe, a.seed + seed_offset, corpus)]))
     run_all(todo, a)
-    print(report(a.out, a.steps, names), flush=True)
+    print(report(a.out, a.steps), flush=True)   # every run in --out, also those of earlier commands
 
 
 if __name__ == "__main__":

@@ -67,3 +67,20 @@ def test_cpu_smoke_runs_resume_and_report(tmp_path):
     assert "| quartet2 | complete |" in table
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)   # resumes: nothing to do
     assert "bf16: complete, skipped" in second.stdout and "quartet2: complete, skipped" in second.stdout
+
+
+def test_import_summaries_resumes_only_what_is_missing_or_cut_short(tmp_path):
+    src, out = tmp_path / "earlier", str(tmp_path / "q")
+    src.mkdir()
+    (src / "bf16.json").write_text(json.dumps({"losses": [[1, 5.0], [10, 3.0]], "valid": [[10, 3.0]]}))
+    (src / "nvidia.json").write_text(json.dumps({"losses": [[1, 5.0], [6, 3.5]], "valid": [[5, 3.6]]}))
+    quality.import_summaries(str(src), out)
+    assert quality.status_of(quality.load_summary(out, "bf16"), 10) == "complete"      # would be skipped
+    assert quality.status_of(quality.load_summary(out, "nvidia"), 10) == "cut short"   # would be rerun
+    assert quality.load_summary(out, "quartet2") is None
+    # a summary already in --out is never overwritten by an import
+    (src / "bf16.json").write_text(json.dumps({"losses": [[1, 9.0]], "valid": []}))
+    quality.import_summaries(str(src), out)
+    assert quality.load_summary(out, "bf16")["losses"][0] == [1, 5.0]
+    with pytest.raises(SystemExit, match="not a directory"):
+        quality.import_summaries(str(tmp_path / "nope"), out)
