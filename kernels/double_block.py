@@ -239,8 +239,7 @@ def quantize_double_block(
                       TRANS=transpose, ROT=sigma is not None, SPLIT=split, SR=(mode == "sr"),
                       TIES_AWAY=(ties == fmt.TIES_AWAY), INTERP=INTERPRET, BR=block_r, BC=block_c,
                       num_warps=num_warps, enable_fp_fusion=False)
-    # a non-finite anywhere makes every outer scale NaN (quantizers._poison_nonfinite); x*1 == x
-    poison = torch.where(counters[1] != 0, torch.full((), float("nan"), device=dev),
-                         torch.ones((), device=dev))
+    # a non-finite anywhere makes every outer scale NaN (quantizers._poison_nonfinite); two launches
+    outer = torch.where(counters[1:2].view(1, 1) != 0, float("nan"), outer)
     return NVFP4Tensor(packed=packed, block_scales=scales.view(torch.float8_e4m3fn), tensor_scale=None,
-                       outer_scales=outer * poison, flushed_blocks=counters[0])
+                       outer_scales=outer, flushed_blocks=counters[0])

@@ -286,8 +286,8 @@ def rht_ms_eden(
     if partials:
         buf = torch.empty(nparts + 2, dtype=torch.int32, device=dev)     # written in full: no memset
         parts, amax_bits, nonfinite = buf[:nparts], buf[nparts:nparts + 1], buf[nparts + 1:]
-    else:
-        buf = torch.zeros(2, dtype=torch.int32, device=dev)
+    else:   # one memset for the amax word, the non-finite flag and pass 2's two counters
+        buf = torch.zeros(4, dtype=torch.int32, device=dev)
         parts, amax_bits, nonfinite = buf, buf[0:1], buf[1:2]
     _rht_amax_kernel[grid](src, sc, stride, rows, h, INV_SQRT_128, amax_bits, nonfinite, parts,
                            PARTIALS=partials, TILES=tiles, **common)
@@ -300,7 +300,7 @@ def rht_ms_eden(
     packed_out = torch.empty(rows, cols // 2, dtype=torch.uint8, device=dev)
     scales = torch.empty(rows, cols // BLOCK, dtype=torch.uint8, device=dev)
     g = torch.empty(1, dtype=torch.float32, device=dev)
-    counters = torch.zeros(2, dtype=torch.int32, device=dev)
+    counters = torch.zeros(2, dtype=torch.int32, device=dev) if partials else buf[2:4]
     _eden_kernel[grid](src, sc, stride, rows, cols, h, INV_SQRT_128, amax_bits, nonfinite,
                        packed_out, scales, g, counters[0:1], counters[1:2],
                        signed_key(stream.key), *stream.kernel_offsets(),

@@ -185,8 +185,9 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
              mask=rmask[:, None] & (scols[None, :] < C // 16))
 
 
-def tensor_amax(x: torch.Tensor, amax_mode: Optional[int] = None):
-    """(amax as an int32 bit-pattern buffer [1], non-finite flag [1]) of a contiguous tensor."""
+def tensor_amax(x: torch.Tensor, amax_mode: Optional[int] = None, zeroed: Optional[torch.Tensor] = None):
+    """(amax as an int32 bit-pattern buffer [1], non-finite flag [1]) of a contiguous tensor.
+    `zeroed`: a zero-filled int32 buffer of 2 to use (saves a memset launch) in atomics mode."""
     amax_mode = DEFAULTS["AMAX_MODE"] if amax_mode is None else amax_mode
     n = x.numel()
     nparts = triton.cdiv(n, AMAX_BLOCK)
@@ -194,7 +195,7 @@ def tensor_amax(x: torch.Tensor, amax_mode: Optional[int] = None):
         buf = torch.empty(nparts + 2, dtype=torch.int32, device=x.device)   # written in full: no memset
         parts, amax_bits, nonfinite = buf[:nparts], buf[nparts:nparts + 1], buf[nparts + 1:]
     else:
-        buf = torch.zeros(2, dtype=torch.int32, device=x.device)
+        buf = zeroed if zeroed is not None else torch.zeros(2, dtype=torch.int32, device=x.device)
         parts, amax_bits, nonfinite = buf, buf[0:1], buf[1:2]
     _amax_kernel[(nparts,)](x, n, amax_bits, nonfinite, parts, BLOCK_N=AMAX_BLOCK,
                             PARTIALS=bool(amax_mode), num_warps=8, enable_fp_fusion=False)
@@ -237,13 +238,14 @@ def quantize_nvfp4_rtn(
     if x.stride(0) != cols:
         x = x.contiguous()
     var = dict(DEFAULTS, LOAD3D=not four_over_six, **(variant or {}))
-    amax_bits, nonfinite = tensor_amax(x, var.pop("AMAX_MODE"))
+    zeroed = torch.zeros(3, dtype=torch.int32, device=x.device)   # amax, non-finite flag, flushed count
+    amax_bits, nonfinite = tensor_amax(x, var.pop("AMAX_MODE"), zeroed[:2])
     if amax_reduce is not None:
         amax_bits = amax_reduce(amax_bits.view(torch.float32)).reshape(1).view(torch.int32)
     packed = torch.empty(rows, cols // 2, dtype=torch.uint8, device=x.device)
     scales = torch.empty(rows, cols // BLOCK, dtype=torch.uint8, device=x.device)
     g = torch.empty(1, dtype=torch.float32, device=x.device)
-    flushed = torch.zeros(1, dtype=torch.int32, device=x.device)
+    flushed = zeroed[2:3]
     block_c = min(block_c, triton.next_power_of_2(cols))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     _rtn_kernel[grid](x, x.stride(0), rows, cols, amax_bits, nonfinite, packed, scales, g, flushed,
