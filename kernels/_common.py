@@ -13,6 +13,7 @@ give the same bits:
 from __future__ import annotations
 
 import collections
+import functools
 import os
 
 import numpy as np
@@ -297,20 +298,30 @@ def signed_key(key: int) -> int:
 _SIGNED_HADAMARD_CACHE: "collections.OrderedDict" = collections.OrderedDict()
 
 
-def signed_hadamard(sigma: torch.Tensor, pm1: torch.Tensor, device) -> torch.Tensor:
-    """diag(sigma) H+-1 as the kernels' dot operand: BF16 on GPU (exact: entries are +-1), FP32
-    under the interpreter. `pm1` is the +-1 Sylvester matrix of sigma's size.
+@functools.lru_cache(maxsize=None)
+def _hadamard_pm1(n: int, device: str) -> torch.Tensor:
+    # hadamard.hadamard_matrix without 1/sqrt(n), made once per size and device: a host-to-device copy
+    # at every call would make the host wait for the GPU
+    from megatron_fp4.hadamard import hadamard_matrix
+    return torch.sign(hadamard_matrix(n)).to(device)
+
+
+def signed_hadamard(sigma: torch.Tensor, device, n: int) -> torch.Tensor:
+    """diag(sigma) H+-1 [n, n] as the kernels' dot operand, (a*sigma) @ H == a @ (diag(sigma) H):
+    BF16 on GPU (exact: entries are +-1), FP32 under the interpreter.
 
     Built once per sigma tensor (identity and version, so an in-place change rebuilds it) and device:
     a backward call rotates several operands with the same signs, and each build is three launches.
     The entry holds sigma itself, so its id cannot be reused while the entry lives."""
+    if sigma.numel() != n:
+        raise ValueError(f"the kernel rotates in {n}-chunks, got {sigma.numel()} signs")
     device = torch.device(device)
     cache_key = (id(sigma), sigma._version, str(device), INTERPRET)
     entry = _SIGNED_HADAMARD_CACHE.get(cache_key)
     if entry is not None and entry[0] is sigma:
         _SIGNED_HADAMARD_CACHE.move_to_end(cache_key)
         return entry[1]
-    hs = sigma.reshape(-1).to(device=device, dtype=torch.float32)[:, None] * pm1.to(device)
+    hs = sigma.reshape(-1).to(device=device, dtype=torch.float32)[:, None] * _hadamard_pm1(n, str(device))
     hs = hs.contiguous() if INTERPRET else hs.to(torch.bfloat16).contiguous()
     _SIGNED_HADAMARD_CACHE[cache_key] = (sigma, hs)
     while len(_SIGNED_HADAMARD_CACHE) > 16:

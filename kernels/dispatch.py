@@ -40,6 +40,16 @@ def reference_only():
             os.environ["MEGATRON_FP4_KERNELS"] = previous
 
 
+def _reference_rht(a: torch.Tensor, sigma: torch.Tensor, transpose: bool, pad_multiple: int) -> torch.Tensor:
+    """The torch composition every rotating entry point falls back to: rht(pad_cols(A, pad_multiple),
+    sigma) with A = a or a.t()."""
+    src = a.t() if transpose else a
+    extra = (-src.shape[1]) % pad_multiple
+    if extra:
+        src = torch.nn.functional.pad(src, (0, extra))
+    return rht(src, sigma)
+
+
 def kernels_enabled(*tensors: torch.Tensor) -> bool:
     """True when every tensor is on CUDA and MEGATRON_FP4_KERNELS is not '0'."""
     if os.environ.get("MEGATRON_FP4_KERNELS", "1") == "0":
@@ -110,12 +120,8 @@ def rht_ms_eden(a: torch.Tensor, sigma: torch.Tensor, stream: RandomStream, *, t
                 a = torch.nn.functional.pad(a, (0, extra))
         return kernel(a, sigma, stream, transpose=transpose, v=v, smax=smax, ties=ties,
                       amax_reduce=amax_reduce)
-    src = a.t() if transpose else a
-    extra = (-src.shape[1]) % pad_multiple
-    if extra:
-        src = torch.nn.functional.pad(src, (0, extra))
-    return Q.quantize_ms_eden(rht(src, sigma), stream=stream, eden_group=eden_group, v=v, smax=smax,
-                              ties=ties, amax_reduce=amax_reduce)
+    return Q.quantize_ms_eden(_reference_rht(a, sigma, transpose, pad_multiple), stream=stream,
+                              eden_group=eden_group, v=v, smax=smax, ties=ties, amax_reduce=amax_reduce)
 
 
 def requant_ms_eden(q: NVFP4Tensor, sigma: torch.Tensor, stream: RandomStream, *,
@@ -131,12 +137,9 @@ def requant_ms_eden(q: NVFP4Tensor, sigma: torch.Tensor, stream: RandomStream, *
             and rows % 128 == 0):
         from .eden import rht_ms_eden as kernel
         return kernel(None, sigma, stream, packed=q, v=v, smax=smax, ties=ties, amax_reduce=amax_reduce)
-    src = q.dequantize_unscaled().t()
-    extra = (-src.shape[1]) % pad_multiple
-    if extra:
-        src = torch.nn.functional.pad(src, (0, extra))
-    return Q.quantize_ms_eden(rht(src, sigma), stream=stream, eden_group=eden_group, v=v, smax=smax,
-                              ties=ties, amax_reduce=amax_reduce)
+    return Q.quantize_ms_eden(_reference_rht(q.dequantize_unscaled(), sigma, True, pad_multiple),
+                              stream=stream, eden_group=eden_group, v=v, smax=smax, ties=ties,
+                              amax_reduce=amax_reduce)
 
 
 def _double_block_ok(mode, stream, outer_block, *tensors) -> bool:
@@ -173,15 +176,13 @@ def rht_double_block(a: torch.Tensor, sigma: torch.Tensor, stream: Optional[Rand
             from .double_block import quantize_double_block as kernel
             return kernel(a, mode=mode, ties=ties, stream=stream, sr_headroom=sr_headroom, sigma=sigma,
                           transpose=transpose, pad_multiple=pad_multiple)
-    src = a.t() if transpose else a
-    extra = (-src.shape[1]) % pad_multiple
-    if extra:
-        src = torch.nn.functional.pad(src, (0, extra))
-    return Q.quantize_double_block(rht(src, sigma), mode=mode, ties=ties, stream=stream,
-                                   sr_headroom=sr_headroom, outer_block=outer_block, amax_reduce=amax_reduce)
+    return Q.quantize_double_block(_reference_rht(a, sigma, transpose, pad_multiple), mode=mode, ties=ties,
+                                   stream=stream, sr_headroom=sr_headroom, outer_block=outer_block,
+                                   amax_reduce=amax_reduce)
 
 
-def rht_of(a: torch.Tensor, sigma: torch.Tensor, *, transpose: bool = False, pad_multiple: int = 1) -> torch.Tensor:
+def rht_of(a: torch.Tensor, sigma: torch.Tensor, *, transpose: bool = False,
+           pad_multiple: int = 1) -> torch.Tensor:
     """FP32 rht(pad_cols(A, pad_multiple), sigma) with A = a or a.t(). On CUDA with 16 signs and a
     padded rotated dim that is a multiple of 128, the double-block module's fused kernel reads `a`
     once (transposed and padded in registers) instead of a transposed copy, a pad and a small-K GEMM;
@@ -191,11 +192,7 @@ def rht_of(a: torch.Tensor, sigma: torch.Tensor, *, transpose: bool = False, pad
     if kernels_enabled(a) and sigma.numel() == 16 and a.dim() == 2 and a.numel() > 0 and padded % 128 == 0:
         from .double_block import rht16
         return rht16(a, sigma, transpose=transpose, pad_multiple=pad_multiple)
-    src = a.t() if transpose else a
-    extra = (-src.shape[1]) % pad_multiple
-    if extra:
-        src = torch.nn.functional.pad(src, (0, extra))
-    return rht(src, sigma)
+    return _reference_rht(a, sigma, transpose, pad_multiple)
 
 
 def dequantize_unscaled(q: NVFP4Tensor) -> torch.Tensor:
@@ -242,10 +239,8 @@ def matmul(a: NVFP4Tensor, b: NVFP4Tensor, mode: str = "exact", *, scale: Option
         # (dequantize().to(bf16)), BF16 GEMM with FP32 output; the dequant kernel makes each operand
         # in one pass
         out = torch.mm(dequantize(a, torch.bfloat16), dequantize(b, torch.bfloat16).t(), out_dtype=torch.float32)
-        if scale is not None:
-            out = out * scale
-        return out if out_dtype is None else out.to(out_dtype)
-    out = _reference_matmul(a, b, mode)
+    else:
+        out = _reference_matmul(a, b, mode)
     if scale is not None:
         out = out * scale
     return out if out_dtype is None else out.to(out_dtype)

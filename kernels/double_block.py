@@ -24,7 +24,6 @@ for 128-blocks whose maximum is below 448*6*2^-126 ~ 3e-35 (subnormal outer scal
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -143,22 +142,6 @@ def _rht16_store_kernel(src_ptr, stride_s, R, C, C_SRC, h_ptr, z_ptr,
              mask=(rows < R)[:, None] & (cols < C)[None, :])
 
 
-@functools.lru_cache(maxsize=None)
-def _hadamard_pm1(device: str) -> torch.Tensor:
-    # made once per device: a host-to-device copy at every call would make the host wait for the GPU
-    h = torch.ones(1, 1)
-    while h.shape[0] < N_RHT:   # Sylvester, natural order (hadamard.hadamard_matrix without 1/sqrt(n))
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h.to(device)
-
-
-def _signed_hadamard(sigma: torch.Tensor, device) -> torch.Tensor:
-    """diag(sigma) H+-1 [16, 16]: BF16 on GPU (exact), FP32 interpreted."""
-    if sigma.numel() != N_RHT:
-        raise ValueError(f"the kernel rotates in 16-chunks, got {sigma.numel()} signs")
-    return signed_hadamard(sigma, _hadamard_pm1(str(torch.device(device))), device)
-
-
 def _source(a: torch.Tensor, transpose: bool, pad_multiple: int):
     """(a, row stride, R, C (padded), C_SRC, SPLIT) of the operand X [R, C] = pad(a or a^T)."""
     if a.dim() != 2 or a.numel() == 0:
@@ -190,7 +173,7 @@ def rht16(a: torch.Tensor, sigma: torch.Tensor, *, transpose: bool = False, pad_
     block_r, block_c, num_warps = _launch_config(transpose, block_r, block_c, num_warps)
     z = torch.empty(rows, cols, dtype=torch.float32, device=a.device)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
-    _rht16_store_kernel[grid](a, stride, rows, cols, c_src, _signed_hadamard(sigma, a.device), z,
+    _rht16_store_kernel[grid](a, stride, rows, cols, c_src, signed_hadamard(sigma, a.device, N_RHT), z,
                               TRANS=transpose, SPLIT=split, INTERP=INTERPRET, BR=block_r, BC=block_c,
                               num_warps=num_warps, enable_fp_fusion=False)
     return z
@@ -225,7 +208,7 @@ def quantize_double_block(
     if block_c % OUTER_BLOCK:
         raise ValueError(f"block_c must be a multiple of {OUTER_BLOCK}")
     dev = a.device
-    h = _signed_hadamard(sigma, dev) if sigma is not None else a
+    h = signed_hadamard(sigma, dev, N_RHT) if sigma is not None else a
     packed = torch.empty(rows, cols // 2, dtype=torch.uint8, device=dev)
     scales = torch.empty(rows, cols // BLOCK, dtype=torch.uint8, device=dev)
     outer = torch.empty(rows, cols // OUTER_BLOCK, dtype=torch.float32, device=dev)

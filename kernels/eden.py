@@ -21,7 +21,6 @@ reduces amax; pass 2 rotates again (same code, same bits) and quantizes.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Optional
 
@@ -190,21 +189,6 @@ def _eden_tile(src_ptr, ssc_ptr, stride_s, R, C, h, INV_SQRT, g, valid, r0, c0,
     tl.store(scales_ptr + rows[:, None].to(tl.int64) * (C // 16) + scols[None, :], sbits, mask=rmask)
 
 
-@functools.lru_cache(maxsize=None)
-def _hadamard_pm1(device: str) -> torch.Tensor:
-    h = torch.ones(1, 1)
-    while h.shape[0] < N_RHT:   # Sylvester, natural order (hadamard.hadamard_matrix without 1/sqrt(n))
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h.to(device)
-
-
-def _signed_hadamard(sigma: torch.Tensor, device) -> torch.Tensor:
-    """diag(sigma) H±1: (a*sigma) @ H == a @ (diag(sigma) H); BF16 on GPU (exact), FP32 interpreted."""
-    if sigma.numel() != N_RHT:
-        raise ValueError(f"the kernel rotates in 128-chunks, got {sigma.numel()} signs")
-    return signed_hadamard(sigma, _hadamard_pm1(str(torch.device(device))), device)
-
-
 def _source(a: Optional[torch.Tensor], packed: Optional[NVFP4Tensor], transpose: bool):
     """(src, scale bytes, row stride, R, C, SRC mode, SPLIT) of the logical operand A [R, C]."""
     if packed is not None:
@@ -235,7 +219,7 @@ def rht128(a=None, sigma=None, *, transpose=False, packed=None, block_r=None, nu
     if cols % N_RHT:
         raise ValueError(f"the rotated dim ({cols}) must be a multiple of 128")
     block_r, num_warps = _launch_config(mode, block_r, num_warps)
-    h = _signed_hadamard(sigma, src.device)
+    h = signed_hadamard(sigma, src.device, N_RHT)
     z = torch.empty(rows, cols, dtype=torch.float32, device=src.device)
     grid = (triton.cdiv(rows, block_r), cols // N_RHT)
     _rht_store_kernel[grid](src, sc, stride, rows, cols, h, INV_SQRT_128, z, SRC=mode, SPLIT=split,
@@ -274,7 +258,7 @@ def rht_ms_eden(
         raise ValueError(f"the rotated dim ({cols}) must be a multiple of 128")
     block_r, num_warps = _launch_config(mode, block_r, num_warps)
     dev = src.device
-    h = _signed_hadamard(sigma, dev)
+    h = signed_hadamard(sigma, dev, N_RHT)
     grid = (triton.cdiv(rows, block_r), cols // N_RHT)
     common = dict(SRC=mode, SPLIT=split, INTERP=INTERPRET, BR=block_r, num_warps=num_warps,
                   enable_fp_fusion=False)

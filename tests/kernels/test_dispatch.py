@@ -76,13 +76,13 @@ def test_signed_hadamard_is_built_once_per_sigma_and_rebuilt_after_an_in_place_c
     from megatron_fp4.rng import random_signs
     pm1 = (hadamard_matrix(16) * 4).round()        # the +-1 Sylvester matrix (H * sqrt(16))
     sigma = random_signs(77, 16)
-    first = signed_hadamard(sigma, pm1, "cpu")
+    first = signed_hadamard(sigma, "cpu", 16)
     assert torch.equal(first.float(), sigma[:, None] * pm1)   # independent: diag(sigma) H+-1
-    assert signed_hadamard(sigma, pm1, "cpu") is first
+    assert signed_hadamard(sigma, "cpu", 16) is first
     equal_values = sigma.clone()                   # same values, another tensor: its own entry
-    assert signed_hadamard(equal_values, pm1, "cpu") is not first
+    assert signed_hadamard(equal_values, "cpu", 16) is not first
     sigma.neg_()                                   # in place: the cached entry must not be served
-    assert torch.equal(signed_hadamard(sigma, pm1, "cpu").float(), sigma[:, None] * pm1)
+    assert torch.equal(signed_hadamard(sigma, "cpu", 16).float(), sigma[:, None] * pm1)
 
 
 def test_rht_signs_on_cpu_are_the_reference_signs():
