@@ -1,7 +1,12 @@
 """Compile every kernel variant for sm_90 without a GPU (Triton's bundled ptxas): catches
-GPU-only compile errors before spending device time. Prints registers/spills per variant.
+GPU-only compile errors before spending device time. Prints shared memory and which tensor-core
+instruction the PTX uses (wgmma: Hopper warpgroup MMA; mma: the older warp-level MMA).
 
     TRITON_INTERPRET=0 python benchmarks/aot_check.py
+
+Signatures are derived from each kernel's argument names, so a new runtime argument does not need an
+edit here: `*_ptr` arguments are pointers (u8 unless named in the call's `ptrs`), the FP32 scalars are
+listed in FP32_SCALARS, every other runtime argument is an i32. Only the constexprs are given per call.
 """
 import os
 import sys
@@ -11,61 +16,111 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from megatron_fp4.kernels import dequant, eden, rtn  # noqa: E402
+from megatron_fp4.kernels import dequant, double_block, eden, gemm, rtn  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+FP32_SCALARS = {"SMAX_V", "V", "INV_V", "INV_SQRT"}
 
 
-def build(fn, sig, const, num_warps=4):
-    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
-    k = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "enable_fp_fusion": False})
-    md = k.metadata
-    regs = getattr(k, "n_regs", None)
-    print(f"ok  {fn.__name__:20s} {const}  shared={md.shared}", flush=True)
-    return k
+def signature(fn, ptrs):
+    sig = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name.endswith("_ptr") or p.name in ptrs:
+            sig[p.name] = ptrs.get(p.name, "*u8")
+        elif p.name in FP32_SCALARS:
+            sig[p.name] = "fp32"
+        else:
+            sig[p.name] = "i32"
+    return sig
 
 
-failures = 0
-def attempt(*a, **kw):
-    global failures
-    try:
-        return build(*a, **kw)
-    except Exception as e:  # report and go on: one broken variant must not hide the others
-        failures += 1
-        print(f"ERR {a[0].__name__} {a[2]}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
 
+
+VARIANTS = []   # (fn, constexprs, pointer types, num_warps, num_stages)
+
+
+def attempt(fn, const, ptrs=None, num_warps=4, num_stages=3):
+    VARIANTS.append((fn, const, ptrs or {}, num_warps, num_stages))
+
+
+def compile_variant(fn, const, ptrs, num_warps=4, num_stages=3):
+    # The launcher specializes every pointer aligned to 16 bytes and every integer divisible by 16
+    # (Triton's "D" hint), which is what lets it vectorize loads; at the benchmark shapes that is every
+    # pointer and integer but the random key, so the AOT build gets the same hints.
+    sig = signature(fn, ptrs)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if sig[name] != "constexpr" and sig[name] != "fp32" and name != "key"}
+    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages,
+                                                       "enable_fp_fusion": False})
+
+
+I32 = {"amax_bits_ptr": "*i32", "nonfinite_ptr": "*i32", "part_ptr": "*i32", "flushed_ptr": "*i32",
+       "clamped_ptr": "*i32", "gout_ptr": "*fp32"}
 
 for partials in (True, False):
-    attempt(rtn._amax_kernel, {"x_ptr": "*bf16", "n": "i32", "amax_bits_ptr": "*i32", "nonfinite_ptr": "*i32",
-                               "part_ptr": "*i32"}, {"BLOCK_N": 8192, "PARTIALS": partials}, num_warps=8)
-attempt(rtn._amax_reduce_kernel, {"part_ptr": "*i32", "nparts": "i32", "amax_bits_ptr": "*i32",
-                                  "nonfinite_ptr": "*i32"}, {"BLOCK": 1024})
-RV = [dict(rtn.DEFAULTS), dict(FAST_DIV=False, FAST_RN=False, SSE_MODE=0, LOAD3D=False),
-      dict(rtn.DEFAULTS, SSE_MODE=2)]
-for v in RV:
-    v.pop("AMAX_MODE", None)
-for four_six, var in [(False, RV[0]), (True, RV[0]), (True, RV[1]), (True, RV[2])]:
-    attempt(rtn._rtn_kernel, {"x_ptr": "*bf16", "stride_r": "i32", "R": "i32", "C": "i32",
-                              "amax_bits_ptr": "*i32", "nonfinite_ptr": "*i32", "packed_ptr": "*u8",
-                              "scales_ptr": "*u8", "gout_ptr": "*fp32", "flushed_ptr": "*i32",
-                              "SMAX_V": "fp32", "V": "fp32", "INV_V": "fp32"},
-            {"FOUR_SIX": four_six, "TIES_AWAY": False, "SCALAR_RECIP": True, "BR": 32, "BC": 128,
-             "INTERP": False, **var})
-for mode, dt, split, br in ((0, "*bf16", 1, 64), (1, "*bf16", 1, 64), (0, "*fp32", 3, 64), (2, "*u8", 1, 128)):
-    base = {"src_ptr": dt, "ssc_ptr": "*u8" if mode == 2 else dt, "stride_s": "i32", "R": "i32"}
-    attempt(eden._rht_amax_kernel, {**base, "h_ptr": "*bf16", "INV_SQRT": "fp32", "amax_bits_ptr": "*i32",
-                                    "nonfinite_ptr": "*i32", "part_ptr": "*i32"},
-            {"SRC": mode, "SPLIT": split, "INTERP": False, "BR": br, "PARTIALS": True, "TILES": 4})
-    attempt(eden._eden_kernel, {**base, "C": "i32", "h_ptr": "*bf16", "INV_SQRT": "fp32",
-                                "amax_bits_ptr": "*i32", "nonfinite_ptr": "*i32", "packed_ptr": "*u8",
-                                "scales_ptr": "*u8", "gout_ptr": "*fp32", "flushed_ptr": "*i32",
-                                "clamped_ptr": "*i32", "key": "i32", "row_off": "i32", "col_off": "i32",
-                                "SMAX_V": "fp32", "V": "fp32", "INV_V": "fp32"},
-            {"SRC": mode, "SPLIT": split, "INTERP": False, "TIES_AWAY": False, "SCALAR_RECIP": True,
-             "BR": br, "FAST_DIV": True, "FAST_RN": True, "TILES": 4})
-attempt(dequant._dequant_kernel, {"packed_ptr": "*u8", "scales_ptr": "*u8", "out_ptr": "*bf16", "R": "i32",
-                                  "C": "i32"}, {"BR": 32, "BC": 256})
-attempt(dequant._scale_cast_kernel, {"p_ptr": "*fp32", "out_ptr": "*bf16", "n": "i32", "ga_ptr": "*fp32",
-                                     "gb_ptr": "*fp32", "gx_ptr": "*fp32"},
-        {"HAS_EXTRA": True, "OUT_BF16": True, "INTERP": False, "BLOCK": 4096}, num_warps=8)
-sys.exit(1 if failures else 0)
+    attempt(rtn._amax_kernel, {"BLOCK_N": rtn.AMAX_BLOCK, "PARTIALS": partials}, {**I32, "x_ptr": "*bf16"}, 8)
+attempt(rtn._amax_reduce_kernel, {"BLOCK": 1024}, I32)
+base = {k: v for k, v in rtn.DEFAULTS.items() if k != "AMAX_MODE"}
+for sr, four_six, var in [(False, False, base), (False, True, dict(base, LOAD3D=False)), (True, False, base),
+                          (False, True, dict(FAST_DIV=False, FAST_RN=False, SSE_MODE=0, LOAD3D=False))]:
+    attempt(rtn._rtn_kernel, {"SR": sr, "FOUR_SIX": four_six, "TIES_AWAY": False, "SCALAR_RECIP": False,
+                              "BR": 32, "BC": 128, "INTERP": False, **var}, {**I32, "x_ptr": "*bf16"})
+attempt(rtn._rtn_kernel, {"SR": False, "FOUR_SIX": False, "TIES_AWAY": False, "SCALAR_RECIP": False, "BR": 32,
+                          "BC": 128, "INTERP": False, "TILE16": True, **base}, {**I32, "x_ptr": "*bf16"})
+
+evar = {k: v for k, v in eden.DEFAULTS.items() if k in ("FAST_DIV", "FAST_RN")}
+for mode, dt, split, br in ((0, "*bf16", 1, 64), (1, "*bf16", 1, 64), (0, "*fp32", 3, 64), (2, "*u8", 1, 64)):
+    ptrs = {**I32, "src_ptr": dt, "ssc_ptr": "*u8" if mode == 2 else dt, "h_ptr": "*bf16"}
+    attempt(eden._rht_amax_kernel, {"SRC": mode, "SPLIT": split, "INTERP": False, "BR": br, "PARTIALS": True,
+                                    "TILES": eden.DEFAULTS["TILES"]}, ptrs)
+    attempt(eden._eden_kernel, {"SRC": mode, "SPLIT": split, "INTERP": False, "TIES_AWAY": False,
+                                "SCALAR_RECIP": False, "BR": br, "TILES": eden.DEFAULTS["TILES"], **evar}, ptrs)
+
+for trans, rot, split, sr, dt in ((False, False, 1, False, "*bf16"), (False, False, 1, True, "*bf16"),
+                                  (False, True, 1, True, "*bf16"), (True, True, 1, True, "*bf16"),
+                                  (True, True, 3, True, "*fp32")):
+    attempt(double_block._qdb_kernel, {"TRANS": trans, "ROT": rot, "SPLIT": split, "SR": sr, "TIES_AWAY": False,
+                                       "INTERP": False, "BR": 32, "BC": 128},
+            {**I32, "src_ptr": dt, "h_ptr": "*bf16", "outer_ptr": "*fp32"})
+attempt(double_block._rht16_store_kernel, {"TRANS": True, "SPLIT": 1, "INTERP": False, "BR": 32, "BC": 128},
+        {"src_ptr": "*bf16", "h_ptr": "*bf16", "z_ptr": "*fp32"})
+
+for block_rows in (1, 16):
+    attempt(dequant._dequant_kernel, {"BLOCK_ROWS": block_rows, "BR": 32, "BC": 256}, {"out_ptr": "*bf16"})
+for out_bf16 in (False, True):
+    attempt(dequant._dequant_double_block_kernel, {"OUT_BF16": out_bf16, "INTERP": False, "BR": 32},
+            {"outer_ptr": "*fp32", "out_ptr": "*bf16" if out_bf16 else "*fp32"})
+attempt(dequant._scale_cast_kernel, {"HAS_EXTRA": True, "OUT_BF16": True, "INTERP": False, "BLOCK": 4096},
+        {"p_ptr": "*fp32", "out_ptr": "*bf16", "ga_ptr": "*fp32", "gb_ptr": "*fp32", "gx_ptr": "*fp32"}, 8)
+
+GEMM_PTRS = {"a_packed": "*u8", "a_scales": "*u8", "a_outer": "*fp32", "b_packed": "*u8", "b_scales": "*u8",
+             "b_outer": "*fp32", "ga_ptr": "*fp32", "gb_ptr": "*fp32", "gx_ptr": "*fp32"}
+for name, (bm, bn, bk, group_m, warps, stages) in gemm.CONFIGS.items():
+    for double, b_rows, out_bf16 in ((False, 1, True), (False, 16, False), (True, 1, False)):
+        attempt(gemm._nvfp4_gemm_kernel,
+                {"DOUBLE_BLOCK": double, "A_BLOCK_ROWS": 1, "B_BLOCK_ROWS": b_rows, "HAS_EXTRA": True,
+                 "OUT_BF16": out_bf16, "INTERP": False, "BM": bm, "BN": bn, "BK": 128 if double else bk,
+                 "GROUP_M": group_m},
+                {**GEMM_PTRS, "c_ptr": "*bf16" if out_bf16 else "*fp32"}, warps, stages)
+
+
+def main():
+    failures = 0
+    for fn, const, ptrs, num_warps, num_stages in VARIANTS:
+        try:   # report and go on: one broken variant must not hide the others
+            k = compile_variant(fn, const, ptrs, num_warps, num_stages)
+            ptx = k.asm["ptx"]
+            mma = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "-")
+            print(f"ok  {fn.__name__:28s} shared={k.metadata.shared:6d} tensor-core={mma:5s} {const}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            failures += 1
+            print(f"ERR {fn.__name__} {const}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+    print(f"{failures} failures", flush=True)
+    return failures
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main() else 0)

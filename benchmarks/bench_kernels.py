@@ -209,31 +209,56 @@ def _linear_step(recipe, x, w, dy, key, reference=False):
 LLAMA1B = [("qkv", 2048, 3 * 2048), ("o", 2048, 2048), ("gate+up", 2048, 2 * 5632), ("down", 5632, 2048)]
 QUALITY = [("qkv", 256, 768), ("o", 256, 256), ("gate+up", 256, 1536), ("down", 768, 256)]
 RECIPES = ("bf16", "nvidia", "tetrajet2", "quartet2")
+# The linear table's columns: every recipe on its default GPU path, plus the GEMM alternatives the
+# dispatch offers (MEGATRON_FP4_GEMM=triton: the packed-operand Triton GEMM for per-tensor-scaled
+# recipes; TetraJet-v2 with gemm_emulation=exact, which runs that GEMM per 128-slab, against its
+# default "bf16" folding + cuBLAS). (label, recipe name or None for BF16, overrides, env)
+VARIANTS = [("bf16", None, {}, {}), ("nvidia", "nvidia", {}, {}), ("tetrajet2", "tetrajet2", {}, {}),
+            ("tetrajet2 exact-gemm", "tetrajet2", {"gemm_emulation": "exact"}, {}),
+            ("quartet2", "quartet2", {}, {}),
+            ("quartet2 triton-gemm", "quartet2", {}, {"MEGATRON_FP4_GEMM": "triton"}),
+            ("nvidia triton-gemm", "nvidia", {}, {"MEGATRON_FP4_GEMM": "triton"})]
+
+
+@contextlib.contextmanager
+def env(values):
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 
 
 @guarded("linear")
 def linear_block(tokens, reps, shapes, label):
-    """Forward + backward of every recipe (its default GPU path: kernels where they exist) for the four
-    linears of one block, each as a ratio to BF16 timed in the same loop."""
+    """Forward + backward of every variant for the four linears of one block, each as a ratio to BF16
+    timed in the same loop."""
+    names = [v[0] for v in VARIANTS]
     log(f"\n### Linear forward + backward (dgrad + wgrad), T={tokens}, {label} block linears\n")
-    log("| linear (K -> N) | " + " | ".join(f"{r} ms" for r in RECIPES) + " | "
-        + " | ".join(f"{r}/bf16" for r in RECIPES[1:]) + " |")
-    log("|---" * (2 * len(RECIPES)) + "|")
-    totals = dict.fromkeys(RECIPES, 0.0)
+    log("| linear (K -> N) | " + " | ".join(f"{r} ms" for r in names) + " | "
+        + " | ".join(f"{r}/bf16" for r in names[1:]) + " |")
+    log("|---" * (2 * len(names)) + "|")
+    totals = dict.fromkeys(names, 0.0)
     for name, k, n in shapes:
         x = randn(tokens, k, 10).requires_grad_(True)
         w = (randn(n, k, 11) * 0.02).requires_grad_(True)
         dy = randn(tokens, n, 12) * 1e-3
         key = derive_key(1234, 0, 1, 0)
         times = {}
-        for r in RECIPES:
-            recipe = None if r == "bf16" else load_recipe(r)
-            times[r] = time_cuda(_linear_step(recipe, x, w, dy, key), warmup=3, reps=reps)
+        for r, recipe_name, overrides, variables in VARIANTS:
+            recipe = None if recipe_name is None else load_recipe(recipe_name, overrides)
+            with env(variables):
+                times[r] = time_cuda(_linear_step(recipe, x, w, dy, key), warmup=3, reps=reps)
             totals[r] += times[r]
             empty_cache()
-        log(f"| {name} ({k} -> {n}) | " + " | ".join(f"{times[r]:.2f}" for r in RECIPES) + " | "
-            + " | ".join(f"{times[r] / times['bf16']:.2f}x" for r in RECIPES[1:]) + " |")
-        RESULTS["linear"].append(dict(shapes=label, linear=name, k=k, n=n, **{f"{r}_ms": times[r] for r in RECIPES}))
+        log(f"| {name} ({k} -> {n}) | " + " | ".join(f"{times[r]:.2f}" for r in names) + " | "
+            + " | ".join(f"{times[r] / times['bf16']:.2f}x" for r in names[1:]) + " |")
+        RESULTS["linear"].append(dict(shapes=label, linear=name, k=k, n=n, **{f"{r}_ms": times[r] for r in names}))
         if name == "down" and label.startswith("Llama-7B"):
             agreement(Quartet2Recipe(), x, w, dy, key)
             recipe = Quartet2Recipe()
@@ -243,9 +268,47 @@ def linear_block(tokens, reps, shapes, label):
             RESULTS["reference_down_ms"] = t_ref
         del x, w, dy
         empty_cache()
-    log(f"| **block total** | " + " | ".join(f"{totals[r]:.2f}" for r in RECIPES) + " | "
-        + " | ".join(f"**{totals[r] / totals['bf16']:.2f}x**" for r in RECIPES[1:]) + " |")
+    log(f"| **block total** | " + " | ".join(f"{totals[r]:.2f}" for r in names) + " | "
+        + " | ".join(f"**{totals[r] / totals['bf16']:.2f}x**" for r in names[1:]) + " |")
     RESULTS.setdefault("linear_totals", {})[label] = totals
+
+
+@guarded("gemm")
+def gemm_backends(tokens, shapes, label):
+    """The three GEMMs of each linear on packed operands, both ways the dispatch can run them: the
+    dequant kernel + cuBLAS (+ epilogue pass) and the Triton GEMM on packed operands (every config),
+    next to the BF16 GEMM of the same shape; the winner per shape is named. Double-block: the Triton
+    GEMM's exact per-slab mode against the "bf16" folding + cuBLAS."""
+    from megatron_fp4.kernels.gemm import CONFIGS, nvfp4_matmul
+    log(f"\n### GEMM on packed operands, T={tokens}, {label} (ms; per-tensor-scaled operands, bf16 output)\n")
+    cfgs = list(CONFIGS)
+    log("| GEMM (M x N x K) | BF16 mm | dequant + cuBLAS | " + " | ".join(f"triton {c}" for c in cfgs)
+        + " | winner / BF16 | double-block exact (triton) | double-block bf16 (dequant + cuBLAS) |")
+    log("|---" * (5 + len(cfgs)) + "|")
+    for name, k, n in shapes:
+        for gemm_name, (m_, n_, k_) in (("fprop", (tokens, n, k)), ("dgrad", (tokens, k, n)),
+                                        ("wgrad", (n, k, tokens))):
+            a, b = randn(m_, k_, 30), randn(n_, k_, 31)
+            aq, bq = quantize_nvfp4_rtn(a), quantize_nvfp4_rtn(b)
+            t_bf16 = time_cuda(lambda: torch.mm(a, b.t()))
+            with env({"MEGATRON_FP4_GEMM": "cublas"}):
+                t_cublas = time_cuda(lambda: D.matmul(aq, bq, out_dtype=torch.bfloat16))
+            t_triton = {c: time_cuda(lambda c=c: nvfp4_matmul(aq, bq, out_dtype=torch.bfloat16, config=c))
+                        for c in cfgs}
+            best = min(t_triton, key=t_triton.get)
+            winner = ("cublas", t_cublas) if t_cublas <= t_triton[best] else (f"triton {best}", t_triton[best])
+            adb = D.quantize_double_block(a)
+            bdb = D.quantize_double_block(b)
+            t_db_exact = time_cuda(lambda: D.matmul(adb, bdb, "exact", out_dtype=torch.bfloat16))
+            t_db_bf16 = time_cuda(lambda: D.matmul(adb, bdb, "bf16", out_dtype=torch.bfloat16))
+            log(f"| {name} {gemm_name} ({m_} x {n_} x {k_}) | {t_bf16:.3f} | {t_cublas:.3f} | "
+                + " | ".join(f"{t_triton[c]:.3f}" for c in cfgs)
+                + f" | {winner[0]}: {winner[1] / t_bf16:.2f}x | {t_db_exact:.3f} | {t_db_bf16:.3f} |")
+            RESULTS.setdefault("gemm", []).append(dict(
+                shapes=label, linear=name, gemm=gemm_name, m=m_, n=n_, k=k_, bf16_ms=t_bf16, cublas_ms=t_cublas,
+                triton_ms=t_triton, winner=winner[0], db_exact_ms=t_db_exact, db_bf16_ms=t_db_bf16))
+            del a, b, aq, bq, adb, bdb
+            empty_cache()
 
 
 @guarded("overhead")
@@ -372,6 +435,8 @@ def main():
         if DRYRUN:
             tokens = 128
         stages(tokens, 256, 384) if DRYRUN else stages(tokens, 4096, 11008)
+        log(f"[{time.time() - t0:.0f}s]")
+        gemm_backends(tokens, LLAMA7B, "Llama-7B (hidden 4096, MLP 11008)")
         log(f"[{time.time() - t0:.0f}s]")
         linear_block(tokens, 10, LLAMA7B, "Llama-7B (hidden 4096, MLP 11008)")
         log(f"[{time.time() - t0:.0f}s]")

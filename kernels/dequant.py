@@ -15,14 +15,17 @@ from ._common import e2m1_value, e4m3_value
 
 
 @triton.jit
-def _dequant_kernel(packed_ptr, scales_ptr, out_ptr, R, C, BR: tl.constexpr, BC: tl.constexpr):
+def _dequant_kernel(packed_ptr, scales_ptr, out_ptr, R, C, BLOCK_ROWS: tl.constexpr, BR: tl.constexpr,
+                    BC: tl.constexpr):
+    # BLOCK_ROWS: 1 for 1x16 blocks, 16 for 16x16 tiles (one scale row per 16 rows)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     bcols = tl.program_id(1) * (BC // 2) + tl.arange(0, BC // 2)
     scols = tl.program_id(1) * (BC // 16) + tl.arange(0, BC // 16)
     rmask = (rows < R)[:, None]
     r64 = rows[:, None].to(tl.int64)
     byte = tl.load(packed_ptr + r64 * (C // 2) + bcols[None, :], mask=rmask & (bcols < C // 2)[None, :], other=0)
-    sb = tl.load(scales_ptr + r64 * (C // 16) + scols[None, :], mask=rmask & (scols < C // 16)[None, :], other=0)
+    srow = (rows // BLOCK_ROWS)[:, None].to(tl.int64)
+    sb = tl.load(scales_ptr + srow * (C // 16) + scols[None, :], mask=rmask & (scols < C // 16)[None, :], other=0)
     codes = tl.reshape(tl.join(byte & 15, byte >> 4), (BR, BC))
     vals = tl.reshape(e2m1_value(codes), (BR, BC // 16, 16)) * e4m3_value(sb)[:, :, None]
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -31,15 +34,16 @@ def _dequant_kernel(packed_ptr, scales_ptr, out_ptr, R, C, BR: tl.constexpr, BC:
 
 
 def dequantize_unscaled_bf16(t: NVFP4Tensor, block_r: int = 32, block_c: int = 256) -> torch.Tensor:
-    """BF16 [rows, cols] = e2m1(q) * e4m3(s) for a 1x16 operand (exact)."""
-    if t.block_rows != 1:
-        raise ValueError("the dequant kernel handles 1x16 blocks only")
+    """BF16 [rows, cols] = e2m1(q) * e4m3(s) for a 1x16 or 16x16-tile operand (exact)."""
+    if t.block_rows not in (1, 16) or t.shape[0] % t.block_rows:
+        raise ValueError(f"the dequant kernel handles 1x16 blocks and 16x16 tiles (rows divisible by 16), "
+                         f"got block_rows={t.block_rows} with {t.shape[0]} rows")
     rows, cols = t.shape
     out = torch.empty(rows, cols, dtype=torch.bfloat16, device=t.device)
     block_c = min(block_c, triton.next_power_of_2(cols))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     _dequant_kernel[grid](t.packed.contiguous(), t.block_scales.view(torch.uint8).contiguous(), out,
-                          rows, cols, BR=block_r, BC=block_c, num_warps=4)
+                          rows, cols, BLOCK_ROWS=t.block_rows, BR=block_r, BC=block_c, num_warps=4)
     return out
 
 

@@ -1,7 +1,7 @@
 """One entry point per quantizer: the Triton kernel on CUDA tensors, the torch reference elsewhere.
 
 Set MEGATRON_FP4_KERNELS=0 to force the reference everywhere (read at each call, so tests and
-benchmarks can flip it). Anything the kernels do not cover (SR with 4/6, 16x16 tiles, eden_group=16, RHT sizes other than 128 for MS-EDEN and 16 for the double block,
+benchmarks can flip it). Anything the kernels do not cover (SR with 4/6, 4/6 on 16x16 tiles, eden_group=16, RHT sizes other than 128 for MS-EDEN and 16 for the double block,
 outer_block="tensor", rotated dims that are not multiples of 128) silently takes the reference
 path, so every call here returns exactly what the reference would (up to FP32 summation order in
 the rotation and the EDEN / 4/6 sums, see the kernel modules).
@@ -82,17 +82,21 @@ def rht_signs(key: int, n: int, device) -> torch.Tensor:
 
 
 def quantize_nvfp4(x: torch.Tensor, **kw) -> NVFP4Tensor:
-    """Same signature and result as quantizers.quantize_nvfp4; 1x16 RN (+4/6) and 1x16 SR (with a
-    stream, without 4/6) run the kernel."""
+    """Same signature and result as quantizers.quantize_nvfp4; 1x16 RN (+4/6), 1x16 SR (with a
+    stream, without 4/6) and 16x16-tile RN (without 4/6) run the kernel."""
     mode = kw.get("mode", Q.ROUND_NEAREST)
     stream, four_over_six = kw.get("stream"), kw.get("four_over_six", False)
-    sr_ok = mode == Q.ROUND_STOCHASTIC and stream is not None and not four_over_six
-    if (kernels_enabled(x) and (mode == Q.ROUND_NEAREST or sr_ok) and kw.get("block_rows", 1) == 1
+    block_rows = kw.get("block_rows", 1)
+    sr_ok = mode == Q.ROUND_STOCHASTIC and stream is not None and not four_over_six and block_rows == 1
+    tiles_ok = block_rows == 1 or (block_rows == 16 and mode == Q.ROUND_NEAREST and not four_over_six
+                                   and x.dim() == 2 and x.shape[0] % 16 == 0)
+    if (kernels_enabled(x) and (mode == Q.ROUND_NEAREST or sr_ok) and tiles_ok
             and x.dim() == 2 and x.shape[1] % 16 == 0 and x.numel() > 0):
         from .rtn import quantize_nvfp4_rtn
         return quantize_nvfp4_rtn(x, v=kw.get("v", 6.0), smax=kw.get("smax", 448.0),
                                   ties=kw.get("ties", fmt.TIES_EVEN), four_over_six=four_over_six,
-                                  amax_reduce=kw.get("amax_reduce"), mode=mode, stream=stream)
+                                  amax_reduce=kw.get("amax_reduce"), mode=mode, stream=stream,
+                                  block_rows=block_rows)
     return Q.quantize_nvfp4(x, **kw)
 
 
@@ -197,7 +201,7 @@ def rht_of(a: torch.Tensor, sigma: torch.Tensor, *, transpose: bool = False,
 
 def dequantize_unscaled(q: NVFP4Tensor) -> torch.Tensor:
     """e2m1*e4m3 values: BF16 from the kernel on CUDA (exact), FP32 from the reference elsewhere."""
-    if kernels_enabled(q.packed) and q.block_rows == 1:
+    if kernels_enabled(q.packed) and q.block_rows in (1, 16) and q.shape[0] % q.block_rows == 0:
         from .dequant import dequantize_unscaled_bf16
         return dequantize_unscaled_bf16(q)
     return q.dequantize_unscaled()
@@ -217,16 +221,47 @@ def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
     return out if dtype == torch.float32 else out.to(dtype)
 
 
+GEMM_BACKENDS = ("cublas", "triton")
+
+
+def gemm_backend() -> str:
+    """MEGATRON_FP4_GEMM (read at each call): how per-tensor-scaled NVFP4 GEMMs run on CUDA.
+
+    - "cublas" (default): the dequant kernel writes both operands as exact BF16, cuBLAS multiplies
+      them with FP32 output, one epilogue pass applies the scales and the output cast;
+    - "triton": kernels/gemm.py reads the packed operands, dequantizes in registers and writes the
+      scaled output dtype directly.
+    Both are exact emulations (same operands, FP32 accumulation; only the summation order differs).
+    The default stays cuBLAS until the benchmark (benchmarks/bench_kernels.py, which times both per
+    shape) has shown the Triton kernel faster on the GPU; double-block "exact" GEMMs always use the
+    Triton kernel (the alternative is one cuBLAS call and two FP32 passes per 128-slab)."""
+    name = os.environ.get("MEGATRON_FP4_GEMM", "cublas")
+    if name not in GEMM_BACKENDS:
+        raise ValueError(f"MEGATRON_FP4_GEMM must be one of {GEMM_BACKENDS}, got {name!r}")
+    return name
+
+
 def matmul(a: NVFP4Tensor, b: NVFP4Tensor, mode: str = "exact", *, scale: Optional[torch.Tensor] = None,
            out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """gemm.matmul for per-tensor-scaled 1x16 operands via the dequant kernel + cuBLAS (same values,
-    same GEMM call as the reference); everything else goes to gemm.matmul.
+    """gemm.matmul on CUDA through the kernels; everything else goes to gemm.matmul.
 
     `scale` (an extra FP32 tensor scale, e.g. the forward g of a re-quantized operand) and `out_dtype`
-    fold what callers do next into the one epilogue pass: the result equals
-    (gemm.matmul(a, b) * scale).to(out_dtype) bit for bit."""
-    if (kernels_enabled(a.packed, b.packed) and a.outer_scales is None and b.outer_scales is None
-            and a.block_rows == 1 and b.block_rows == 1):
+    fold what callers do next into the one epilogue: the result equals
+    (gemm.matmul(a, b, mode) * scale).to(out_dtype) — bit for bit wherever the FP32 sums are exact,
+    and up to FP32 summation order otherwise.
+
+    - per-tensor-scaled 1x16 / 16x16 operands: gemm_backend() picks dequant + cuBLAS or the Triton
+      GEMM on packed operands;
+    - double-block, mode "exact": the Triton GEMM (per-slab partials scaled by the outer scales);
+    - double-block, mode "bf16": the double-block dequant kernel (outer scales folded into BF16
+      operands) + cuBLAS.
+    """
+    tiles_ok = all(t.block_rows in (1, 16) and t.shape[0] % t.block_rows == 0 for t in (a, b))
+    per_tensor = a.outer_scales is None and b.outer_scales is None
+    if kernels_enabled(a.packed, b.packed) and per_tensor and tiles_ok and a.shape[1] == b.shape[1]:
+        if gemm_backend() == "triton":
+            from .gemm import nvfp4_matmul
+            return nvfp4_matmul(a, b, scale=scale, out_dtype=out_dtype or torch.float32)
         from .dequant import scale_cast
         a16, b16 = dequantize_unscaled(a), dequantize_unscaled(b)
         try:
@@ -234,7 +269,11 @@ def matmul(a: NVFP4Tensor, b: NVFP4Tensor, mode: str = "exact", *, scale: Option
         except (TypeError, RuntimeError):
             out = torch.mm(a16.float(), b16.float().t())
         return scale_cast(out, a.tensor_scale, b.tensor_scale, scale, out_dtype or torch.float32)
-    if mode == "bf16" and _double_block_kernel_ok(a) and _double_block_kernel_ok(b) and a.shape[1] == b.shape[1]:
+    both_double_block = (_double_block_kernel_ok(a) and _double_block_kernel_ok(b) and a.shape[1] == b.shape[1])
+    if mode == "exact" and both_double_block:
+        from .gemm import nvfp4_matmul
+        return nvfp4_matmul(a, b, scale=scale, out_dtype=out_dtype or torch.float32)
+    if mode == "bf16" and both_double_block:
         # gemm.matmul's "bf16" mode for double-block operands: outer scales folded into BF16 operands
         # (dequantize().to(bf16)), BF16 GEMM with FP32 output; the dequant kernel makes each operand
         # in one pass

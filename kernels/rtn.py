@@ -107,7 +107,10 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
                 SMAX_V, V, INV_V, key, row_off, row_split, row_hi, col_off, col_split, col_hi,
                 SR: tl.constexpr, FOUR_SIX: tl.constexpr, TIES_AWAY: tl.constexpr, SCALAR_RECIP: tl.constexpr,
                 BR: tl.constexpr, BC: tl.constexpr, FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr,
-                SSE_MODE: tl.constexpr, LOAD3D: tl.constexpr, INTERP: tl.constexpr):
+                SSE_MODE: tl.constexpr, LOAD3D: tl.constexpr, INTERP: tl.constexpr,
+                TILE16: tl.constexpr = False):
+    # TILE16: 16x16 scale tiles (NVIDIA's weights): the block amax is the tile's, every row of a tile
+    # computes the same scale, and only the tile's first row stores it and counts a flushed tile
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     NB: tl.constexpr = BC // 16
@@ -131,6 +134,9 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
         xb = tl.reshape(x, (BR, NB, 16))
     xb = tl.where(tl.abs(xb) < float("inf"), xb, 0.0)         # non-finite -> 0 (g carries the NaN)
     bamax = tl.max(tl.abs(xb), axis=2)
+    if TILE16:
+        tile_amax = tl.max(tl.reshape(bamax, (BR // 16, 16, NB)), axis=1)
+        bamax = tl.reshape(tl.broadcast_to(tile_amax[:, None, :], (BR // 16, 16, NB)), (BR, NB))
     s, keep, codes, vals, y = _candidate(xb, bamax, g, valid, V, INV_V, TIES_AWAY, SCALAR_RECIP,
                                          FAST_DIV, FAST_RN, INTERP)
     if SR:
@@ -167,7 +173,10 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
         s = tl.where(use4, s4, s)
         codes = tl.where(use4[:, :, None], codes4, codes)
         keep = tl.where(use4, keep4, keep)
-    flushed = tl.sum(tl.sum(((~keep) & (bamax > 0)).to(tl.int32), axis=1), axis=0)
+    counted = (~keep) & (bamax > 0)
+    if TILE16:
+        counted = counted & ((rows % 16) == 0)[:, None]
+    flushed = tl.sum(tl.sum(counted.to(tl.int32), axis=1), axis=0)
     tl.atomic_add(flushed_ptr, flushed, mask=flushed > 0)
     scols = pid_c * NB + tl.arange(0, NB)
     if LOAD3D:
@@ -181,8 +190,12 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
         pcols = pid_c * (BC // 2) + tl.arange(0, BC // 2)
         tl.store(packed_ptr + r64[:, None] * (C // 2) + pcols[None, :], packed,
                  mask=rmask[:, None] & (pcols[None, :] < C // 2))
-    tl.store(scales_ptr + r64[:, None] * (C // 16) + scols[None, :], e4m3_bits(s),
-             mask=rmask[:, None] & (scols[None, :] < C // 16))
+    if TILE16:
+        tl.store(scales_ptr + (r64 // 16)[:, None] * (C // 16) + scols[None, :], e4m3_bits(s),
+                 mask=(rmask & ((rows % 16) == 0))[:, None] & (scols[None, :] < C // 16))
+    else:
+        tl.store(scales_ptr + r64[:, None] * (C // 16) + scols[None, :], e4m3_bits(s),
+                 mask=rmask[:, None] & (scols[None, :] < C // 16))
 
 
 def tensor_amax(x: torch.Tensor, amax_mode: Optional[int] = None, zeroed: Optional[torch.Tensor] = None):
@@ -218,10 +231,13 @@ def quantize_nvfp4_rtn(
     variant: Optional[dict] = None,
     mode: str = "rn",
     stream: Optional[RandomStream] = None,
+    block_rows: int = 1,
 ) -> NVFP4Tensor:
-    """Kernel twin of quantizers.quantize_nvfp4(x, mode, v, smax, ties, four_over_six, stream) for
-    1x16 blocks: RN (optionally 4/6) or SR elements (NVIDIA's backward; counters (row_offset + row,
-    col_offset + column) of `stream`)."""
+    """Kernel twin of quantizers.quantize_nvfp4(x, mode, v, smax, ties, four_over_six, stream,
+    block_rows) for 1x16 blocks: RN (optionally 4/6) or SR elements (NVIDIA's backward; counters
+    (row_offset + row, col_offset + column) of `stream`); and for 16x16 tiles (block_rows=16,
+    NVIDIA's weights) in RN without 4/6. 4/6 on tiles stays with the reference: its 256-term SSE
+    sums would need the reference's exact summation order to break near-ties the same way."""
     if mode not in ("rn", "sr"):
         raise ValueError(f"rounding mode must be 'rn' or 'sr', got {mode!r}")
     if mode == "sr" and stream is None:
@@ -230,6 +246,11 @@ def quantize_nvfp4_rtn(
         raise ValueError("4/6 cannot be combined with stochastic rounding (it biases the estimator)")
     if x.dim() != 2 or x.shape[1] % BLOCK:
         raise ValueError(f"need a 2-D operand with cols % 16 == 0, got {tuple(x.shape)}")
+    if block_rows not in (1, BLOCK):
+        raise ValueError(f"block_rows must be 1 or 16, got {block_rows}")
+    if block_rows == BLOCK and (mode != "rn" or four_over_six or x.shape[0] % BLOCK):
+        raise ValueError("the 16x16-tile kernel does RN without 4/6 on rows divisible by 16, got "
+                         f"mode={mode!r}, four_over_six={four_over_six}, rows={x.shape[0]}")
     if ties not in (fmt.TIES_EVEN, fmt.TIES_AWAY):
         raise ValueError(f"rtn_ties must be 'even' or 'away', got {ties!r}")
     if x.stride(1) != 1:
@@ -243,9 +264,11 @@ def quantize_nvfp4_rtn(
     if amax_reduce is not None:
         amax_bits = amax_reduce(amax_bits.view(torch.float32)).reshape(1).view(torch.int32)
     packed = torch.empty(rows, cols // 2, dtype=torch.uint8, device=x.device)
-    scales = torch.empty(rows, cols // BLOCK, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(rows // block_rows, cols // BLOCK, dtype=torch.uint8, device=x.device)
     g = torch.empty(1, dtype=torch.float32, device=x.device)
     flushed = zeroed[2:3]
+    if block_rows == BLOCK:
+        block_r = max(16, block_r - block_r % 16)   # whole tiles per program
     block_c = min(block_c, triton.next_power_of_2(cols))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     _rtn_kernel[grid](x, x.stride(0), rows, cols, amax_bits, nonfinite, packed, scales, g, flushed,
@@ -253,6 +276,6 @@ def quantize_nvfp4_rtn(
                       signed_key(stream.key) if stream else 0,
                       *(stream.kernel_offsets() if stream else RandomStream(0).kernel_offsets()), SR=(mode == "sr"), FOUR_SIX=four_over_six, TIES_AWAY=(ties == fmt.TIES_AWAY),
                       SCALAR_RECIP=False, BR=block_r, BC=block_c, num_warps=num_warps,
-                      INTERP=INTERPRET, enable_fp_fusion=False, **var)
+                      INTERP=INTERPRET, enable_fp_fusion=False, TILE16=block_rows == BLOCK, **var)
     return NVFP4Tensor(packed=packed, block_scales=scales.view(torch.float8_e4m3fn),
-                       tensor_scale=g.reshape(()), block_rows=1, flushed_blocks=flushed.reshape(()))
+                       tensor_scale=g.reshape(()), block_rows=block_rows, flushed_blocks=flushed.reshape(()))

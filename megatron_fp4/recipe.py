@@ -226,7 +226,7 @@ class NvidiaRecipe(Recipe):
                                 four_over_six=self.four_over_six, amax_reduce=ctx.input_amax_reduce)
 
     def quantize_weight(self, w, ctx):
-        return Q.quantize_nvfp4(w, smax=self._forward_smax(), ties=self.rtn_ties,
+        return D.quantize_nvfp4(w, smax=self._forward_smax(), ties=self.rtn_ties,
                                 four_over_six=self.four_over_six, block_rows=16,
                                 amax_reduce=ctx.weight_amax_reduce)
 

@@ -34,6 +34,8 @@ def test_dequant_kernel_exact():
     got = dequantize_unscaled_bf16(xq)
     assert got.dtype == torch.bfloat16
     assert torch.equal(got.float(), xq.dequantize_unscaled())
+    tiles = Q.quantize_nvfp4(data(48, 96, seed=4), block_rows=16)     # NVIDIA's 16x16 weight tiles
+    assert torch.equal(dequantize_unscaled_bf16(tiles).float(), tiles.dequantize_unscaled())
 
 
 @gpu

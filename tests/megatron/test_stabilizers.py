@@ -37,7 +37,12 @@ def test_gpt_trains_with_stabilizers(recipe):
 
 
 def test_outcontrol_selection_is_independent_of_tp_and_sp():
-    kw = dict(SMALL, recipe="tetrajet2-full", recipe_overrides=SCHEDULE, train_steps=6)
+    # Recorded over iterations 0-1 (selected at 2): up to the first update the TP=2 run differs from
+    # TP=1 by FP32 reduction order only. Recording later measures FP4's amplification of those
+    # last-bit differences instead (after two updates the runs' grad norms differ by ~1e-3, see
+    # test_gpt_tp2_sp_matches_tp1_quartet2), which can swap channels at the top-k boundary.
+    kw = dict(SMALL, recipe="tetrajet2-full", train_steps=4,
+              recipe_overrides=dict(SCHEDULE, outcontrol_record_start=0.0, outcontrol_record_iters=2.0))
     tp1 = dist.run(w.train_with_stabilizers, 1, kw, timeout=300)[0]
     tp2 = dist.run(w.train_with_stabilizers, 2, dict(kw, tp=2, sequence_parallel=True), timeout=300)
     for r in tp2:
