@@ -64,8 +64,10 @@ for partials in (True, False):
     attempt(rtn._amax_kernel, {"BLOCK_N": rtn.AMAX_BLOCK, "PARTIALS": partials}, {**I32, "x_ptr": "*bf16"}, 8)
 attempt(rtn._amax_reduce_kernel, {"BLOCK": 1024}, I32)
 base = {k: v for k, v in rtn.DEFAULTS.items() if k != "AMAX_MODE"}
-for sr, four_six, var in [(False, False, base), (False, True, dict(base, LOAD3D=False)), (True, False, base),
-                          (False, True, dict(FAST_DIV=False, FAST_RN=False, SSE_MODE=0, LOAD3D=False))]:
+for sr, four_six, var in [(False, False, base), (False, False, dict(base, FAST_RN=1)),
+                          (False, True, dict(base, FAST_RN=1, LOAD3D=False)), (True, False, base),
+                          (False, True, dict(FAST_DIV=False, FAST_RN=0, SSE_MODE=0, LOAD3D=False)),
+                          (False, True, dict(base, FAST_RN=2, LOAD3D=False))]:
     attempt(rtn._rtn_kernel, {"SR": sr, "FOUR_SIX": four_six, "TIES_AWAY": False, "SCALAR_RECIP": False,
                               "BR": 32, "BC": 128, "INTERP": False, **var}, {**I32, "x_ptr": "*bf16"})
 attempt(rtn._rtn_kernel, {"SR": False, "FOUR_SIX": False, "TIES_AWAY": False, "SCALAR_RECIP": False, "BR": 32,

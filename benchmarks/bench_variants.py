@@ -142,14 +142,14 @@ def variants(rows=16384, cols=4096):
     for m in (1, 0):
         row("tensor amax alone", f"AMAX_MODE={m} ({'partials + reduce' if m else 'atomics'})",
             lambda: tensor_amax(x, m), 2 * n)
-    old = dict(FAST_DIV=False, FAST_RN=False, SSE_MODE=0, LOAD3D=False, AMAX_MODE=0)
+    old = dict(FAST_DIV=False, FAST_RN=0, SSE_MODE=0, LOAD3D=False, AMAX_MODE=0)
     for four_six in (False, True):
         kn = "RTN 1x16" + (" + 4/6" if four_six else "")
         smax = 256.0 if four_six else 448.0
         ref = row(kn, "default (all fast)", lambda: quantize_nvfp4_rtn(x, smax=smax, four_over_six=four_six), floor)
         outs = [("first cut (all slow)", old)]
-        outs += [(f"{k}={v}", {k: v}) for k, v in (("FAST_DIV", False), ("FAST_RN", False), ("LOAD3D", False),
-                                                   ("AMAX_MODE", 0))]
+        outs += [(f"{k}={v}", {k: v}) for k, v in (("FAST_DIV", False), ("FAST_RN", 0), ("FAST_RN", 1),
+                                                   ("LOAD3D", False), ("AMAX_MODE", 0))]
         if four_six:
             outs += [("SSE_MODE=0 (FP64 always)", {"SSE_MODE": 0}),
                      ("SSE_MODE=2 (FP32 only: NOT exact, timing)", {"SSE_MODE": 2})]
@@ -170,8 +170,9 @@ def variants(rows=16384, cols=4096):
             nbytes)
         row(label, "pass 1 alone, TILES=1", lambda: rht_ms_eden(sigma=sigma, stream=st, amax_only=True,
                                                                 variant=dict(TILES=1), **kw), nbytes)
-        for vn, var in (("first cut (all slow)", dict(FAST_DIV=False, FAST_RN=False, AMAX_MODE=0)),
-                        ("FAST_DIV=False", dict(FAST_DIV=False)), ("FAST_RN=False", dict(FAST_RN=False)),
+        for vn, var in (("first cut (all slow)", dict(FAST_DIV=False, FAST_RN=0, AMAX_MODE=0)),
+                        ("FAST_DIV=False", dict(FAST_DIV=False)), ("FAST_RN=0", dict(FAST_RN=0)),
+                        ("FAST_RN=1 (decode the rounded value)", dict(FAST_RN=1)),
                         ("AMAX_MODE=0", dict(AMAX_MODE=0)), ("TILES=1 (h reloaded per 64-row tile)", dict(TILES=1)),
                         ("TILES=8", dict(TILES=8))):
             row(label, vn, lambda: rht_ms_eden(sigma=sigma, stream=st, variant=var, **kw), nbytes, ref)

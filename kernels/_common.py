@@ -225,29 +225,41 @@ def rn_e2m1_code(y, TIES_AWAY: tl.constexpr):
 
 
 @triton.jit
-def rn_e2m1(y, TIES_AWAY: tl.constexpr):
+def rn_e2m1(y, TIES_AWAY: tl.constexpr, CODE_FROM_SUM: tl.constexpr = True):
     """(signed code uint8, signed grid value FP32) of y rounded to E2M1, saturating at 6.
 
-    Ties to even use FP32's own RNE: with c = 2^22 * 2^floor(log2(max(|y|, 1))) (a power of two,
-    from the exponent bits), the ulp of |y| + c is the E2M1 spacing of |y|'s binade (0.5 below 2,
+    Ties to even use FP32's own RNE: with c = 2^22 * 2^k, k = floor(log2(max(|y|, 1))) (a power of
+    two, from the exponent bits), the ulp of |y| + c is the E2M1 spacing of |y|'s binade (0.5 below 2,
     1 in [2, 4), 2 above), and at a tie the even neighbour of the sum is the even E2M1 code, so
     (|y| + c) - c is |y| rounded to the grid (Sterbenz: the subtraction is exact). c must be that
     power of two, not max(|y|, 1) * 2^22: for |y| just below 2 or 4 the latter puts the sum in the
     next binade of c (ulp twice the spacing), e.g. 4 - 2^-22 came out as 3 and 2 - 2^-23 as 1.5.
-    A few FP/int ops instead of seven compares; identical to rn_e2m1_code.
-    Ties away keep the midpoint compares (rn_e2m1_code).
+
+    CODE_FROM_SUM: the code is read off the sum's bits, code = bits(|y| + c) - bits(c) + 2k (the
+    number of spacings above c, plus the codes below the binade: 0, 2, 4), clamped at 7 — integer ops
+    only, where the older form (False, kept for benchmarks/bench_variants.py) decoded the rounded
+    value with a compare, a shift and a float-to-int conversion (a quarter-rate instruction on
+    Hopper). |y| is clamped at 8 first so that k <= 3 (everything above 7 saturates to code 7).
+    The sign comes from y < 0 (not the sign bit) so that -0 gets code 0, as the reference's.
+    Ties away keep the midpoint compares (rn_e2m1_code). Identical to rn_e2m1_code either way.
     """
     if TIES_AWAY:
         code = rn_e2m1_code(y, True)
         val = e2m1_value(code)
     else:
-        m = tl.abs(y)
-        e_field = (tl.maximum(m, 1.0).to(tl.uint32, bitcast=True) >> 23) & 0xFF
-        c = ((e_field + 22) << 23).to(tl.float32, bitcast=True)
-        r = tl.minimum((m + c) - c, 6.0)
-        bits = r.to(tl.uint32, bitcast=True)
-        mag = tl.where(r >= 1.0, (bits >> 22) - 252, (r * 2.0).to(tl.uint32))   # 1.0 -> 254-252 = 2
+        m = tl.minimum(tl.abs(y), 8.0)
+        e_field = tl.maximum(m, 1.0).to(tl.uint32, bitcast=True) >> 23        # 127 + k
+        c_bits = (e_field + 22) << 23
+        c = c_bits.to(tl.float32, bitcast=True)
+        total = m + c
         neg = y < 0
+        r = tl.minimum(total - c, 6.0)
+        if CODE_FROM_SUM:
+            steps = total.to(tl.int32, bitcast=True) - c_bits.to(tl.int32, bitcast=True)
+            mag = tl.minimum(steps + (e_field.to(tl.int32) * 2 - 254), 7).to(tl.uint32)
+        else:
+            bits = r.to(tl.uint32, bitcast=True)
+            mag = tl.where(r >= 1.0, (bits >> 22) - 252, (r * 2.0).to(tl.uint32))   # 1.0 -> 254-252 = 2
         code = (mag | (neg.to(tl.uint32) << 3)).to(tl.uint8)
         val = tl.where(neg, -r, r)
     return code, val

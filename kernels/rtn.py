@@ -30,10 +30,14 @@ from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, div_scalar, e2m1_val
 AMAX_BLOCK = 8192
 
 # Variant switches (constexpr), kept so benchmarks/bench_variants.py can time leave-one-out variants;
-# the defaults are the fastest bit-exact choice in two H100 runs (docs/RESULTS_kernels.md): the
+# FAST_RN: 0 midpoint compares, 1 FP32-RNE value then decoded, 2 code read off the RNE sum. Without
+# 4/6 the default is 2 (the grid value is not needed; 4 instead of 36 quarter-rate float-to-int
+# conversions per thread, same instruction count: benchmarks/sass_stats.py; not yet timed on a GPU);
+# with 4/6 it is 1 (the SSEs need the values, and keeping both live made the compiler spill).
+# The other defaults are the fastest bit-exact choice in two H100 runs (docs/RESULTS_kernels.md): the
 # partial-amax buffer (AMAX_MODE=1) and the 3-D tile load were slower for 4/6 in both runs, so RTN
 # keeps one atomic per program, and LOAD3D is used without 4/6 only.
-DEFAULTS = dict(FAST_DIV=True, FAST_RN=True, SSE_MODE=1, LOAD3D=True, AMAX_MODE=0)
+DEFAULTS = dict(FAST_DIV=True, FAST_RN=2, SSE_MODE=1, LOAD3D=True, AMAX_MODE=0)
 
 
 @triton.jit
@@ -83,8 +87,8 @@ def _candidate(xb, bamax, g, valid, target, inv_target, TIES_AWAY: tl.constexpr,
     else:
         y = tl.math.div_rn(xb, safe[:, :, None])
     y = tl.where(keep[:, :, None], y, 0.0)
-    if FAST_RN:
-        codes, vals = rn_e2m1(y, TIES_AWAY)
+    if FAST_RN > 0:
+        codes, vals = rn_e2m1(y, TIES_AWAY, FAST_RN == 2)
     else:
         codes = rn_e2m1_code(y, TIES_AWAY)
         vals = e2m1_value(codes)
@@ -258,7 +262,7 @@ def quantize_nvfp4_rtn(
     rows, cols = x.shape
     if x.stride(0) != cols:
         x = x.contiguous()
-    var = dict(DEFAULTS, LOAD3D=not four_over_six, **(variant or {}))
+    var = dict(DEFAULTS, LOAD3D=not four_over_six, FAST_RN=1 if four_over_six else 2, **(variant or {}))
     zeroed = torch.zeros(3, dtype=torch.int32, device=x.device)   # amax, non-finite flag, flushed count
     amax_bits, nonfinite = tensor_amax(x, var.pop("AMAX_MODE"), zeroed[:2])
     if amax_reduce is not None:

@@ -1,0 +1,56 @@
+"""Device helpers of kernels/_common.py against the torch reference, element by element, on a dense
+value set: every BF16 value in [-10, 10], FP32 values within 4 ulp of every E2M1 midpoint, grid point
+and binade edge, and random FP32."""
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from megatron_fp4 import format as fmt
+from megatron_fp4 import quantizers as Q
+from megatron_fp4.kernels._common import rn_e2m1
+
+from kernel_test_util import cpu_interp
+
+
+@triton.jit
+def _rn_e2m1_kernel(y_ptr, code_ptr, val_ptr, n, FORM: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+    if FORM == 0:
+        code, val = rn_e2m1(y, True)
+    else:
+        code, val = rn_e2m1(y, False, FORM == 2)
+    tl.store(code_ptr + offs, code, mask=mask)
+    tl.store(val_ptr + offs, val, mask=mask)
+
+
+def _values() -> torch.Tensor:
+    bf16 = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    bf16 = bf16[bf16.isfinite() & (bf16.abs() <= 10)]
+    anchors = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0,
+                            7.0, 8.0, 16.0, 2.0 ** -126, 2.0 ** -149])
+    ulps = torch.arange(-4, 5, dtype=torch.int32)
+    near = (anchors.view(torch.int32)[:, None] + ulps[None, :]).reshape(-1)
+    near = near[near >= 0].view(torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    rand = torch.randn(20000, generator=gen) * 3
+    huge = torch.tensor([1e30, 3e38, 1e-30, 1e-45])
+    y = torch.cat([bf16, near, -near, rand, huge, -huge])
+    return y[y.isfinite()]
+
+
+@cpu_interp
+@pytest.mark.parametrize("form,ties", [(0, fmt.TIES_AWAY), (1, fmt.TIES_EVEN), (2, fmt.TIES_EVEN)],
+                         ids=["ties-away-compares", "even-decoded-value", "even-code-from-sum"])
+def test_rn_e2m1_matches_the_reference(form, ties):
+    y = _values()
+    code = torch.empty(y.shape, dtype=torch.uint8)
+    val = torch.empty_like(y)
+    block = 4096
+    _rn_e2m1_kernel[(triton.cdiv(y.numel(), block),)](y, code, val, y.numel(), FORM=form, BLOCK=block)
+    want = Q.encode_rn(y, ties)
+    bad = (code != want).nonzero().reshape(-1)
+    assert bad.numel() == 0, [(y[i].item(), code[i].item(), want[i].item()) for i in bad[:10]]
+    assert (val == fmt.decode_e2m1(want)).all()     # the code's value (== treats -0 and +0 alike)
