@@ -72,14 +72,20 @@ for sr, four_six, var in [(False, False, base), (False, False, dict(base, FAST_R
                               "BR": 32, "BC": 128, "INTERP": False, **var}, {**I32, "x_ptr": "*bf16"})
 attempt(rtn._rtn_kernel, {"SR": False, "FOUR_SIX": False, "TIES_AWAY": False, "SCALAR_RECIP": False, "BR": 32,
                           "BC": 128, "INTERP": False, "TILE16": True, **base}, {**I32, "x_ptr": "*bf16"})
+for sr in (True, False):   # backward operands that also write their BF16 GEMM operand
+    attempt(rtn._rtn_kernel, {"SR": sr, "FOUR_SIX": False, "TIES_AWAY": False, "SCALAR_RECIP": False, "BR": 32,
+                              "BC": 128, "INTERP": False, "EMIT": True, **base},
+            {**I32, "x_ptr": "*bf16", "operand_ptr": "*bf16"})
 
 evar = {k: v for k, v in eden.DEFAULTS.items() if k in ("FAST_DIV", "FAST_RN")}
 for mode, dt, split, br in ((0, "*bf16", 1, 64), (1, "*bf16", 1, 64), (0, "*fp32", 3, 64), (2, "*u8", 1, 64)):
     ptrs = {**I32, "src_ptr": dt, "ssc_ptr": "*u8" if mode == 2 else dt, "h_ptr": "*bf16"}
     attempt(eden._rht_amax_kernel, {"SRC": mode, "SPLIT": split, "INTERP": False, "BR": br, "PARTIALS": True,
                                     "TILES": eden.DEFAULTS["TILES"]}, ptrs)
-    attempt(eden._eden_kernel, {"SRC": mode, "SPLIT": split, "INTERP": False, "TIES_AWAY": False,
-                                "SCALAR_RECIP": False, "BR": br, "TILES": eden.DEFAULTS["TILES"], **evar}, ptrs)
+    for emit in (False, True):
+        attempt(eden._eden_kernel, {"SRC": mode, "SPLIT": split, "INTERP": False, "TIES_AWAY": False,
+                                    "SCALAR_RECIP": False, "BR": br, "TILES": eden.DEFAULTS["TILES"], "EMIT": emit,
+                                    **evar}, {**ptrs, "operand_ptr": "*bf16"})
 
 for trans, rot, split, sr, dt in ((False, False, 1, False, "*bf16"), (False, False, 1, True, "*bf16"),
                                   (False, True, 1, True, "*bf16"), (True, True, 1, True, "*bf16"),
@@ -92,6 +98,7 @@ attempt(double_block._rht16_store_kernel, {"TRANS": True, "SPLIT": 1, "INTERP": 
 
 for block_rows in (1, 16):
     attempt(dequant._dequant_kernel, {"BLOCK_ROWS": block_rows, "BR": 32, "BC": 256}, {"out_ptr": "*bf16"})
+attempt(dequant._transpose_codes_kernel, {"BR": 64, "BC": 64}, {"src_ptr": "*u8", "dst_ptr": "*u8"})
 for out_bf16 in (False, True):
     attempt(dequant._dequant_double_block_kernel, {"OUT_BF16": out_bf16, "INTERP": False, "BR": 32},
             {"outer_ptr": "*fp32", "out_ptr": "*bf16" if out_bf16 else "*fp32"})

@@ -209,13 +209,15 @@ def _linear_step(recipe, x, w, dy, key, reference=False):
 LLAMA1B = [("qkv", 2048, 3 * 2048), ("o", 2048, 2048), ("gate+up", 2048, 2 * 5632), ("down", 5632, 2048)]
 QUALITY = [("qkv", 256, 768), ("o", 256, 256), ("gate+up", 256, 1536), ("down", 768, 256)]
 RECIPES = ("bf16", "nvidia", "tetrajet2", "quartet2")
-# The linear table's columns: every recipe on its default GPU path, plus the GEMM alternatives the
-# dispatch offers (MEGATRON_FP4_GEMM=triton: the packed-operand Triton GEMM for per-tensor-scaled
+# The linear table's columns: every recipe on its default GPU path, plus the alternatives the dispatch
+# offers (MEGATRON_FP4_EMIT_OPERANDS=0: backward quantizers do not write the BF16 GEMM operand, a
+# dequant pass runs instead; MEGATRON_FP4_GEMM=triton: the packed-operand Triton GEMM for per-tensor-scaled
 # recipes; TetraJet-v2 with gemm_emulation=exact, which runs that GEMM per 128-slab, against its
 # default "bf16" folding + cuBLAS). (label, recipe name or None for BF16, overrides, env)
 VARIANTS = [("bf16", None, {}, {}), ("nvidia", "nvidia", {}, {}), ("tetrajet2", "tetrajet2", {}, {}),
             ("tetrajet2 exact-gemm", "tetrajet2", {"gemm_emulation": "exact"}, {}),
             ("quartet2", "quartet2", {}, {}),
+            ("quartet2 no-emit", "quartet2", {}, {"MEGATRON_FP4_EMIT_OPERANDS": "0"}),
             ("quartet2 triton-gemm", "quartet2", {}, {"MEGATRON_FP4_GEMM": "triton"}),
             ("nvidia triton-gemm", "nvidia", {}, {"MEGATRON_FP4_GEMM": "triton"})]
 
@@ -363,6 +365,11 @@ def agreement(recipe, x, w, dy, key):
                                 dx=rel(dx1, dx0), dw=rel(dw1, dw0))
 
 
+def _mm_fp32(a, b):
+    """a @ b^T with FP32 output (BF16 operands on CUDA; the CPU dry run has no out_dtype overload)."""
+    return torch.mm(a, b.t(), out_dtype=torch.float32) if a.is_cuda else torch.mm(a.float(), b.float().t())
+
+
 @guarded("stages")
 def stages(tokens, k, n):
     """Cost of each pass of the kernel path for one linear (leaving stages out = subtracting rows)."""
@@ -393,7 +400,12 @@ def stages(tokens, k, n):
         ("dgrad: dequant + mm + fused epilogue", lambda: D.matmul(eq, wtq, scale=wq.tensor_scale, out_dtype=torch.bfloat16)),
         ("wgrad: dequant + mm + fused epilogue", lambda: D.matmul(etq, xtq, scale=xq.tensor_scale, out_dtype=torch.bfloat16)),
         ("dgrad: mm alone on dequantized operands (fp32 out)",
-         lambda: torch.mm(D.dequantize_unscaled(eq), D.dequantize_unscaled(wtq).t(), out_dtype=torch.float32)),
+         lambda: _mm_fp32(D.dequantize_unscaled(eq), D.dequantize_unscaled(wtq))),
+        ("E: RHT+EDEN row-major, also writing the BF16 GEMM operand",
+         lambda: rht_ms_eden(dy, sigma, st, emit_operand=True)),
+        ("W^T: re-quantize from packed, also writing the BF16 GEMM operand",
+         lambda: rht_ms_eden(None, sigma, st, packed=wq, emit_operand=True)),
+        ("dequant E alone (what writing the operand replaces)", lambda: dequantize_unscaled_bf16(eq)),
         ("dequant X alone", lambda: dequantize_unscaled_bf16(xq)),
     ]
     log(f"\n### Where the time goes, one linear T={tokens}, K={k}, N={n} (kernel path)\n")

@@ -1,8 +1,8 @@
 """Packed NVFP4 (1x16) -> BF16 e2m1(q)*e4m3(s), one pass: the twin of
 `NVFP4Tensor.dequantize_unscaled()`. Every such product is exact in BF16 (numerics.md §1.4), so the
 GEMM operand is exact and cuBLAS BF16 x BF16 -> FP32 reproduces the block-scaled MMA (gemm.py).
-Also: double-block operands (TetraJet-v2) -> FP32 or BF16 `dequantize()` values, and the GEMM's
-FP32 -> output epilogue."""
+Also: double-block operands (TetraJet-v2) -> FP32 or BF16 `dequantize()` values, the GEMM's
+FP32 -> output epilogue, and the packed transpose of 16x16-tile operands (NVIDIA's dgrad W^T)."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +11,7 @@ import triton.language as tl
 
 from megatron_fp4.tensor import BLOCK, OUTER_BLOCK, NVFP4Tensor
 
-from ._common import e2m1_value, e4m3_value
+from ._common import e2m1_value, e4m3_value, pack_codes
 
 
 @triton.jit
@@ -137,3 +137,31 @@ def scale_cast(p: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, extra=None,
                                                 INTERP=INTERPRET, BLOCK=block, num_warps=8,
                                                 enable_fp_fusion=False)
     return out
+
+
+@triton.jit
+def _transpose_codes_kernel(src_ptr, dst_ptr, R, C, BR: tl.constexpr, BC: tl.constexpr):
+    # src: packed [R, C/2] codes; dst: packed [C, R/2] codes of the transpose (low nibble = even element)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    bcols = tl.program_id(1) * (BC // 2) + tl.arange(0, BC // 2)
+    byte = tl.load(src_ptr + rows.to(tl.int64)[:, None] * (C // 2) + bcols[None, :],
+                   mask=(rows < R)[:, None] & (bcols < C // 2)[None, :], other=0)
+    codes = tl.reshape(tl.join(byte & 15, byte >> 4), (BR, BC))          # [BR, BC], source order
+    packed_t = pack_codes(tl.trans(codes), BC, BR)                          # [BC, BR/2]
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    tcols = tl.program_id(0) * (BR // 2) + tl.arange(0, BR // 2)
+    tl.store(dst_ptr + cols.to(tl.int64)[:, None] * (R // 2) + tcols[None, :], packed_t,
+             mask=(cols < C)[:, None] & (tcols < R // 2)[None, :])
+
+
+def transpose_tiles(t: NVFP4Tensor, block: int = 64) -> NVFP4Tensor:
+    """Twin of recipe.transpose_tiles: a 16x16-tile operand transposed (same values), the packed codes
+    transposed in one pass instead of unpack / transpose / copy / pack; tile scales transposed."""
+    if t.block_rows != BLOCK:
+        raise ValueError("only 16x16-tile operands can be transposed without re-quantization")
+    rows, cols = t.shape
+    out = torch.empty(cols, rows // 2, dtype=torch.uint8, device=t.device)
+    grid = (triton.cdiv(rows, block), triton.cdiv(cols, block))
+    _transpose_codes_kernel[grid](t.packed.contiguous(), out, rows, cols, BR=block, BC=block, num_warps=4)
+    return NVFP4Tensor(packed=out, block_scales=t.block_scales.t().contiguous(), tensor_scale=t.tensor_scale,
+                       block_rows=BLOCK)

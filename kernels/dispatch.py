@@ -83,7 +83,9 @@ def rht_signs(key: int, n: int, device) -> torch.Tensor:
 
 def quantize_nvfp4(x: torch.Tensor, **kw) -> NVFP4Tensor:
     """Same signature and result as quantizers.quantize_nvfp4; 1x16 RN (+4/6), 1x16 SR (with a
-    stream, without 4/6) and 16x16-tile RN (without 4/6) run the kernel."""
+    stream, without 4/6) and 16x16-tile RN (without 4/6) run the kernel. for_gemm=True (an operand
+    that goes straight into D.matmul and is not kept): the kernel also writes its BF16 GEMM operand."""
+    for_gemm = kw.pop("for_gemm", False)
     mode = kw.get("mode", Q.ROUND_NEAREST)
     stream, four_over_six = kw.get("stream"), kw.get("four_over_six", False)
     block_rows = kw.get("block_rows", 1)
@@ -96,7 +98,7 @@ def quantize_nvfp4(x: torch.Tensor, **kw) -> NVFP4Tensor:
         return quantize_nvfp4_rtn(x, v=kw.get("v", 6.0), smax=kw.get("smax", 448.0),
                                   ties=kw.get("ties", fmt.TIES_EVEN), four_over_six=four_over_six,
                                   amax_reduce=kw.get("amax_reduce"), mode=mode, stream=stream,
-                                  block_rows=block_rows)
+                                  block_rows=block_rows, emit_operand=_emit_for_gemm(for_gemm) and block_rows == 1)
     return Q.quantize_nvfp4(x, **kw)
 
 
@@ -104,13 +106,21 @@ def _eden_ok(sigma, eden_group, *tensors) -> bool:
     return kernels_enabled(*tensors) and eden_group == 128 and sigma.numel() == 128
 
 
+def _emit_for_gemm(for_gemm: bool) -> bool:
+    """The quantizer kernel also writes the BF16 GEMM operand when the next GEMM is dequant + cuBLAS
+    (the Triton GEMM reads packed operands itself): one dequant pass fewer per backward operand.
+    MEGATRON_FP4_EMIT_OPERANDS=0 turns it off (benchmarks time both)."""
+    return for_gemm and gemm_backend() == "cublas" and os.environ.get("MEGATRON_FP4_EMIT_OPERANDS", "1") != "0"
+
+
 def rht_ms_eden(a: torch.Tensor, sigma: torch.Tensor, stream: RandomStream, *, transpose: bool = False,
                 eden_group: int = 128, v: float = Q.EDEN_V, smax: float = 255.99,
                 ties: str = fmt.TIES_EVEN, amax_reduce: AmaxReduce = None,
-                pad_multiple: int = 1) -> NVFP4Tensor:
+                pad_multiple: int = 1, for_gemm: bool = False) -> NVFP4Tensor:
     """MS-EDEN of A = a (or a.t()) after RHT with `sigma`, A's last dim zero-padded to pad_multiple.
 
-    Reference: quantize_ms_eden(rht(pad_cols(A, pad_multiple), sigma), ...).
+    Reference: quantize_ms_eden(rht(pad_cols(A, pad_multiple), sigma), ...). for_gemm: the result goes
+    straight into D.matmul and is not kept; the kernel then also writes its BF16 GEMM operand.
     """
     if _eden_ok(sigma, eden_group, a) and a.dim() == 2:
         from .eden import rht_ms_eden as kernel
@@ -123,7 +133,7 @@ def rht_ms_eden(a: torch.Tensor, sigma: torch.Tensor, stream: RandomStream, *, t
             if extra:
                 a = torch.nn.functional.pad(a, (0, extra))
         return kernel(a, sigma, stream, transpose=transpose, v=v, smax=smax, ties=ties,
-                      amax_reduce=amax_reduce)
+                      amax_reduce=amax_reduce, emit_operand=_emit_for_gemm(for_gemm))
     return Q.quantize_ms_eden(_reference_rht(a, sigma, transpose, pad_multiple), stream=stream,
                               eden_group=eden_group, v=v, smax=smax, ties=ties, amax_reduce=amax_reduce)
 
@@ -131,16 +141,18 @@ def rht_ms_eden(a: torch.Tensor, sigma: torch.Tensor, stream: RandomStream, *, t
 def requant_ms_eden(q: NVFP4Tensor, sigma: torch.Tensor, stream: RandomStream, *,
                     eden_group: int = 128, v: float = Q.EDEN_V, smax: float = 255.99,
                     ties: str = fmt.TIES_EVEN, amax_reduce: AmaxReduce = None,
-                    pad_multiple: int = 1) -> NVFP4Tensor:
+                    pad_multiple: int = 1, for_gemm: bool = False) -> NVFP4Tensor:
     """Re-quantize a packed forward operand transposed: MS-EDEN(rht(dequantize_unscaled(q)^T, sigma)).
 
     The kernel reads packed codes and scales directly (unpack, transpose, rotate, quantize).
+    for_gemm: as in rht_ms_eden.
     """
     rows = q.shape[0]
     if (_eden_ok(sigma, eden_group, q.packed) and q.block_rows == 1 and q.outer_scales is None
             and rows % 128 == 0):
         from .eden import rht_ms_eden as kernel
-        return kernel(None, sigma, stream, packed=q, v=v, smax=smax, ties=ties, amax_reduce=amax_reduce)
+        return kernel(None, sigma, stream, packed=q, v=v, smax=smax, ties=ties, amax_reduce=amax_reduce,
+                      emit_operand=_emit_for_gemm(for_gemm))
     return Q.quantize_ms_eden(_reference_rht(q.dequantize_unscaled(), sigma, True, pad_multiple),
                               stream=stream, eden_group=eden_group, v=v, smax=smax, ties=ties,
                               amax_reduce=amax_reduce)
@@ -200,7 +212,10 @@ def rht_of(a: torch.Tensor, sigma: torch.Tensor, *, transpose: bool = False,
 
 
 def dequantize_unscaled(q: NVFP4Tensor) -> torch.Tensor:
-    """e2m1*e4m3 values: BF16 from the kernel on CUDA (exact), FP32 from the reference elsewhere."""
+    """e2m1*e4m3 values: BF16 from the kernel on CUDA (exact), FP32 from the reference elsewhere;
+    the operand a quantizer kernel already wrote (q.operand) where there is one."""
+    if q.operand is not None:
+        return q.operand
     if kernels_enabled(q.packed) and q.block_rows in (1, 16) and q.shape[0] % q.block_rows == 0:
         from .dequant import dequantize_unscaled_bf16
         return dequantize_unscaled_bf16(q)
@@ -219,6 +234,16 @@ def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
         return dequantize_double_block(q, dtype)
     out = q.dequantize()
     return out if dtype == torch.float32 else out.to(dtype)
+
+
+def transpose_tiles(t: NVFP4Tensor) -> NVFP4Tensor:
+    """recipe.transpose_tiles (a 16x16-tile operand transposed, same values): one kernel pass over the
+    packed codes on CUDA."""
+    if kernels_enabled(t.packed) and t.block_rows == 16 and t.shape[0] % 16 == 0 and t.shape[1] % 16 == 0:
+        from .dequant import transpose_tiles as kernel
+        return kernel(t)
+    from megatron_fp4.recipe import transpose_tiles as reference
+    return reference(t)
 
 
 GEMM_BACKENDS = ("cublas", "triton")

@@ -124,11 +124,12 @@ def _rht_store_kernel(src_ptr, ssc_ptr, stride_s, R, C, h_ptr, INV_SQRT, z_ptr,
 
 @triton.jit
 def _eden_kernel(src_ptr, ssc_ptr, stride_s, R, C, h_ptr, INV_SQRT, amax_bits_ptr, nonfinite_ptr,
-                 packed_ptr, scales_ptr, gout_ptr, flushed_ptr, clamped_ptr,
+                 packed_ptr, scales_ptr, gout_ptr, flushed_ptr, clamped_ptr, operand_ptr,
                  key, row_off, row_split, row_hi, col_off, col_split, col_hi, SMAX_V, V, INV_V,
                  SRC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr,
                  TIES_AWAY: tl.constexpr, SCALAR_RECIP: tl.constexpr, BR: tl.constexpr,
-                 FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr, TILES: tl.constexpr):
+                 FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr, TILES: tl.constexpr,
+                 EMIT: tl.constexpr = False):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     c0 = pid_c * 128
@@ -137,17 +138,18 @@ def _eden_kernel(src_ptr, ssc_ptr, stride_s, R, C, h_ptr, INV_SQRT, amax_bits_pt
     for t in range(TILES):                   # TILES row tiles per program share one load of h
         r0 = (pid_r * TILES + t) * BR
         _eden_tile(src_ptr, ssc_ptr, stride_s, R, C, h, INV_SQRT, g, valid, r0, c0,
-                   packed_ptr, scales_ptr, flushed_ptr, clamped_ptr, key, row_off, row_split, row_hi,
+                   packed_ptr, scales_ptr, flushed_ptr, clamped_ptr, operand_ptr, key, row_off, row_split, row_hi,
                    col_off, col_split, col_hi, V, INV_V,
-                   SRC, SPLIT, INTERP, TIES_AWAY, SCALAR_RECIP, BR, FAST_DIV, FAST_RN)
+                   SRC, SPLIT, INTERP, TIES_AWAY, SCALAR_RECIP, BR, FAST_DIV, FAST_RN, EMIT)
 
 
 @triton.jit
 def _eden_tile(src_ptr, ssc_ptr, stride_s, R, C, h, INV_SQRT, g, valid, r0, c0,
-               packed_ptr, scales_ptr, flushed_ptr, clamped_ptr, key, row_off, row_split, row_hi,
-                   col_off, col_split, col_hi, V, INV_V,
+               packed_ptr, scales_ptr, flushed_ptr, clamped_ptr, operand_ptr, key, row_off, row_split, row_hi,
+               col_off, col_split, col_hi, V, INV_V,
                SRC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, TIES_AWAY: tl.constexpr,
-               SCALAR_RECIP: tl.constexpr, BR: tl.constexpr, FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr):
+               SCALAR_RECIP: tl.constexpr, BR: tl.constexpr, FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr,
+               EMIT: tl.constexpr):
     z = _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, h, INV_SQRT, SRC, SPLIT, INTERP, BR)
     z = tl.where(tl.abs(z) < float("inf"), z, 0.0)               # non-finite -> 0 (g carries NaN)
     zb = tl.reshape(z, (BR, 8, 16))
@@ -189,6 +191,11 @@ def _eden_tile(src_ptr, ssc_ptr, stride_s, R, C, h, INV_SQRT, g, valid, r0, c0,
     tl.store(packed_ptr + rows[:, None].to(tl.int64) * (C // 2) + pcols[None, :], packed, mask=rmask)
     scols = c0 // 16 + tl.arange(0, 8)
     tl.store(scales_ptr + rows[:, None].to(tl.int64) * (C // 16) + scols[None, :], sbits, mask=rmask)
+    if EMIT:
+        # the GEMM operand e2m1(q) * e4m3(s) in BF16 (exact), so the consumer skips the dequant pass
+        vals = tl.reshape(tl.reshape(q, (BR, 8, 16)) * e4m3_value(sbits)[:, :, None], (BR, 128))
+        ocols = c0 + tl.arange(0, 128)
+        tl.store(operand_ptr + rows[:, None].to(tl.int64) * C + ocols[None, :], vals.to(tl.bfloat16), mask=rmask)
 
 
 def _source(a: Optional[torch.Tensor], packed: Optional[NVFP4Tensor], transpose: bool):
@@ -244,12 +251,15 @@ def rht_ms_eden(
     num_warps: Optional[int] = None,
     variant: Optional[dict] = None,
     amax_only: bool = False,
+    emit_operand: bool = False,
 ) -> NVFP4Tensor:
     """MS-EDEN (per-128) of A after RHT-128 with signs sigma, A along its last dim, where A is
     `a`, `a.t()` (transpose=True) or `packed.dequantize_unscaled().t()` (packed=...).
 
     Twin: quantizers.quantize_ms_eden(hadamard.rht(A, sigma), stream=stream, eden_group=128, v, smax,
     ties, amax_reduce). Scale-SR counters are (stream.row_offset + row, stream.col_offset + column).
+    emit_operand: also write the GEMM operand dequantize_unscaled() in BF16 (exact) into the result's
+    `operand`, for a consumer that would otherwise run the dequant kernel next.
     """
     if stream is None:
         raise ValueError("MS-EDEN needs a RandomStream for the scale SR")
@@ -287,10 +297,13 @@ def rht_ms_eden(
     scales = torch.empty(rows, cols // BLOCK, dtype=torch.uint8, device=dev)
     g = torch.empty(1, dtype=torch.float32, device=dev)
     counters = torch.zeros(2, dtype=torch.int32, device=dev) if partials else buf[2:4]
+    operand = torch.empty(rows, cols, dtype=torch.bfloat16, device=dev) if emit_operand else None
     _eden_kernel[grid](src, sc, stride, rows, cols, h, INV_SQRT_128, amax_bits, nonfinite,
                        packed_out, scales, g, counters[0:1], counters[1:2],
+                       operand if emit_operand else packed_out,
                        signed_key(stream.key), *stream.kernel_offsets(),
                        float(smax * v), float(v), fp32_reciprocal(v),
-                       TIES_AWAY=(ties == fmt.TIES_AWAY), SCALAR_RECIP=False, **common, **var)
+                       TIES_AWAY=(ties == fmt.TIES_AWAY), SCALAR_RECIP=False, EMIT=emit_operand, **common, **var)
     return NVFP4Tensor(packed=packed_out, block_scales=scales.view(torch.float8_e4m3fn),
-                       tensor_scale=g.reshape(()), flushed_blocks=counters[0], clamped_scales=counters[1])
+                       tensor_scale=g.reshape(()), flushed_blocks=counters[0], clamped_scales=counters[1],
+                       operand=operand)

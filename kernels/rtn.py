@@ -107,12 +107,12 @@ def _sse(xg, vals, s, F64: tl.constexpr):
 
 @triton.jit
 def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
-                packed_ptr, scales_ptr, gout_ptr, flushed_ptr,
+                packed_ptr, scales_ptr, gout_ptr, flushed_ptr, operand_ptr,
                 SMAX_V, V, INV_V, key, row_off, row_split, row_hi, col_off, col_split, col_hi,
                 SR: tl.constexpr, FOUR_SIX: tl.constexpr, TIES_AWAY: tl.constexpr, SCALAR_RECIP: tl.constexpr,
                 BR: tl.constexpr, BC: tl.constexpr, FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr,
                 SSE_MODE: tl.constexpr, LOAD3D: tl.constexpr, INTERP: tl.constexpr,
-                TILE16: tl.constexpr = False):
+                TILE16: tl.constexpr = False, EMIT: tl.constexpr = False):
     # TILE16: 16x16 scale tiles (NVIDIA's weights): the block amax is the tile's, every row of a tile
     # computes the same scale, and only the tile's first row stores it and counts a flushed tile
     pid_r = tl.program_id(0)
@@ -150,6 +150,8 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
         hi = counter(rows, row_off, row_split, row_hi)
         lo = counter((bcols * 16)[:, None] + tl.arange(0, 16)[None, :], col_off, col_split, col_hi)
         codes = sr_e2m1(y, hash_uniform(key, hi[:, None, None], lo[None, :, :]))
+        if EMIT:
+            vals = e2m1_value(codes)
     if FOUR_SIX:
         # "max->4" candidate; keep the lower SSE measured in units of g (x/g), ties to "max->6".
         # Exact ties are common (s4 == 1.5*s6 puts both candidates on shared grid points), so the
@@ -177,6 +179,16 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
         s = tl.where(use4, s4, s)
         codes = tl.where(use4[:, :, None], codes4, codes)
         keep = tl.where(use4, keep4, keep)
+        if EMIT:
+            vals = tl.where(use4[:, :, None], vals4, vals)
+    if EMIT:
+        # the GEMM operand e2m1(q) * e4m3(s) in BF16 (exact; s = 0 on flushed blocks), so the consumer
+        # skips the dequant pass
+        operand = (vals * s[:, :, None]).to(tl.bfloat16)
+        ocol = pid_c * NB + tl.arange(0, NB)
+        ooffs = r64[:, None, None] * C + (ocol * 16)[:, None][None, :, :] + tl.arange(0, 16)[None, None, :]
+        tl.store(operand_ptr + ooffs, operand,
+                 mask=rmask[:, None, None] & (ocol < C // 16)[None, :, None])
     counted = (~keep) & (bamax > 0)
     if TILE16:
         counted = counted & ((rows % 16) == 0)[:, None]
@@ -236,12 +248,15 @@ def quantize_nvfp4_rtn(
     mode: str = "rn",
     stream: Optional[RandomStream] = None,
     block_rows: int = 1,
+    emit_operand: bool = False,
 ) -> NVFP4Tensor:
     """Kernel twin of quantizers.quantize_nvfp4(x, mode, v, smax, ties, four_over_six, stream,
     block_rows) for 1x16 blocks: RN (optionally 4/6) or SR elements (NVIDIA's backward; counters
     (row_offset + row, col_offset + column) of `stream`); and for 16x16 tiles (block_rows=16,
     NVIDIA's weights) in RN without 4/6. 4/6 on tiles stays with the reference: its 256-term SSE
-    sums would need the reference's exact summation order to break near-ties the same way."""
+    sums would need the reference's exact summation order to break near-ties the same way.
+    emit_operand: also write the GEMM operand dequantize_unscaled() in BF16 (exact) into the result's
+    `operand` (1x16 blocks), for a consumer that would otherwise run the dequant kernel next."""
     if mode not in ("rn", "sr"):
         raise ValueError(f"rounding mode must be 'rn' or 'sr', got {mode!r}")
     if mode == "sr" and stream is None:
@@ -273,13 +288,19 @@ def quantize_nvfp4_rtn(
     flushed = zeroed[2:3]
     if block_rows == BLOCK:
         block_r = max(16, block_r - block_r % 16)   # whole tiles per program
+        if emit_operand:
+            raise ValueError("emit_operand is for 1x16 operands")
+    operand = torch.empty(rows, cols, dtype=torch.bfloat16, device=x.device) if emit_operand else None
     block_c = min(block_c, triton.next_power_of_2(cols))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     _rtn_kernel[grid](x, x.stride(0), rows, cols, amax_bits, nonfinite, packed, scales, g, flushed,
+                      operand if emit_operand else packed,
                       float(smax * v), float(v), fp32_reciprocal(v),
                       signed_key(stream.key) if stream else 0,
                       *(stream.kernel_offsets() if stream else RandomStream(0).kernel_offsets()), SR=(mode == "sr"), FOUR_SIX=four_over_six, TIES_AWAY=(ties == fmt.TIES_AWAY),
                       SCALAR_RECIP=False, BR=block_r, BC=block_c, num_warps=num_warps,
-                      INTERP=INTERPRET, enable_fp_fusion=False, TILE16=block_rows == BLOCK, **var)
+                      INTERP=INTERPRET, enable_fp_fusion=False, TILE16=block_rows == BLOCK, EMIT=emit_operand,
+                      **var)
     return NVFP4Tensor(packed=packed, block_scales=scales.view(torch.float8_e4m3fn),
-                       tensor_scale=g.reshape(()), block_rows=block_rows, flushed_blocks=flushed.reshape(()))
+                       tensor_scale=g.reshape(()), block_rows=block_rows, flushed_blocks=flushed.reshape(()),
+                       operand=operand)

@@ -231,12 +231,13 @@ class NvidiaRecipe(Recipe):
                                 amax_reduce=ctx.weight_amax_reduce)
 
     def _sr(self, t, stream, amax_reduce):
+        # backward operands (E, E^T): straight into their GEMM, never kept (for_gemm)
         return D.quantize_nvfp4(t, mode=Q.ROUND_STOCHASTIC, v=6.0 / self.sr_headroom, stream=stream,
-                                amax_reduce=amax_reduce)
+                                amax_reduce=amax_reduce, for_gemm=True)
 
     def dgrad(self, dy, wq, ctx, out_dtype=None):
         eq = self._sr(dy, ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset), ctx.grad_output_amax_reduce)
-        return D.matmul(eq, transpose_tiles(wq), out_dtype=out_dtype)
+        return D.matmul(eq, D.transpose_tiles(wq), out_dtype=out_dtype)
 
     def _signs(self, ctx, device):
         if self.rht_signs == "fixed":
@@ -248,7 +249,7 @@ class NvidiaRecipe(Recipe):
         et = D.rht_of(dy, sigma, transpose=True, pad_multiple=self.token_padding)
         xt = D.rht_of(x, sigma, transpose=True, pad_multiple=self.token_padding)
         etq = self._sr(et, ctx.stream(Role.WGRAD_GRAD_OUTPUT, ctx.out_offset, 0), ctx.grad_output_amax_reduce)
-        xtq = D.quantize_nvfp4(xt, ties=self.rtn_ties, amax_reduce=ctx.input_amax_reduce)
+        xtq = D.quantize_nvfp4(xt, ties=self.rtn_ties, amax_reduce=ctx.input_amax_reduce, for_gemm=True)
         return D.matmul(etq, xtq)
 
 
@@ -382,8 +383,10 @@ class Quartet2Recipe(Recipe):
     # Each MS-EDEN operand below is MS-EDEN(rht(A, sigma)) with A as the table says; the dispatch runs
     # the fused kernel (rotation + quantization, or unpack + transpose + rotation + quantization from
     # the packed forward operand) on GPU and exactly that reference composition elsewhere.
+    # for_gemm=True: these operands go straight into their GEMM and are dropped, so the kernels may
+    # also write the BF16 GEMM operand (no dequant pass before cuBLAS)
     def _grad_output_dgrad(self, dy, sigma, ctx):
-        return D.rht_ms_eden(dy, sigma, ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset),
+        return D.rht_ms_eden(dy, sigma, ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset), for_gemm=True,
                              **self._eden_knobs(ctx.grad_output_amax_reduce))
 
     def dgrad(self, dy, wq, ctx, out_dtype=None):
@@ -391,7 +394,7 @@ class Quartet2Recipe(Recipe):
         sigma = self._signs(ctx, dy.device)
         eq = self._grad_output_dgrad(dy, sigma, ctx)
         wtq = D.requant_ms_eden(wq, sigma, ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset),
-                                **self._eden_knobs(ctx.weight_amax_reduce))
+                                for_gemm=True, **self._eden_knobs(ctx.weight_amax_reduce))
         return D.matmul(eq, wtq, scale=wq.tensor_scale, out_dtype=out_dtype)
 
     def dgrad_dense(self, dy, w_hat, ctx, out_dtype=None):
@@ -399,15 +402,17 @@ class Quartet2Recipe(Recipe):
         sigma = self._signs(ctx, dy.device)
         eq = self._grad_output_dgrad(dy, sigma, ctx)
         wtq = D.rht_ms_eden(w_hat, sigma, ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset),
-                            transpose=True, **self._eden_knobs(ctx.weight_amax_reduce))
+                            transpose=True, for_gemm=True, **self._eden_knobs(ctx.weight_amax_reduce))
         return D.matmul(eq, wtq, out_dtype=out_dtype)
 
     def wgrad(self, dy, xq, ctx):
         sigma = self._signs(ctx, dy.device)
         etq = D.rht_ms_eden(dy, sigma, ctx.stream(Role.WGRAD_GRAD_OUTPUT, ctx.out_offset, 0), transpose=True,
-                            pad_multiple=self.token_padding, **self._eden_knobs(ctx.grad_output_amax_reduce))
+                            pad_multiple=self.token_padding, for_gemm=True,
+                            **self._eden_knobs(ctx.grad_output_amax_reduce))
         xtq = D.requant_ms_eden(xq, sigma, ctx.stream(Role.WGRAD_INPUT, ctx.in_offset, 0),
-                                pad_multiple=self.token_padding, **self._eden_knobs(ctx.input_amax_reduce))
+                                pad_multiple=self.token_padding, for_gemm=True,
+                                **self._eden_knobs(ctx.input_amax_reduce))
         return D.matmul(etq, xtq, scale=xq.tensor_scale)
 
 

@@ -36,6 +36,10 @@ class NVFP4Tensor:
     # scale underflowed, and MS-EDEN corrected scales clamped at 448 (non-zero indicates a bug)
     flushed_blocks: Optional[torch.Tensor] = None
     clamped_scales: Optional[torch.Tensor] = None
+    # optional BF16 [rows, cols] = dequantize_unscaled(), written by a quantizer kernel for the GEMM
+    # that consumes this operand next (that GEMM then skips the dequant pass). Transient: only
+    # backward operands that never outlive their GEMM carry it; saved operands stay at 4.5 bits.
+    operand: Optional[torch.Tensor] = None
 
     @property
     def shape(self) -> torch.Size:

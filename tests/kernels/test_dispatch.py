@@ -139,3 +139,26 @@ def test_recipe_kernel_path_agrees_with_the_reference_path(name):
     assert torch.equal(ker[0], ref[0])
     for i in (1, 2):
         assert rel(ker[i], ref[i]) < 0.1 * rel(other[i], ref[i]), (name, i, rel(ker[i], ref[i]), rel(other[i], ref[i]))
+
+
+def test_a_quantizer_written_operand_replaces_the_dequant_pass():
+    # a backward operand that carries its BF16 GEMM operand (written by the MS-EDEN kernel on GPU)
+    # is handed to the GEMM as is; one without it is dequantized
+    q = Q.quantize_nvfp4(data(32, 64, seed=5))
+    assert torch.equal(D.dequantize_unscaled(q), q.dequantize_unscaled())
+    q.operand = q.dequantize_unscaled().to(torch.bfloat16)
+    assert D.dequantize_unscaled(q) is q.operand
+
+
+@cpu_interp
+@pytest.mark.parametrize("rows,cols", [(64, 128), (48, 80), (160, 96)])
+def test_packed_tile_transpose_kernel_matches_the_reference(rows, cols):
+    # partial 64-blocks on both axes; codes and tile scales transposed, values identical
+    from megatron_fp4.kernels.dequant import transpose_tiles as kernel
+    from megatron_fp4.recipe import transpose_tiles as reference
+    w = Q.quantize_nvfp4(data(rows, cols, seed=rows + cols), block_rows=16)
+    got, want = kernel(w), reference(w)
+    assert torch.equal(got.packed, want.packed)
+    assert torch.equal(got.block_scales.view(torch.uint8), want.block_scales.view(torch.uint8))
+    assert got.block_rows == 16 and torch.equal(got.tensor_scale, w.tensor_scale)
+    assert torch.equal(got.dequantize(), w.dequantize().t())

@@ -111,3 +111,20 @@ def test_two_piece_counters_match_the_reference():
     plain = rht_ms_eden(dy, _sigma(9), _stream(10, col_offset=128))
     assert torch.equal(got.block_scales[:, :8].view(torch.uint8), plain.block_scales[:, :8].view(torch.uint8))
     assert not torch.equal(got.block_scales[:, 8:].view(torch.uint8), plain.block_scales[:, 8:].view(torch.uint8))
+
+
+@cpu_interp
+@pytest.mark.parametrize("source", ["dense", "transposed", "packed"])
+def test_emitted_gemm_operand_is_the_exact_dequantized_operand(source):
+    """emit_operand: the kernel also writes e2m1(q) * e4m3(s) in BF16 for the consuming GEMM; it must
+    equal the returned operand's dequantize_unscaled() exactly (spread rows: flushed blocks and
+    subnormal scales included), and the codes, scales and tensor scale must not change."""
+    x = data(128, 256, seed=41)
+    kw = dict(dense=dict(a=x), transposed=dict(a=x, transpose=True),
+              packed=dict(packed=Q.quantize_nvfp4(x, smax=256.0, four_over_six=True)))[source]
+    plain = rht_ms_eden(sigma=_sigma(41), stream=_stream(42), **kw)
+    got = rht_ms_eden(sigma=_sigma(41), stream=_stream(42), emit_operand=True, **kw)
+    assert plain.operand is None and got.operand.dtype == torch.bfloat16
+    assert_same_operand(got, plain)
+    assert torch.equal(got.operand.float(), got.dequantize_unscaled())
+    assert (got.operand != 0).any()

@@ -208,3 +208,21 @@ def test_16x16_tiles_bad_arguments():
 def test_16x16_tiles_gpu_match_reference():
     x = data(1024, 4096, seed=13, dtype=torch.bfloat16, device="cuda")
     assert_same_operand(quantize_nvfp4_rtn(x, block_rows=16), Q.quantize_nvfp4(x, block_rows=16))
+
+
+@cpu_interp
+@pytest.mark.parametrize("kind", ["rn", "rn-4/6", "sr"])
+def test_emitted_gemm_operand_is_the_exact_dequantized_operand(kind):
+    """emit_operand: the kernel also writes e2m1(q) * e4m3(s) in BF16 for the consuming GEMM, equal to
+    dequantize_unscaled() of what it returns (spread rows: flushed blocks, subnormal scales; a partial
+    column tile), with codes, scales and tensor scale unchanged."""
+    from megatron_fp4.rng import RandomStream
+    x = data(40, 96, seed=43)
+    kw = {"rn": {}, "rn-4/6": dict(four_over_six=True, smax=256.0),
+          "sr": dict(mode="sr", stream=RandomStream(9, 3, 5), v=6.0 * 16 / 17)}[kind]
+    plain = quantize_nvfp4_rtn(x, **kw)
+    got = quantize_nvfp4_rtn(x, emit_operand=True, **kw)
+    assert plain.operand is None and got.operand.dtype == torch.bfloat16
+    assert_same_operand(got, plain)
+    assert torch.equal(got.operand.float(), got.dequantize_unscaled())
+    assert (got.operand != 0).any()
