@@ -72,9 +72,10 @@ for sr, four_six, var in [(False, False, base), (False, False, dict(base, FAST_R
                               "BR": 32, "BC": 128, "INTERP": False, **var}, {**I32, "x_ptr": "*bf16"})
 attempt(rtn._rtn_kernel, {"SR": False, "FOUR_SIX": False, "TIES_AWAY": False, "SCALAR_RECIP": False, "BR": 32,
                           "BC": 128, "INTERP": False, "TILE16": True, **base}, {**I32, "x_ptr": "*bf16"})
-for sr in (True, False):   # backward operands that also write their BF16 GEMM operand
-    attempt(rtn._rtn_kernel, {"SR": sr, "FOUR_SIX": False, "TIES_AWAY": False, "SCALAR_RECIP": False, "BR": 32,
-                              "BC": 128, "INTERP": False, "EMIT": True, **base},
+for sr, four_six in ((True, False), (False, False), (False, True)):   # operands that also write their GEMM operand
+    attempt(rtn._rtn_kernel, {"SR": sr, "FOUR_SIX": four_six, "TIES_AWAY": False, "SCALAR_RECIP": False, "BR": 32,
+                              "BC": 128, "INTERP": False, "EMIT": True,
+                              **(dict(base, FAST_RN=1, LOAD3D=False) if four_six else base)},
             {**I32, "x_ptr": "*bf16", "operand_ptr": "*bf16"})
 
 evar = {k: v for k, v in eden.DEFAULTS.items() if k in ("FAST_DIV", "FAST_RN")}

@@ -289,6 +289,7 @@ def matmul(a: NVFP4Tensor, b: NVFP4Tensor, mode: str = "exact", *, scale: Option
             return nvfp4_matmul(a, b, scale=scale, out_dtype=out_dtype or torch.float32)
         from .dequant import scale_cast
         a16, b16 = dequantize_unscaled(a), dequantize_unscaled(b)
+        a.operand = b.operand = None   # single use: a saved forward operand must not keep its BF16 copy
         try:
             out = torch.mm(a16, b16.t(), out_dtype=torch.float32)
         except (TypeError, RuntimeError):

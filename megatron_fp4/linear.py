@@ -42,8 +42,8 @@ class NVFP4LinearFunction(torch.autograd.Function):
             y, saved = outcontrol.split_forward(recipe, x2d, weight, split, qctx)
             xq, wq = saved, saved
         else:
-            xq = recipe.quantize_input(x2d, qctx)
-            wq = recipe.quantize_weight(weight, qctx)
+            xq = recipe.quantize_input(x2d, qctx, for_gemm=True)
+            wq = recipe.quantize_weight(weight, qctx, for_gemm=True)
             y = recipe.fprop(xq, wq, qctx, out_dtype=x.dtype)
         _check_finite_debug(recipe, "forward output", y)
         y = y.to(x.dtype)

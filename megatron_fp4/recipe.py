@@ -167,10 +167,12 @@ class Recipe:
 
     # The GEMM table: every quantized family overrides these; the bf16 family (quantized = False)
     # never reaches them, because the layers and the autograd linear take the stock GEMM path for it.
-    def quantize_input(self, x: torch.Tensor, ctx: QuantContext) -> NVFP4Tensor:
+    # for_gemm=True: the caller hands the operand straight to fprop (D.matmul drops the BF16 operand a
+    # kernel may write for it, so what is saved for backward stays packed)
+    def quantize_input(self, x: torch.Tensor, ctx: QuantContext, for_gemm: bool = False) -> NVFP4Tensor:
         raise NotImplementedError
 
-    def quantize_weight(self, w: torch.Tensor, ctx: QuantContext) -> NVFP4Tensor:
+    def quantize_weight(self, w: torch.Tensor, ctx: QuantContext, for_gemm: bool = False) -> NVFP4Tensor:
         raise NotImplementedError
 
     def fprop(self, xq: NVFP4Tensor, wq: NVFP4Tensor, ctx: QuantContext, out_dtype=None) -> torch.Tensor:
@@ -221,11 +223,12 @@ class NvidiaRecipe(Recipe):
     def _forward_smax(self) -> float:
         return Q.FOUR_OVER_SIX_SMAX if self.four_over_six else fmt.E4M3_MAX
 
-    def quantize_input(self, x, ctx):
+    def quantize_input(self, x, ctx, for_gemm=False):
         return D.quantize_nvfp4(x, smax=self._forward_smax(), ties=self.rtn_ties,
-                                four_over_six=self.four_over_six, amax_reduce=ctx.input_amax_reduce)
+                                four_over_six=self.four_over_six, amax_reduce=ctx.input_amax_reduce,
+                                for_gemm=for_gemm)
 
-    def quantize_weight(self, w, ctx):
+    def quantize_weight(self, w, ctx, for_gemm=False):
         return D.quantize_nvfp4(w, smax=self._forward_smax(), ties=self.rtn_ties,
                                 four_over_six=self.four_over_six, block_rows=16,
                                 amax_reduce=ctx.weight_amax_reduce)
@@ -298,10 +301,10 @@ class TetraJet2Recipe(Recipe):
                                   sr_headroom=self.sr_headroom, pad_multiple=pad_multiple,
                                   outer_block=self.outer_block, amax_reduce=amax_reduce)
 
-    def quantize_input(self, x, ctx):
+    def quantize_input(self, x, ctx, for_gemm=False):   # no BF16 operand for double blocks
         return self._rn(x, ctx.input_amax_reduce)
 
-    def quantize_weight(self, w, ctx):
+    def quantize_weight(self, w, ctx, for_gemm=False):
         return self._rn(w, ctx.weight_amax_reduce)
 
     def _signs(self, ctx, role, device):
@@ -361,16 +364,16 @@ class Quartet2Recipe(Recipe):
     def eden_v(self) -> float:
         return 6.0 / (Q.SR_HEADROOM * self.eden_c)
 
-    def _forward(self, t, amax_reduce):
+    def _forward(self, t, amax_reduce, for_gemm):
         smax = Q.FOUR_OVER_SIX_SMAX if self.four_over_six else fmt.E4M3_MAX
         return D.quantize_nvfp4(t, smax=smax, ties=self.rtn_ties, four_over_six=self.four_over_six,
-                                amax_reduce=amax_reduce)
+                                amax_reduce=amax_reduce, for_gemm=for_gemm)
 
-    def quantize_input(self, x, ctx):
-        return self._forward(x, ctx.input_amax_reduce)
+    def quantize_input(self, x, ctx, for_gemm=False):
+        return self._forward(x, ctx.input_amax_reduce, for_gemm)
 
-    def quantize_weight(self, w, ctx):
-        return self._forward(w, ctx.weight_amax_reduce)
+    def quantize_weight(self, w, ctx, for_gemm=False):
+        return self._forward(w, ctx.weight_amax_reduce, for_gemm)
 
     def _eden_knobs(self, amax_reduce):
         return dict(eden_group=self.eden_group, v=self.eden_v, smax=self.eden_smax, ties=self.rtn_ties,

@@ -147,7 +147,8 @@ class NVFP4TPLinearFunction(torch.autograd.Function):
                 xq_local, xm_local = oc.quantize_split_input(recipe, x_local, split, qctx)
                 xm = gather_mxfp8_rows(xm_local, plan.tp_group, world) if sp else xm_local
             else:
-                xq_local = recipe.quantize_input(x_local, qctx)
+                # without SP the local rows are the GEMM operand (with SP the gathered codes are)
+                xq_local = recipe.quantize_input(x_local, qctx, for_gemm=not sp)
             if sp:
                 xq = gather_nvfp4_rows(xq_local, plan.tp_group, world)
                 bf16_elements = xq.packed.numel() * 2
@@ -166,7 +167,7 @@ class NVFP4TPLinearFunction(torch.autograd.Function):
                 saved_x = (xq_local, xm_local)
                 wq = oc.SplitOperands(None, None, wq_fp4, wm)
             else:
-                wq = recipe.quantize_weight(weight, qctx)
+                wq = recipe.quantize_weight(weight, qctx, for_gemm=True)
                 y = recipe.fprop(xq, wq, qctx, out_dtype=input.dtype)
                 saved_x = xq_local if sp else xq
             if recipe.debug_checks and not torch.isfinite(y).all():

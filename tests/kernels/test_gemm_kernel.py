@@ -181,3 +181,21 @@ def test_gemm_backends_on_gpu(monkeypatch, backend):
     want = (x64 @ w64.t()) * gg
     bound = 4096 * 2.0 ** -24 * (x64.abs() @ w64.abs().t()) * gg + 2.0 ** -23 * want.abs()
     assert ((got - want).abs() <= bound).all()
+
+
+@gpu
+@needs_cuda
+def test_emitted_operands_are_used_once_and_dropped(monkeypatch):
+    """A quantizer asked for its GEMM operand (for_gemm=True) writes it; D.matmul uses it instead of a
+    dequant pass, gives the same result as without it, and drops it (a forward operand is then saved
+    for backward at 4.5 bits, not with a BF16 copy)."""
+    monkeypatch.setenv("MEGATRON_FP4_GEMM", "cublas")
+    x = data(1024, 2048, seed=31, device="cuda", dtype=torch.bfloat16)
+    w = data(768, 2048, seed=32, spread=False, device="cuda", dtype=torch.bfloat16)
+    xq = D.quantize_nvfp4(x, smax=256.0, four_over_six=True, for_gemm=True)
+    wq = D.quantize_nvfp4(w, smax=256.0, four_over_six=True, for_gemm=True)
+    assert xq.operand is not None and wq.operand is not None
+    assert torch.equal(xq.operand.float(), xq.dequantize_unscaled())
+    got = D.matmul(xq, wq, out_dtype=torch.bfloat16)
+    assert xq.operand is None and wq.operand is None
+    assert torch.equal(got, D.matmul(xq, wq, out_dtype=torch.bfloat16))
