@@ -80,13 +80,15 @@ for sr, four_six in ((True, False), (False, False), (False, True)):   # operands
 
 evar = {k: v for k, v in eden.DEFAULTS.items() if k in ("FAST_DIV", "FAST_RN")}
 for mode, dt, split, br in ((0, "*bf16", 1, 64), (1, "*bf16", 1, 64), (0, "*fp32", 3, 64), (2, "*u8", 1, 64)):
-    ptrs = {**I32, "src_ptr": dt, "ssc_ptr": "*u8" if mode == 2 else dt, "h_ptr": "*bf16"}
-    attempt(eden._rht_amax_kernel, {"SRC": mode, "SPLIT": split, "INTERP": False, "BR": br, "PARTIALS": True,
-                                    "TILES": eden.DEFAULTS["TILES"]}, ptrs)
-    for emit in (False, True):
-        attempt(eden._eden_kernel, {"SRC": mode, "SPLIT": split, "INTERP": False, "TIES_AWAY": False,
-                                    "SCALAR_RECIP": False, "BR": br, "TILES": eden.DEFAULTS["TILES"], "EMIT": emit,
-                                    **evar}, {**ptrs, "operand_ptr": "*bf16"})
+    ptrs = {**I32, "src_ptr": dt, "ssc_ptr": "*u8" if mode == 2 else dt, "h_ptr": "*bf16", "bamax_ptr": "*fp32",
+            "operand_ptr": "*bf16"}
+    for bamax in (False, True):
+        attempt(eden._rht_amax_kernel, {"SRC": mode, "SPLIT": split, "INTERP": False, "BR": br, "PARTIALS": True,
+                                        "TILES": eden.DEFAULTS["TILES"], "BAMAX": bamax}, ptrs)
+        for emit in (False, True):
+            attempt(eden._eden_kernel, {"SRC": mode, "SPLIT": split, "INTERP": False, "TIES_AWAY": False,
+                                        "SCALAR_RECIP": False, "BR": br, "TILES": eden.DEFAULTS["TILES"],
+                                        "EMIT": emit, "BAMAX": bamax, **evar}, ptrs)
 
 for trans, rot, split, sr, dt in ((False, False, 1, False, "*bf16"), (False, False, 1, True, "*bf16"),
                                   (False, True, 1, True, "*bf16"), (True, True, 1, True, "*bf16"),

@@ -172,7 +172,8 @@ def variants(rows=16384, cols=4096):
                                                                 variant=dict(TILES=1), **kw), nbytes)
         for vn, var in (("first cut (all slow)", dict(FAST_DIV=False, FAST_RN=0, AMAX_MODE=0)),
                         ("FAST_DIV=False", dict(FAST_DIV=False)), ("FAST_RN=0", dict(FAST_RN=0)),
-                        ("FAST_RN=1 (decode the rounded value)", dict(FAST_RN=1)),
+                        ("FAST_RN=2 (code from the RNE sum)", dict(FAST_RN=2)),
+                        ("BAMAX=False (block amax reduced in pass 2, replicated layout)", dict(BAMAX=False)),
                         ("AMAX_MODE=0", dict(AMAX_MODE=0)), ("TILES=1 (h reloaded per 64-row tile)", dict(TILES=1)),
                         ("TILES=8", dict(TILES=8))):
             row(label, vn, lambda: rht_ms_eden(sigma=sigma, stream=st, variant=var, **kw), nbytes, ref)

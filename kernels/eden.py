@@ -17,7 +17,8 @@ Everything after the rotation matches the reference bit for bit given the same z
 use `rht128()` below, which runs this very rotation code.
 
 Two launches (the tensor scale needs the exact amax of the rotated tensor): pass 1 rotates and
-reduces amax; pass 2 rotates again (same code, same bits) and quantizes.
+reduces amax (and stores each 16-block's amax); pass 2 rotates again (same code, same bits) and
+quantizes.
 """
 from __future__ import annotations
 
@@ -42,8 +43,12 @@ from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, div_scalar, e2m1_val
 N_RHT = 128
 # Variant switches (constexpr) for benchmarks/bench_variants.py; defaults = fastest bit-exact on H100
 # (FAST_RN=1: EDEN needs the grid value as well as the code, and with both live the code-from-sum
-# form (2) compiles to more instructions: benchmarks/sass_stats.py)
-DEFAULTS = dict(FAST_DIV=True, FAST_RN=1, AMAX_MODE=1, TILES=4)
+# form (2) compiles to more instructions. BAMAX=True: pass 1 stores the 16-block amaxes and pass 2
+# loads them, so the per-block work (three IEEE divisions, E4M3 rounding, hash, scale SR) runs in a
+# compact layout instead of 4x replicated in the rotation's wgmma layout: 82.5 -> 55 instructions
+# per element in pass 2, +2.4 in pass 1, for 0.5 extra bytes per element (benchmarks/sass_stats.py;
+# chosen by instruction count, not yet timed on a GPU: bench_variants has the BAMAX=False row).)
+DEFAULTS = dict(FAST_DIV=True, FAST_RN=1, AMAX_MODE=1, TILES=4, BAMAX=True)
 SRC_DENSE, SRC_DENSE_T, SRC_PACKED_T = 0, 1, 2
 INV_SQRT_128 = float(np.float32(1.0 / math.sqrt(N_RHT)))   # the entries of hadamard_matrix(128)
 
@@ -87,8 +92,10 @@ def _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, h, INV_SQRT,
 
 @triton.jit
 def _rht_amax_kernel(src_ptr, ssc_ptr, stride_s, R, h_ptr, INV_SQRT, amax_bits_ptr, nonfinite_ptr, part_ptr,
+                     bamax_ptr, C,
                      SRC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, BR: tl.constexpr,
-                     PARTIALS: tl.constexpr, TILES: tl.constexpr):
+                     PARTIALS: tl.constexpr, TILES: tl.constexpr, BAMAX: tl.constexpr = False):
+    # BAMAX: also store every 16-block's amax of the (sanitised) rotation, FP32 [R, C/16], for pass 2
     c0 = tl.program_id(1) * 128
     h = _load_h(h_ptr)
     amax = 0.0
@@ -100,6 +107,11 @@ def _rht_amax_kernel(src_ptr, ssc_ptr, stride_s, R, h_ptr, INV_SQRT, amax_bits_p
         finite = a < float("inf")
         amax = tl.maximum(amax, tl.max(tl.max(tl.where(finite, a, 0.0), axis=1), axis=0))
         bad = tl.maximum(bad, tl.max(tl.max((~finite).to(tl.int32), axis=1), axis=0))
+        if BAMAX:
+            bam = tl.max(tl.reshape(tl.where(finite, a, 0.0), (BR, 8, 16)), axis=2)
+            rows = r0 + tl.arange(0, BR)
+            tl.store(bamax_ptr + rows[:, None].to(tl.int64) * (C // 16) + c0 // 16 + tl.arange(0, 8)[None, :],
+                     bam, mask=(rows < R)[:, None])
     amax = amax.to(tl.int32, bitcast=True)
     if PARTIALS:
         # one word per program (no same-address atomics); rtn._amax_reduce_kernel folds them
@@ -124,12 +136,12 @@ def _rht_store_kernel(src_ptr, ssc_ptr, stride_s, R, C, h_ptr, INV_SQRT, z_ptr,
 
 @triton.jit
 def _eden_kernel(src_ptr, ssc_ptr, stride_s, R, C, h_ptr, INV_SQRT, amax_bits_ptr, nonfinite_ptr,
-                 packed_ptr, scales_ptr, gout_ptr, flushed_ptr, clamped_ptr, operand_ptr,
+                 packed_ptr, scales_ptr, gout_ptr, flushed_ptr, clamped_ptr, operand_ptr, bamax_ptr,
                  key, row_off, row_split, row_hi, col_off, col_split, col_hi, SMAX_V, V, INV_V,
                  SRC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr,
                  TIES_AWAY: tl.constexpr, SCALAR_RECIP: tl.constexpr, BR: tl.constexpr,
                  FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr, TILES: tl.constexpr,
-                 EMIT: tl.constexpr = False):
+                 EMIT: tl.constexpr = False, BAMAX: tl.constexpr = False):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     c0 = pid_c * 128
@@ -138,22 +150,27 @@ def _eden_kernel(src_ptr, ssc_ptr, stride_s, R, C, h_ptr, INV_SQRT, amax_bits_pt
     for t in range(TILES):                   # TILES row tiles per program share one load of h
         r0 = (pid_r * TILES + t) * BR
         _eden_tile(src_ptr, ssc_ptr, stride_s, R, C, h, INV_SQRT, g, valid, r0, c0,
-                   packed_ptr, scales_ptr, flushed_ptr, clamped_ptr, operand_ptr, key, row_off, row_split, row_hi,
-                   col_off, col_split, col_hi, V, INV_V,
-                   SRC, SPLIT, INTERP, TIES_AWAY, SCALAR_RECIP, BR, FAST_DIV, FAST_RN, EMIT)
+                   packed_ptr, scales_ptr, flushed_ptr, clamped_ptr, operand_ptr, bamax_ptr, key, row_off,
+                   row_split, row_hi, col_off, col_split, col_hi, V, INV_V,
+                   SRC, SPLIT, INTERP, TIES_AWAY, SCALAR_RECIP, BR, FAST_DIV, FAST_RN, EMIT, BAMAX)
 
 
 @triton.jit
 def _eden_tile(src_ptr, ssc_ptr, stride_s, R, C, h, INV_SQRT, g, valid, r0, c0,
-               packed_ptr, scales_ptr, flushed_ptr, clamped_ptr, operand_ptr, key, row_off, row_split, row_hi,
-               col_off, col_split, col_hi, V, INV_V,
+               packed_ptr, scales_ptr, flushed_ptr, clamped_ptr, operand_ptr, bamax_ptr, key, row_off, row_split,
+               row_hi, col_off, col_split, col_hi, V, INV_V,
                SRC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, TIES_AWAY: tl.constexpr,
                SCALAR_RECIP: tl.constexpr, BR: tl.constexpr, FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr,
-               EMIT: tl.constexpr):
+               EMIT: tl.constexpr, BAMAX: tl.constexpr):
     z = _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, h, INV_SQRT, SRC, SPLIT, INTERP, BR)
     z = tl.where(tl.abs(z) < float("inf"), z, 0.0)               # non-finite -> 0 (g carries NaN)
     zb = tl.reshape(z, (BR, 8, 16))
-    bamax = tl.max(tl.abs(zb), axis=2)                            # [BR, 8]
+    if BAMAX:   # pass 1's block amaxes, loaded in a compact layout (the reduction's is replicated)
+        brows = r0 + tl.arange(0, BR)
+        bamax = tl.load(bamax_ptr + brows[:, None].to(tl.int64) * (C // 16) + c0 // 16 + tl.arange(0, 8)[None, :],
+                        mask=(brows < R)[:, None], other=0.0)
+    else:
+        bamax = tl.max(tl.abs(zb), axis=2)                        # [BR, 8]
     s = rn_e4m3(tl.math.div_rn(div_scalar(bamax, V, INV_V, SCALAR_RECIP), g))
     divisor = s * g
     keep = (s > 0) & (divisor >= FP32_MIN_NORMAL) & ((tl.zeros_like(s) + valid) > 0.5)
@@ -285,8 +302,10 @@ def rht_ms_eden(
     else:   # one memset for the amax word, the non-finite flag and pass 2's two counters
         buf = torch.zeros(4, dtype=torch.int32, device=dev)
         parts, amax_bits, nonfinite = buf, buf[0:1], buf[1:2]
-    _rht_amax_kernel[grid](src, sc, stride, rows, h, INV_SQRT_128, amax_bits, nonfinite, parts,
-                           PARTIALS=partials, TILES=tiles, **common)
+    use_bamax = bool(var.pop("BAMAX"))
+    bamax = torch.empty(rows, cols // BLOCK, dtype=torch.float32, device=dev) if use_bamax else parts
+    _rht_amax_kernel[grid](src, sc, stride, rows, h, INV_SQRT_128, amax_bits, nonfinite, parts, bamax, cols,
+                           PARTIALS=partials, TILES=tiles, BAMAX=use_bamax, **common)
     if partials:
         _amax_reduce_kernel[(1,)](parts, nparts, amax_bits, nonfinite, BLOCK=1024, num_warps=4)
     if amax_only:                        # benchmarks: time pass 1 alone (leave-one-stage-out)
@@ -300,10 +319,11 @@ def rht_ms_eden(
     operand = torch.empty(rows, cols, dtype=torch.bfloat16, device=dev) if emit_operand else None
     _eden_kernel[grid](src, sc, stride, rows, cols, h, INV_SQRT_128, amax_bits, nonfinite,
                        packed_out, scales, g, counters[0:1], counters[1:2],
-                       operand if emit_operand else packed_out,
+                       operand if emit_operand else packed_out, bamax,
                        signed_key(stream.key), *stream.kernel_offsets(),
                        float(smax * v), float(v), fp32_reciprocal(v),
-                       TIES_AWAY=(ties == fmt.TIES_AWAY), SCALAR_RECIP=False, EMIT=emit_operand, **common, **var)
+                       TIES_AWAY=(ties == fmt.TIES_AWAY), SCALAR_RECIP=False, EMIT=emit_operand, BAMAX=use_bamax,
+                       **common, **var)
     return NVFP4Tensor(packed=packed_out, block_scales=scales.view(torch.float8_e4m3fn),
                        tensor_scale=g.reshape(()), flushed_blocks=counters[0], clamped_scales=counters[1],
                        operand=operand)

@@ -128,3 +128,20 @@ def test_emitted_gemm_operand_is_the_exact_dequantized_operand(source):
     assert_same_operand(got, plain)
     assert torch.equal(got.operand.float(), got.dequantize_unscaled())
     assert (got.operand != 0).any()
+
+
+@cpu_interp
+@pytest.mark.parametrize("source", ["dense", "transposed", "packed"])
+def test_block_amax_side_output_variant_is_bit_exact(source):
+    """BAMAX: pass 1 stores each 16-block's amax of the rotation and pass 2 loads it (a compact layout
+    for the per-block work, instead of reducing in the rotation's replicated layout); codes, scales,
+    tensor scale and counters must equal the reference on the kernel's own rotation. Spread rows give
+    flushed blocks; a NaN checks the sanitised amaxes."""
+    x = data(128, 256, seed=51)
+    x[7, 3] = float("nan") if source == "dense" else x[7, 3]
+    kw = dict(dense=dict(a=x), transposed=dict(a=x, transpose=True),
+              packed=dict(packed=Q.quantize_nvfp4(x, smax=256.0, four_over_six=True)))[source]
+    got = rht_ms_eden(sigma=_sigma(51), stream=_stream(52), variant=dict(BAMAX=True), emit_operand=True, **kw)
+    z = rht128(sigma=_sigma(51), **kw)
+    assert_same_operand(got, Q.quantize_ms_eden(z, stream=_stream(52)))
+    assert torch.equal(got.operand.float(), got.dequantize_unscaled())
