@@ -96,6 +96,15 @@ for trans, rot, split, sr, dt in ((False, False, 1, False, "*bf16"), (False, Fal
     attempt(double_block._qdb_kernel, {"TRANS": trans, "ROT": rot, "SPLIT": split, "SR": sr, "TIES_AWAY": False,
                                        "INTERP": False, "BR": 32, "BC": 128},
             {**I32, "src_ptr": dt, "h_ptr": "*bf16", "outer_ptr": "*fp32"})
+for emit in (False, True):
+    attempt(double_block._qdb_kernel, {"TRANS": True, "ROT": True, "SPLIT": 3, "SR": True, "TIES_AWAY": False,
+                                       "INTERP": False, "BR": 64, "BC": 128, "PACKED": True, "EMIT": emit},
+            {**I32, "src_ptr": "*u8", "h_ptr": "*bf16", "outer_ptr": "*fp32", "src_sc_ptr": "*u8",
+             "src_so_ptr": "*fp32", "operand_ptr": "*bf16"})
+for rot, sr in ((False, False), (True, True)):
+    attempt(double_block._qdb_kernel, {"TRANS": False, "ROT": rot, "SPLIT": 1, "SR": sr, "TIES_AWAY": False,
+                                       "INTERP": False, "BR": 32, "BC": 128, "EMIT": True},
+            {**I32, "src_ptr": "*bf16", "h_ptr": "*bf16", "outer_ptr": "*fp32", "operand_ptr": "*bf16"})
 attempt(double_block._rht16_store_kernel, {"TRANS": True, "SPLIT": 1, "INTERP": False, "BR": 32, "BC": 128},
         {"src_ptr": "*bf16", "h_ptr": "*bf16", "z_ptr": "*fp32"})
 

@@ -163,22 +163,30 @@ def _double_block_ok(mode, stream, outer_block, *tensors) -> bool:
             and (mode == Q.ROUND_NEAREST or stream is not None))
 
 
+def _emit_double_block(for_gemm: bool) -> bool:
+    """for_gemm on a double-block operand means: the next GEMM is the "bf16" emulation (dequant +
+    cuBLAS), so the kernel also writes dequantize().to(bf16) for it."""
+    return for_gemm and os.environ.get("MEGATRON_FP4_EMIT_OPERANDS", "1") != "0"
+
+
 def quantize_double_block(x: torch.Tensor, **kw) -> NVFP4Tensor:
     """Same signature and result as quantizers.quantize_double_block; outer_block=128 (RN or SR)
-    runs the kernel (amax_reduce only concerns outer_block="tensor", which takes the reference)."""
+    runs the kernel (amax_reduce only concerns outer_block="tensor", which takes the reference).
+    for_gemm=True: the operand goes straight into a "bf16"-mode GEMM (see _emit_double_block)."""
+    for_gemm = kw.pop("for_gemm", False)
     mode, stream = kw.get("mode", Q.ROUND_NEAREST), kw.get("stream")
     if (_double_block_ok(mode, stream, kw.get("outer_block", 128), x) and x.dim() == 2
             and x.numel() > 0 and x.shape[1] % 128 == 0):
         from .double_block import quantize_double_block as kernel
         return kernel(x, mode=mode, ties=kw.get("ties", fmt.TIES_EVEN), stream=stream,
-                      sr_headroom=kw.get("sr_headroom", 1.0))
+                      sr_headroom=kw.get("sr_headroom", 1.0), emit_operand=_emit_double_block(for_gemm))
     return Q.quantize_double_block(x, **kw)
 
 
 def rht_double_block(a: torch.Tensor, sigma: torch.Tensor, stream: Optional[RandomStream], *,
                      transpose: bool = False, mode: str = Q.ROUND_STOCHASTIC, ties: str = fmt.TIES_EVEN,
                      sr_headroom: float = 1.0, pad_multiple: int = 1, outer_block=128,
-                     amax_reduce: AmaxReduce = None) -> NVFP4Tensor:
+                     amax_reduce: AmaxReduce = None, for_gemm: bool = False) -> NVFP4Tensor:
     """QDB of A = a (or a.t()) after RHT with `sigma`, A's last dim zero-padded to pad_multiple.
 
     Reference: quantize_double_block(rht(pad_cols(A, pad_multiple), sigma), mode, ties, stream,
@@ -191,8 +199,28 @@ def rht_double_block(a: torch.Tensor, sigma: torch.Tensor, stream: Optional[Rand
         if (cols + (-cols) % max(pad_multiple, 1)) % 128 == 0:
             from .double_block import quantize_double_block as kernel
             return kernel(a, mode=mode, ties=ties, stream=stream, sr_headroom=sr_headroom, sigma=sigma,
-                          transpose=transpose, pad_multiple=pad_multiple)
+                          transpose=transpose, pad_multiple=pad_multiple, emit_operand=_emit_double_block(for_gemm))
     return Q.quantize_double_block(_reference_rht(a, sigma, transpose, pad_multiple), mode=mode, ties=ties,
+                                   stream=stream, sr_headroom=sr_headroom, outer_block=outer_block,
+                                   amax_reduce=amax_reduce)
+
+
+def requant_double_block(q: NVFP4Tensor, sigma: torch.Tensor, stream: Optional[RandomStream], *,
+                         mode: str = Q.ROUND_STOCHASTIC, ties: str = fmt.TIES_EVEN, sr_headroom: float = 1.0,
+                         pad_multiple: int = 1, outer_block=128, amax_reduce: AmaxReduce = None,
+                         for_gemm: bool = False) -> NVFP4Tensor:
+    """QDB of rht(pad_cols(q.dequantize().t(), pad_multiple), sigma): TetraJet-v2's W^T / X^T from the
+    saved forward operand. The kernel reads q packed (codes, inner and outer scales) instead of an
+    FP32 dequantization written and read back; elsewhere the reference composition."""
+    if (_double_block_ok(mode, stream, outer_block, q.packed) and sigma.numel() == 16
+            and _double_block_kernel_ok(q) and q.shape[1] % 128 == 0):
+        rows = q.shape[0]
+        if (rows + (-rows) % max(pad_multiple, 1)) % 128 == 0:
+            from .double_block import quantize_double_block as kernel
+            return kernel(None, mode=mode, ties=ties, stream=stream, sr_headroom=sr_headroom, sigma=sigma,
+                          transpose=True, pad_multiple=pad_multiple, packed_source=q,
+                          emit_operand=_emit_double_block(for_gemm))
+    return Q.quantize_double_block(_reference_rht(q.dequantize(), sigma, True, pad_multiple), mode=mode, ties=ties,
                                    stream=stream, sr_headroom=sr_headroom, outer_block=outer_block,
                                    amax_reduce=amax_reduce)
 
@@ -214,7 +242,7 @@ def rht_of(a: torch.Tensor, sigma: torch.Tensor, *, transpose: bool = False,
 def dequantize_unscaled(q: NVFP4Tensor) -> torch.Tensor:
     """e2m1*e4m3 values: BF16 from the kernel on CUDA (exact), FP32 from the reference elsewhere;
     the operand a quantizer kernel already wrote (q.operand) where there is one."""
-    if q.operand is not None:
+    if q.operand is not None and q.outer_scales is None:
         return q.operand
     if kernels_enabled(q.packed) and q.block_rows in (1, 16) and q.shape[0] % q.block_rows == 0:
         from .dequant import dequantize_unscaled_bf16
@@ -301,9 +329,22 @@ def matmul(a: NVFP4Tensor, b: NVFP4Tensor, mode: str = "exact", *, scale: Option
         return nvfp4_matmul(a, b, scale=scale, out_dtype=out_dtype or torch.float32)
     if mode == "bf16" and both_double_block:
         # gemm.matmul's "bf16" mode for double-block operands: outer scales folded into BF16 operands
-        # (dequantize().to(bf16)), BF16 GEMM with FP32 output; the dequant kernel makes each operand
-        # in one pass
-        out = torch.mm(dequantize(a, torch.bfloat16), dequantize(b, torch.bfloat16).t(), out_dtype=torch.float32)
+        # (dequantize().to(bf16)), BF16 GEMM with FP32 output. Each operand comes from its quantizer
+        # (with the non-finite poison its outer scales carry) or from the dequant kernel; one
+        # epilogue pass multiplies by the poisons (exact: 1 or NaN) and the scale and casts
+        from .dequant import scale_cast
+        one = fmt.device_constant(1.0, device=a.packed.device)
+        operands, poisons = [], []
+        for q in (a, b):
+            if q.operand is not None:
+                operands.append(q.operand)
+                poisons.append(q.operand_poison if q.operand_poison is not None else one)
+            else:
+                operands.append(dequantize(q, torch.bfloat16))
+                poisons.append(one)
+            q.operand = q.operand_poison = None   # single use
+        out = torch.mm(operands[0], operands[1].t(), out_dtype=torch.float32)
+        return scale_cast(out, poisons[0], poisons[1], scale, out_dtype or torch.float32)
     else:
         out = _reference_matmul(a, b, mode)
     if scale is not None:

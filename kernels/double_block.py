@@ -34,7 +34,8 @@ from megatron_fp4 import format as fmt
 from megatron_fp4.rng import RandomStream
 from megatron_fp4.tensor import BLOCK, OUTER_BLOCK, NVFP4Tensor
 
-from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, e2m1_value, e4m3_bits, exact_div,
+from .dequant import _round_bf16
+from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, e2m1_value, e4m3_bits, e4m3_value, exact_div,
                       counter, dot_pm1, hash_uniform, rn_e2m1, rn_e4m3, signed_hadamard, signed_key, sr_e2m1)
 
 N_RHT = 16
@@ -43,12 +44,25 @@ N_RHT = 16
 @triton.jit
 def _load_tile(src_ptr, stride_s, R, C_SRC, r0, c0, h_ptr,
                TRANS: tl.constexpr, ROT: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr,
-               BR: tl.constexpr, BC: tl.constexpr):
+               BR: tl.constexpr, BC: tl.constexpr, sc_ptr, so_ptr, PACKED: tl.constexpr):
     """Operand tile X[r0:r0+BR, c0:c0+BC] as FP32 [BR, BC/16, 16]; columns >= C_SRC (padding) and
-    rows >= R read as 0. TRANS: X = A^T for row-major A [C_SRC, R]. ROT: X = rht16 of that."""
+    rows >= R read as 0. TRANS: X = A^T for row-major A [C_SRC, R]. ROT: X = rht16 of that.
+    PACKED (with TRANS): A is a packed double-block operand [C_SRC, R] (codes at src_ptr, E4M3 inner
+    scales at sc_ptr, FP32 outer scales at so_ptr), read as its dequantize() values (q*s_in)*s_out;
+    a row tile (BR <= 128, aligned) lies inside one outer block."""
     NB: tl.constexpr = BC // 16
     rows = r0 + tl.arange(0, BR)
-    if TRANS:
+    if PACKED:
+        cols = c0 + tl.arange(0, BC)
+        cmask = (cols < C_SRC)[:, None]
+        c64 = cols[:, None].to(tl.int64)
+        byte = tl.load(src_ptr + c64 * (R // 2) + (r0 // 2 + tl.arange(0, BR // 2))[None, :], mask=cmask, other=0)
+        codes = tl.reshape(tl.join(byte & 15, byte >> 4), (BC, BR))      # element 2i = low nibble
+        sb = tl.load(sc_ptr + c64 * (R // 16) + (r0 // 16 + tl.arange(0, BR // 16))[None, :], mask=cmask, other=0)
+        so = tl.load(so_ptr + c64 * (R // 128) + r0 // 128, mask=cmask, other=0.0)          # [BC, 1]
+        vals = tl.reshape(tl.reshape(e2m1_value(codes), (BC, BR // 16, 16)) * e4m3_value(sb)[:, :, None], (BC, BR))
+        xb = tl.reshape(tl.trans(vals * so), (BR, NB, 16))
+    elif TRANS:
         cols = c0 + tl.arange(0, BC)
         # [BC, BR] read along A's rows (coalesced along R), transposed in registers
         at = tl.load(src_ptr + cols[:, None].to(tl.int64) * stride_s + rows[None, :],
@@ -62,6 +76,7 @@ def _load_tile(src_ptr, stride_s, R, C_SRC, r0, c0, h_ptr,
         col = (bcol * 16)[None, :, None] + k16[None, None, :]
         xb = tl.load(src_ptr + rows[:, None, None].to(tl.int64) * stride_s + col,
                      mask=(rows < R)[:, None, None] & (col < C_SRC), other=0.0).to(tl.float32)
+    # (PACKED tiles are inside the operand by construction: R is a multiple of 128, BR divides it)
     if ROT:
         # (a*sigma) @ H16 = a @ (diag(sigma) H+-1) * 0.25; the +-1 matrix is exact in BF16, so the
         # tensor-core dot forms every product exactly and sums in FP32
@@ -74,15 +89,18 @@ def _load_tile(src_ptr, stride_s, R, C_SRC, r0, c0, h_ptr,
 
 @triton.jit
 def _qdb_kernel(src_ptr, stride_s, R, C, C_SRC, h_ptr,
-                packed_ptr, scales_ptr, outer_ptr, flushed_ptr, nonfinite_ptr,
-                key, row_off, row_split, row_hi, col_off, col_split, col_hi, SMAX_V, V,
+                packed_ptr, scales_ptr, outer_ptr, flushed_ptr, nonfinite_ptr, src_sc_ptr, src_so_ptr,
+                operand_ptr, key, row_off, row_split, row_hi, col_off, col_split, col_hi, SMAX_V, V,
                 TRANS: tl.constexpr, ROT: tl.constexpr, SPLIT: tl.constexpr, SR: tl.constexpr,
-                TIES_AWAY: tl.constexpr, INTERP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+                TIES_AWAY: tl.constexpr, INTERP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+                PACKED: tl.constexpr = False, EMIT: tl.constexpr = False):
+    # EMIT: also write the "bf16" GEMM operand RNE_bf16((q * s_in) * s_out) (gemm.matmul's folding)
     NB: tl.constexpr = BC // 16
     NO: tl.constexpr = BC // 128
     r0 = tl.program_id(0) * BR
     c0 = tl.program_id(1) * BC
-    xb = _load_tile(src_ptr, stride_s, R, C_SRC, r0, c0, h_ptr, TRANS, ROT, SPLIT, INTERP, BR, BC)
+    xb = _load_tile(src_ptr, stride_s, R, C_SRC, r0, c0, h_ptr, TRANS, ROT, SPLIT, INTERP, BR, BC,
+                    src_sc_ptr, src_so_ptr, PACKED)
     finite = tl.abs(xb) < float("inf")                  # false for +-Inf and NaN
     bad = tl.max(tl.max(tl.max((~finite).to(tl.int32), axis=2), axis=1), axis=0)
     tl.atomic_max(nonfinite_ptr, bad, mask=bad > 0)
@@ -109,8 +127,10 @@ def _qdb_kernel(src_ptr, stride_s, R, C, C_SRC, h_ptr,
         hi = counter(rows, row_off, row_split, row_hi)
         lo = counter((bcol * 16)[:, None] + k16[None, :], col_off, col_split, col_hi)
         codes = sr_e2m1(y, hash_uniform(key, hi[:, None, None], lo[None, :, :]))
+        if EMIT:
+            vals = e2m1_value(codes)
     else:
-        codes, _ = rn_e2m1(y, TIES_AWAY)
+        codes, vals = rn_e2m1(y, TIES_AWAY, not EMIT)
     flushed = tl.sum(tl.sum(((~keep) & (bamax > 0)).to(tl.int32), axis=1), axis=0)
     tl.atomic_add(flushed_ptr, flushed, mask=flushed > 0)
     r64 = rows.to(tl.int64)
@@ -122,6 +142,11 @@ def _qdb_kernel(src_ptr, stride_s, R, C, C_SRC, h_ptr,
              even | (odd << 4), mask=bmask[:, :, None])
     tl.store(scales_ptr + r64[:, None] * (C // 16) + bcol[None, :], e4m3_bits(tl.where(keep, s_in, 0.0)),
              mask=bmask)
+    if EMIT:
+        # NVFP4Tensor.dequantize() op for op ((q * s_in) * s_out in FP32), then RNE to BF16
+        deq = (vals * tl.where(keep, s_in, 0.0)[:, :, None]) * so_b[:, :, None]
+        tl.store(operand_ptr + r64[:, None, None] * C + (bcol * 16)[None, :, None] + k16[None, None, :],
+                 _round_bf16(deq, INTERP), mask=bmask[:, :, None])
     ocol = c0 // 128 + tl.arange(0, NO)
     tl.store(outer_ptr + r64[:, None] * (C // 128) + ocol[None, :], s_out,
              mask=rmask[:, None] & (ocol < C // 128)[None, :])
@@ -134,8 +159,8 @@ def _rht16_store_kernel(src_ptr, stride_s, R, C, C_SRC, h_ptr, z_ptr,
     # test/benchmark twin: the fused kernel's rotation alone, written as FP32
     r0 = tl.program_id(0) * BR
     c0 = tl.program_id(1) * BC
-    z = tl.reshape(_load_tile(src_ptr, stride_s, R, C_SRC, r0, c0, h_ptr, TRANS, True, SPLIT, INTERP, BR, BC),
-                   (BR, BC))
+    z = tl.reshape(_load_tile(src_ptr, stride_s, R, C_SRC, r0, c0, h_ptr, TRANS, True, SPLIT, INTERP, BR, BC,
+                              src_ptr, src_ptr, False), (BR, BC))
     rows = r0 + tl.arange(0, BR)
     cols = c0 + tl.arange(0, BC)
     tl.store(z_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], z,
@@ -180,7 +205,7 @@ def rht16(a: torch.Tensor, sigma: torch.Tensor, *, transpose: bool = False, pad_
 
 
 def quantize_double_block(
-    a: torch.Tensor,
+    a: Optional[torch.Tensor],
     *,
     mode: str = "rn",
     ties: str = fmt.TIES_EVEN,
@@ -192,37 +217,68 @@ def quantize_double_block(
     block_r: Optional[int] = None,
     block_c: Optional[int] = None,
     num_warps: Optional[int] = None,
+    packed_source: Optional[NVFP4Tensor] = None,
+    emit_operand: bool = False,
 ) -> NVFP4Tensor:
     """QDB (outer_block=128) of X = pad_cols(a or a.t(), pad_multiple), rotated by RHT-16 with
     `sigma` first when given. Twin: quantizers.quantize_double_block(X or rht(X, sigma), mode=mode,
     ties=ties, stream=stream, sr_headroom=sr_headroom). SR counters are
-    (stream.row_offset + row, stream.col_offset + column) of X."""
+    (stream.row_offset + row, stream.col_offset + column) of X.
+
+    packed_source (instead of `a`, with transpose=True): a double-block operand P, read packed, so
+    X = pad_cols(P.dequantize().t()): TetraJet-v2's W^T and X^T re-quantized from the saved forward
+    operands without writing and re-reading their FP32 dequantization.
+
+    emit_operand: also write dequantize().to(bfloat16) (the "bf16" GEMM emulation's operand) into the
+    result's `operand`, with `operand_poison` (NaN if the source held a non-finite value, which the
+    outer scales carry but the operand does not) for the GEMM epilogue."""
     if mode not in ("rn", "sr"):
         raise ValueError(f"rounding mode must be 'rn' or 'sr', got {mode!r}")
     if mode == "sr" and stream is None:
         raise ValueError("stochastic rounding needs a RandomStream")
     if ties not in (fmt.TIES_EVEN, fmt.TIES_AWAY):
         raise ValueError(f"rtn_ties must be 'even' or 'away', got {ties!r}")
-    a, stride, rows, cols, c_src, split = _source(a, transpose, pad_multiple)
+    if packed_source is not None:
+        p = packed_source
+        if a is not None or not transpose:
+            raise ValueError("packed_source replaces `a` and is read transposed (transpose=True)")
+        if p.outer_scales is None or p.block_rows != 1 or p.shape[1] % OUTER_BLOCK:
+            raise ValueError("packed_source must be a 1x16 double-block operand with 1x128 outer scales")
+        c_src, rows = p.shape
+        cols = c_src + (-c_src) % max(pad_multiple, 1)
+        if cols % OUTER_BLOCK:
+            raise ValueError(f"the quantized dim ({cols}) must be a multiple of {OUTER_BLOCK}")
+        a, stride, split = p.packed.contiguous(), rows // 2, 3     # (q*s_in)*s_out needs FP32's 24 bits
+        src_sc, src_so = p.block_scales.view(torch.uint8).contiguous(), p.outer_scales.float().contiguous()
+    else:
+        a, stride, rows, cols, c_src, split = _source(a, transpose, pad_multiple)
+        src_sc = src_so = a
     block_r, block_c, num_warps = _launch_config(transpose, block_r, block_c, num_warps)
     if block_c % OUTER_BLOCK:
         raise ValueError(f"block_c must be a multiple of {OUTER_BLOCK}")
+    if packed_source is not None and (OUTER_BLOCK % block_r or rows % block_r):
+        raise ValueError(f"block_r ({block_r}) must divide 128 and the operand's {rows} rows")
     dev = a.device
     h = signed_hadamard(sigma, dev, N_RHT) if sigma is not None else a
     packed = torch.empty(rows, cols // 2, dtype=torch.uint8, device=dev)
     scales = torch.empty(rows, cols // BLOCK, dtype=torch.uint8, device=dev)
     outer = torch.empty(rows, cols // OUTER_BLOCK, dtype=torch.float32, device=dev)
     counters = torch.zeros(2, dtype=torch.int32, device=dev)   # flushed blocks, non-finite flag
+    operand = torch.empty(rows, cols, dtype=torch.bfloat16, device=dev) if emit_operand else None
     key = signed_key(stream.key) if stream else 0
     offsets = (stream or RandomStream(0)).kernel_offsets()
     v = 6.0 / sr_headroom
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     _qdb_kernel[grid](a, stride, rows, cols, c_src, h, packed, scales, outer, counters[0:1], counters[1:2],
-                      key, *offsets, float(fmt.E4M3_MAX * v), float(v),
+                      src_sc, src_so, operand if emit_operand else packed, key, *offsets,
+                      float(fmt.E4M3_MAX * v), float(v),
                       TRANS=transpose, ROT=sigma is not None, SPLIT=split, SR=(mode == "sr"),
                       TIES_AWAY=(ties == fmt.TIES_AWAY), INTERP=INTERPRET, BR=block_r, BC=block_c,
-                      num_warps=num_warps, enable_fp_fusion=False)
+                      PACKED=packed_source is not None, EMIT=emit_operand, num_warps=num_warps,
+                      enable_fp_fusion=False)
     # a non-finite anywhere makes every outer scale NaN (quantizers._poison_nonfinite); two launches
-    outer = torch.where(counters[1:2].view(1, 1) != 0, float("nan"), outer)
+    poisoned = counters[1:2].view(1, 1) != 0
+    outer = torch.where(poisoned, float("nan"), outer)
+    poison = torch.where(poisoned, float("nan"), 1.0).reshape(()) if emit_operand else None
     return NVFP4Tensor(packed=packed, block_scales=scales.view(torch.float8_e4m3fn), tensor_scale=None,
-                       outer_scales=outer, flushed_blocks=counters[0])
+                       outer_scales=outer, flushed_blocks=counters[0], operand=operand, operand_poison=poison)

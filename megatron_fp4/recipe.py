@@ -291,44 +291,62 @@ class TetraJet2Recipe(Recipe):
 
     # Every quantizer below goes through kernels/dispatch.py: the fused Triton kernel on CUDA
     # (outer_block=128, RHT-16), exactly the reference composition elsewhere.
-    def _rn(self, t, amax_reduce):
+    # Operands that go straight into a "bf16"-mode GEMM (the GPU default) ask the kernel for that
+    # GEMM's BF16 operand as well (for_gemm); the exact mode reads packed operands itself.
+    def _bf16_gemm(self, t):
+        return self.gemm_mode(t.device) == "bf16"
+
+    def _rn(self, t, amax_reduce, for_gemm=False):
         return D.quantize_double_block(t, ties=self.rtn_ties, outer_block=self.outer_block,
-                                       amax_reduce=amax_reduce)
+                                       amax_reduce=amax_reduce, for_gemm=for_gemm and self._bf16_gemm(t))
 
     def _rht_sr(self, a, sigma, stream, amax_reduce, transpose=False, pad_multiple=1):
         """QDB SR of rht(pad_cols(A, pad_multiple), sigma), A = a or a.t()."""
         return D.rht_double_block(a, sigma, stream, transpose=transpose, mode=Q.ROUND_STOCHASTIC,
                                   sr_headroom=self.sr_headroom, pad_multiple=pad_multiple,
-                                  outer_block=self.outer_block, amax_reduce=amax_reduce)
+                                  outer_block=self.outer_block, amax_reduce=amax_reduce,
+                                  for_gemm=self._bf16_gemm(a))
 
-    def quantize_input(self, x, ctx, for_gemm=False):   # no BF16 operand for double blocks
-        return self._rn(x, ctx.input_amax_reduce)
+    def quantize_input(self, x, ctx, for_gemm=False):
+        return self._rn(x, ctx.input_amax_reduce, for_gemm)
 
     def quantize_weight(self, w, ctx, for_gemm=False):
-        return self._rn(w, ctx.weight_amax_reduce)
+        return self._rn(w, ctx.weight_amax_reduce, for_gemm)
 
     def _signs(self, ctx, role, device):
         key = derive_key(ctx.seed, int(role)) if self.rht_signs == "fixed" else derive_key(ctx.key, int(role))
         return D.rht_signs(key, self.rht_size, device)
 
-    def dgrad(self, dy, wq, ctx, out_dtype=None):
-        return self.dgrad_dense(dy, D.dequantize(wq), ctx, out_dtype)
+    def _requant_sr(self, q, sigma, stream, amax_reduce, pad_multiple=1):
+        """QDB SR of rht(pad_cols(q.dequantize().t(), pad_multiple), sigma), read from the packed q."""
+        return D.requant_double_block(q, sigma, stream, mode=Q.ROUND_STOCHASTIC, sr_headroom=self.sr_headroom,
+                                      pad_multiple=pad_multiple, outer_block=self.outer_block,
+                                      amax_reduce=amax_reduce, for_gemm=self._bf16_gemm(q.packed))
 
-    def dgrad_dense(self, dy, w_hat, ctx, out_dtype=None):
-        """dgrad from the dequantized forward weight W_hat [N, K] (FP32): Q3 x Q4 after RHT-16 (d1)."""
+    def _dgrad(self, dy, ctx, out_dtype, weight_operand):
+        """Q3(E) x Q4(W^T) after RHT-16 (d1); weight_operand(d1, stream, amax_reduce) makes Q4(W^T)."""
         d1 = self._signs(ctx, Role.RHT_SIGNS_DGRAD, dy.device)
         eq = self._rht_sr(dy, d1, ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset),
                           ctx.grad_output_amax_reduce)
-        wtq = self._rht_sr(w_hat, d1, ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset),
-                           ctx.weight_amax_reduce, transpose=True)
+        wtq = weight_operand(d1, ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset),
+                             ctx.weight_amax_reduce)
         return D.matmul(eq, wtq, self.gemm_mode(dy.device), out_dtype=out_dtype)
+
+    def dgrad(self, dy, wq, ctx, out_dtype=None):
+        # W^T re-quantized from the packed forward weight (the kernel never writes W_hat in FP32)
+        return self._dgrad(dy, ctx, out_dtype, lambda d1, st, red: self._requant_sr(wq, d1, st, red))
+
+    def dgrad_dense(self, dy, w_hat, ctx, out_dtype=None):
+        """dgrad from the dequantized forward weight W_hat [N, K] (FP32): Q3 x Q4 after RHT-16 (d1)."""
+        return self._dgrad(dy, ctx, out_dtype,
+                           lambda d1, st, red: self._rht_sr(w_hat, d1, st, red, transpose=True))
 
     def wgrad(self, dy, xq, ctx):
         d2 = self._signs(ctx, Role.RHT_SIGNS_WGRAD, dy.device)
         etq = self._rht_sr(dy, d2, ctx.stream(Role.WGRAD_GRAD_OUTPUT, ctx.out_offset, 0),
                            ctx.grad_output_amax_reduce, transpose=True, pad_multiple=self.token_padding)
-        xtq = self._rht_sr(D.dequantize(xq), d2, ctx.stream(Role.WGRAD_INPUT, ctx.in_offset, 0),
-                           ctx.input_amax_reduce, transpose=True, pad_multiple=self.token_padding)
+        xtq = self._requant_sr(xq, d2, ctx.stream(Role.WGRAD_INPUT, ctx.in_offset, 0), ctx.input_amax_reduce,
+                               pad_multiple=self.token_padding)
         return D.matmul(etq, xtq, self.gemm_mode(dy.device))
 
 

@@ -40,6 +40,10 @@ class NVFP4Tensor:
     # that consumes this operand next (that GEMM then skips the dequant pass). Transient: only
     # backward operands that never outlive their GEMM carry it; saved operands stay at 4.5 bits.
     operand: Optional[torch.Tensor] = None
+    # with a double-block `operand` (dequantize() in BF16): 0-d FP32, NaN when the source held a
+    # non-finite value (the outer scales carry that, the operand does not), else 1; the GEMM
+    # epilogue multiplies by it so the result is NaN exactly when the reference's would be
+    operand_poison: Optional[torch.Tensor] = None
 
     @property
     def shape(self) -> torch.Size:

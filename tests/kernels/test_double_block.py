@@ -239,3 +239,92 @@ def test_double_block_gemm_and_dequant_gpu_match_the_reference():
     b = Q.quantize_double_block(data(384, 1024, seed=2, device="cuda", spread=False))
     assert torch.equal(D.dequantize(a).view(torch.int32), a.dequantize().view(torch.int32))
     assert torch.equal(D.matmul(a, b, "bf16"), reference_matmul(a, b, "bf16"))
+
+
+@cpu_interp
+@pytest.mark.parametrize("rows,cols,pad", [(256, 128, 1), (200, 256, 128)])
+def test_requantize_from_packed_equals_the_fp32_source_path(rows, cols, pad):
+    """TetraJet-v2's X^T / W^T: the kernel reading the packed forward operand gives the same codes,
+    inner and outer scales as the same kernel fed its FP32 dequantization (the old path), and as the
+    reference composition on the kernel's own rotation; token padding (200 -> 256) by masking."""
+    from megatron_fp4.kernels.double_block import quantize_double_block as kernel, rht16
+    from megatron_fp4.rng import RandomStream, derive_key, random_signs
+    x = data(rows, cols, seed=rows + cols)
+    xq = Q.quantize_double_block(x)                      # the saved forward operand [T, K]
+    sigma = random_signs(derive_key(3, 5), 16)
+    stream = RandomStream(derive_key(4, 3), 7, 0)
+    kw = dict(mode="sr", stream=stream, sr_headroom=17 / 16, sigma=sigma, transpose=True, pad_multiple=pad)
+    got = kernel(None, packed_source=xq, **kw)
+    via_fp32 = kernel(xq.dequantize(), **kw)
+    for a, b in ((got.packed, via_fp32.packed), (got.block_scales.view(torch.uint8), via_fp32.block_scales.view(torch.uint8))):
+        assert torch.equal(a, b)
+    assert torch.equal(got.outer_scales, via_fp32.outer_scales)
+    z = rht16(xq.dequantize(), sigma, transpose=True, pad_multiple=pad)
+    ref = Q.quantize_double_block(z, mode="sr", stream=stream, sr_headroom=17 / 16)
+    assert torch.equal(got.packed, ref.packed) and torch.equal(got.outer_scales, ref.outer_scales)
+    with pytest.raises(ValueError, match="transpose=True"):
+        kernel(None, packed_source=xq, mode="rn")
+
+
+@gpu
+@needs_cuda
+def test_requantize_from_packed_gpu_equals_the_fp32_source_path():
+    from megatron_fp4.kernels.double_block import quantize_double_block as kernel
+    from megatron_fp4.rng import RandomStream, derive_key, random_signs
+    x = data(4096, 1024, seed=61, dtype=torch.bfloat16, device="cuda")
+    xq = kernel(x)
+    sigma = random_signs(derive_key(3, 5), 16, "cuda")
+    kw = dict(mode="sr", stream=RandomStream(derive_key(4, 3)), sr_headroom=17 / 16, sigma=sigma, transpose=True)
+    got, via_fp32 = kernel(None, packed_source=xq, **kw), kernel(xq.dequantize(), **kw)
+    assert torch.equal(got.packed, via_fp32.packed)
+    assert torch.equal(got.block_scales.view(torch.uint8), via_fp32.block_scales.view(torch.uint8))
+    assert torch.equal(got.outer_scales, via_fp32.outer_scales)
+
+
+@cpu_interp
+@pytest.mark.parametrize("case", ["rn", "sr-rht", "sr-rht-transposed", "from-packed", "nan"])
+def test_emitted_bf16_gemm_operand(case):
+    """emit_operand: the kernel also writes dequantize().to(bfloat16), the "bf16" GEMM emulation's
+    operand (RNE of (q * s_in) * s_out), bit for bit, with codes and scales unchanged; operand_poison
+    is 1, or NaN when the source held a non-finite value."""
+    from megatron_fp4.kernels.double_block import quantize_double_block as kernel
+    x = data(128, 256, seed=71)
+    sigma = random_signs(derive_key(3, 5), 16)
+    sr = dict(mode="sr", stream=RandomStream(derive_key(4, 3)), sr_headroom=17 / 16, sigma=sigma)
+    if case == "nan":
+        x[5, 9] = float("nan")
+    args, kw = {"rn": ((x,), {}), "nan": ((x,), {}), "sr-rht": ((x,), sr),
+                "sr-rht-transposed": ((x,), dict(sr, transpose=True)),
+                "from-packed": ((None,), dict(sr, transpose=True, packed_source=Q.quantize_double_block(x)))}[case]
+    plain = kernel(*args, **kw)
+    got = kernel(*args, emit_operand=True, **kw)
+    assert torch.equal(got.packed, plain.packed)
+    assert torch.equal(got.block_scales.view(torch.uint8), plain.block_scales.view(torch.uint8))
+    assert torch.equal(got.outer_scales.nan_to_num(), plain.outer_scales.nan_to_num())
+    if case == "nan":
+        assert got.operand_poison.isnan() and got.outer_scales.isnan().all()
+        # the operand holds the values of the unpoisoned scales (the NaN element quantized as 0)
+        got.outer_scales = kernel(x.nan_to_num(0.0)).outer_scales
+        assert torch.equal(got.operand, got.dequantize().to(torch.bfloat16))
+    else:
+        assert float(got.operand_poison) == 1.0
+        assert torch.equal(got.operand, got.dequantize().to(torch.bfloat16))
+    assert (got.operand != 0).any()
+
+
+@gpu
+@needs_cuda
+def test_bf16_mode_gemm_with_emitted_operands_equals_the_dequant_path():
+    from megatron_fp4.kernels.double_block import quantize_double_block as kernel
+    x = data(2048, 1024, seed=72, dtype=torch.bfloat16, device="cuda")
+    w = data(768, 1024, seed=73, spread=False, dtype=torch.bfloat16, device="cuda")
+    for poison in (False, True):
+        if poison:
+            x[3, 4] = float("inf")
+        xe, we = kernel(x, emit_operand=True), kernel(w, emit_operand=True)
+        xp, wp = kernel(x), kernel(w)
+        got = D.matmul(xe, we, "bf16", out_dtype=torch.bfloat16)
+        assert xe.operand is None and we.operand is None            # used once, dropped
+        want = D.matmul(xp, wp, "bf16", out_dtype=torch.bfloat16)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+        assert got.isnan().all() == poison
