@@ -51,9 +51,17 @@ def _reference_rht(a: torch.Tensor, sigma: torch.Tensor, transpose: bool, pad_mu
 
 
 def kernels_enabled(*tensors: torch.Tensor) -> bool:
-    """True when every tensor is on CUDA and MEGATRON_FP4_KERNELS is not '0'."""
-    if os.environ.get("MEGATRON_FP4_KERNELS", "1") == "0":
+    """True when every tensor is on CUDA and MEGATRON_FP4_KERNELS is not '0'. With
+    MEGATRON_FP4_KERNELS=interpret under TRITON_INTERPRET=1, the kernels also run on CPU tensors (in
+    Triton's interpreter): tests drive whole recipes through the kernel path without a GPU."""
+    flag = os.environ.get("MEGATRON_FP4_KERNELS", "1")
+    if flag == "0":
         return False
+    if flag == "interpret":
+        from ._common import INTERPRET
+        if not INTERPRET:
+            raise RuntimeError("MEGATRON_FP4_KERNELS=interpret needs TRITON_INTERPRET=1 set before import")
+        return True
     return all(t.is_cuda for t in tensors)
 
 
@@ -274,6 +282,15 @@ def transpose_tiles(t: NVFP4Tensor) -> NVFP4Tensor:
     return reference(t)
 
 
+def _mm_fp32_out(a16: torch.Tensor, b16: torch.Tensor) -> torch.Tensor:
+    """a16 @ b16^T with FP32 output for operands exact in BF16: cuBLAS BF16 x BF16 -> FP32; an FP32
+    GEMM where that overload is missing (CPU, interpreter runs), the same values."""
+    try:
+        return torch.mm(a16, b16.t(), out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return torch.mm(a16.float(), b16.float().t())
+
+
 GEMM_BACKENDS = ("cublas", "triton")
 
 
@@ -318,11 +335,7 @@ def matmul(a: NVFP4Tensor, b: NVFP4Tensor, mode: str = "exact", *, scale: Option
         from .dequant import scale_cast
         a16, b16 = dequantize_unscaled(a), dequantize_unscaled(b)
         a.operand = b.operand = None   # single use: a saved forward operand must not keep its BF16 copy
-        try:
-            out = torch.mm(a16, b16.t(), out_dtype=torch.float32)
-        except (TypeError, RuntimeError):
-            out = torch.mm(a16.float(), b16.float().t())
-        return scale_cast(out, a.tensor_scale, b.tensor_scale, scale, out_dtype or torch.float32)
+        return scale_cast(_mm_fp32_out(a16, b16), a.tensor_scale, b.tensor_scale, scale, out_dtype or torch.float32)
     both_double_block = (_double_block_kernel_ok(a) and _double_block_kernel_ok(b) and a.shape[1] == b.shape[1])
     if mode == "exact" and both_double_block:
         from .gemm import nvfp4_matmul
@@ -343,8 +356,8 @@ def matmul(a: NVFP4Tensor, b: NVFP4Tensor, mode: str = "exact", *, scale: Option
                 operands.append(dequantize(q, torch.bfloat16))
                 poisons.append(one)
             q.operand = q.operand_poison = None   # single use
-        out = torch.mm(operands[0], operands[1].t(), out_dtype=torch.float32)
-        return scale_cast(out, poisons[0], poisons[1], scale, out_dtype or torch.float32)
+        return scale_cast(_mm_fp32_out(operands[0], operands[1]), poisons[0], poisons[1], scale,
+                          out_dtype or torch.float32)
     else:
         out = _reference_matmul(a, b, mode)
     if scale is not None:

@@ -162,3 +162,48 @@ def test_packed_tile_transpose_kernel_matches_the_reference(rows, cols):
     assert torch.equal(got.block_scales.view(torch.uint8), want.block_scales.view(torch.uint8))
     assert got.block_rows == 16 and torch.equal(got.tensor_scale, w.tensor_scale)
     assert torch.equal(got.dequantize(), w.dequantize().t())
+
+
+@cpu_interp
+@pytest.mark.parametrize("name", ["nvidia", "tetrajet2", "tetrajet2-exact", "quartet2", "quartet2-triton-gemm",
+                                  "tetrajet2-full", "quartet2-plus"])
+def test_recipe_kernel_path_agrees_with_the_reference_path_in_the_interpreter(name, monkeypatch):
+    """The whole linear through the kernel path on CPU (MEGATRON_FP4_KERNELS=interpret: every kernel
+    in Triton's interpreter, with the operand hand-offs, packed re-quantization and GEMM epilogues of
+    the GPU path) against the torch twins, same key: Y bit for bit (exact-sum data is not needed: both
+    GEMMs run the same FP32 matmul on the same exact operands); dX and dW differ only where the
+    rotation's FP32 summation order moves a decision, so far less than two independent draws do.
+    The "-full" / "-plus" recipes run OutControl's split (every 10th input channel in MXFP8)."""
+    from megatron_fp4.linear import nvfp4_linear
+    from megatron_fp4.outcontrol import ChannelSplit
+    from megatron_fp4.recipe import QuantContext
+    from megatron_fp4.registry import load_recipe
+    recipe_name, overrides, env = {
+        "tetrajet2-exact": ("tetrajet2", {"gemm_emulation": "exact"}, {}),
+        "tetrajet2": ("tetrajet2", {"gemm_emulation": "bf16"}, {}),   # the GPU default, forced here
+        "tetrajet2-full": ("tetrajet2-full", {"gemm_emulation": "bf16"}, {}),
+        "quartet2-triton-gemm": ("quartet2", {}, {"MEGATRON_FP4_GEMM": "triton"}),
+    }.get(name, (name, {}, {}))
+    split = ChannelSplit.from_mask(torch.arange(256) % 10 == 3) if name.endswith(("-full", "-plus")) else None
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    recipe = load_recipe(recipe_name, overrides)
+    x = data(256, 256, seed=7, spread=False).to(torch.bfloat16)
+    w = (data(128, 256, seed=8, spread=False) * 0.05).to(torch.bfloat16)
+    dy = data(256, 128, seed=9, spread=False).to(torch.bfloat16)
+
+    def run(key, kernels):
+        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        monkeypatch.setenv("MEGATRON_FP4_KERNELS", "interpret" if kernels else "0")
+        y = nvfp4_linear(xr, wr, None, recipe, QuantContext(key=key, seed=recipe.seed), split=split)
+        y.backward(dy)
+        return y.detach().float(), xr.grad.float(), wr.grad.float()
+
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    ker, ref, other = run(5, True), run(5, False), run(6, False)
+    if "triton-gemm" in name or "exact" in name:   # the Triton GEMM sums in its own order
+        assert rel(ker[0], ref[0]) < 1e-6
+    else:
+        assert torch.equal(ker[0], ref[0])
+    for i in (1, 2):
+        assert rel(ker[i], ref[i]) < 0.1 * rel(other[i], ref[i]), (name, i, rel(ker[i], ref[i]), rel(other[i], ref[i]))

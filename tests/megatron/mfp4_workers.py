@@ -264,3 +264,12 @@ def checkpoint_load(rank, world, settings_kwargs, ckpt_dir, steps):
     optimizer, _ = driver.build_optimizer(s, chunks)
     driver.setup_model_hooks(config, chunks, optimizer)
     return {"eval_loss": loss, "next_loss": _next_training_loss(s, chunks, optimizer, steps)}
+
+
+def with_env(rank, world, env, fn_name, *args):
+    """Run another worker of this module with extra environment variables set in the rank process
+    first (the forkserver's environment is fixed when it starts), e.g. the kernel path in Triton's
+    interpreter: TRITON_INTERPRET=1 must be set before the kernel modules are imported."""
+    import os
+    os.environ.update(env)
+    return globals()[fn_name](rank, world, *args)

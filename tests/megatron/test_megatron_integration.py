@@ -43,6 +43,21 @@ def test_layers_tp2_match_single_device(recipe, sp):
         assert r["row_dw_maxdiff"] <= tol * r["row_dw_scale"], r
 
 
+@pytest.mark.parametrize("recipe", ["nvidia", "tetrajet2", "quartet2"])
+def test_layers_tp2_sp_kernel_path_match_single_device(recipe):
+    """The same parity as above with every quantizer, GEMM operand and epilogue on the kernel path
+    (Triton's interpreter on CPU, MEGATRON_FP4_KERNELS=interpret): quantize-before-gather, packed
+    all-gathers, the operands the quantizers write for their GEMMs, and the kernels' random counters
+    at each rank's global offsets."""
+    env = {"MEGATRON_FP4_KERNELS": "interpret"}   # TRITON_INTERPRET=1 comes from conftest.py
+    for r in dist.run(w.with_env, 2, env, "layer_parity", recipe, True, timeout=240):
+        assert r["col_fwd_bitexact"], r
+        assert r["row_dx_bitexact"], r
+        tol = 1e-5
+        for part in ("col_dx", "col_dw", "row_fwd", "row_dx", "row_dw"):
+            assert r[f"{part}_maxdiff"] <= tol * r[f"{part}_scale"], (part, r)
+
+
 @pytest.mark.parametrize("recipe", ["quartet2", "bf16"])
 def test_gradient_accumulation_fusion_into_main_grad(recipe):
     for r in dist.run(w.fusion_main_grad, 2, recipe, timeout=120):
