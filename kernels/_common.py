@@ -283,10 +283,14 @@ def sr_e2m1(y, uniform):
 
 @triton.jit
 def e2m1_value(code):
-    """FP32 value of signed 4-bit codes (format.decode_e2m1), without a table."""
-    c = (code & 7).to(tl.float32)
-    mag = tl.where(c < 4.0, c * 0.5, tl.where(c < 6.0, c - 2.0, tl.where(c < 7.0, 4.0, 6.0)))
-    return tl.where((code & 8) != 0, -mag, mag)
+    """FP32 value of signed 4-bit codes (format.decode_e2m1), without a table or a conversion: for a
+    magnitude code c = 2e + m (e: 2 exponent bits, m: 1 mantissa bit) the value 2^(e-1) (1 + m/2)
+    has the FP32 bits (c + 252) << 22; c = 1 (0.5) is (c + 251) << 22 and c = 0 is 0. The sign bit
+    is bit 3 of the code. Integer ops only (the conversion of the older form was quarter-rate)."""
+    c = (code & 7).to(tl.uint32)
+    bits = tl.where(c == 0, 0, (c + tl.where(c == 1, 251, 252)) << 22)
+    bits = bits | ((code.to(tl.uint32) & 8) << 28)
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit

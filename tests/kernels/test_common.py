@@ -8,7 +8,7 @@ import triton.language as tl
 
 from megatron_fp4 import format as fmt
 from megatron_fp4 import quantizers as Q
-from megatron_fp4.kernels._common import rn_e2m1
+from megatron_fp4.kernels._common import e2m1_value, rn_e2m1
 
 from kernel_test_util import cpu_interp
 
@@ -54,3 +54,18 @@ def test_rn_e2m1_matches_the_reference(form, ties):
     bad = (code != want).nonzero().reshape(-1)
     assert bad.numel() == 0, [(y[i].item(), code[i].item(), want[i].item()) for i in bad[:10]]
     assert (val == fmt.decode_e2m1(want)).all()     # the code's value (== treats -0 and +0 alike)
+
+
+@triton.jit
+def _e2m1_value_kernel(code_ptr, val_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(val_ptr + offs, e2m1_value(tl.load(code_ptr + offs)))
+
+
+@cpu_interp
+def test_e2m1_value_decodes_every_code():
+    codes = torch.arange(16, dtype=torch.uint8)
+    vals = torch.empty(16)
+    _e2m1_value_kernel[(1,)](codes, vals, BLOCK=16)
+    want = fmt.decode_e2m1(codes)
+    assert torch.equal(vals.view(torch.int32), want.view(torch.int32))   # bit for bit, -0 for code 8
