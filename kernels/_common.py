@@ -271,13 +271,17 @@ def sr_e2m1(y, uniform):
     (|y| - lo) / (hi - lo); the gap is a power of two, so multiplying by its inverse is the same
     exact quotient the reference divides out."""
     m = tl.minimum(tl.abs(y), 6.0)
-    lo_code = ((m >= 0.5).to(tl.uint8) + (m >= 1.0).to(tl.uint8) + (m >= 1.5).to(tl.uint8)
-               + (m >= 2.0).to(tl.uint8) + (m >= 3.0).to(tl.uint8) + (m >= 4.0).to(tl.uint8)
-               + (m >= 6.0).to(tl.uint8))
-    lo = e2m1_value(lo_code)
-    inv_gap = tl.where(lo < 2.0, 2.0, tl.where(lo < 4.0, 1.0, 0.5))
+    # lo from the bits: at and above 1 the grid keeps one mantissa bit in every binade, so masking the
+    # rest floors m to it; below 1 it is 0.5 or 0. The spacing above lo is 2^(e-1) in binade 2^e.
+    mb = m.to(tl.uint32, bitcast=True)
+    e_field = mb >> 23
+    big = m >= 1.0
+    half = (m >= 0.5).to(tl.uint32)
+    lo = tl.where(big, mb & 0xFFC00000, half * 0x3F000000).to(tl.float32, bitcast=True)
+    lo_code = tl.where(big, (mb >> 22) - 252, half)
+    inv_gap = tl.where(big, (255 - e_field) << 23, 0x40000000).to(tl.float32, bitcast=True)
     prob_up = tl.where(lo_code < 7, (m - lo) * inv_gap, 0.0)
-    code = lo_code + (uniform < prob_up).to(tl.uint8)
+    code = (lo_code + (uniform < prob_up).to(tl.uint32)).to(tl.uint8)
     return code | ((y < 0).to(tl.uint8) << 3)
 
 

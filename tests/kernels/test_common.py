@@ -8,7 +8,7 @@ import triton.language as tl
 
 from megatron_fp4 import format as fmt
 from megatron_fp4 import quantizers as Q
-from megatron_fp4.kernels._common import e2m1_value, rn_e2m1
+from megatron_fp4.kernels._common import e2m1_value, rn_e2m1, sr_e2m1
 
 from kernel_test_util import cpu_interp
 
@@ -69,3 +69,33 @@ def test_e2m1_value_decodes_every_code():
     _e2m1_value_kernel[(1,)](codes, vals, BLOCK=16)
     want = fmt.decode_e2m1(codes)
     assert torch.equal(vals.view(torch.int32), want.view(torch.int32))   # bit for bit, -0 for code 8
+
+
+@triton.jit
+def _sr_e2m1_kernel(y_ptr, u_ptr, code_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    code = sr_e2m1(tl.load(y_ptr + offs, mask=mask, other=0.0), tl.load(u_ptr + offs, mask=mask, other=0.0))
+    tl.store(code_ptr + offs, code, mask=mask)
+
+
+@cpu_interp
+def test_sr_e2m1_matches_the_reference():
+    """Stochastic E2M1 rounding against quantizers.encode_sr on the dense value set, each value with
+    uniforms at 0, just below and at its round-up probability, and random ones (multiples of 2^-24,
+    as the counter hash makes them)."""
+    y = _values()
+    mag = y.abs().clamp(max=6.0)
+    lo = fmt.code_to_magnitude(fmt.e2m1_lower_code(mag))
+    hi = fmt.code_to_magnitude((fmt.e2m1_lower_code(mag) + 1).clamp(max=7))
+    prob = torch.where(hi > lo, (mag - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi)), torch.zeros_like(mag))
+    gen = torch.Generator().manual_seed(5)
+    grid = 2.0 ** -24
+    uniforms = [torch.zeros_like(y), (torch.floor(prob / grid) * grid), (torch.floor(prob / grid) * grid - grid).clamp(min=0),
+                torch.randint(0, 1 << 24, y.shape, generator=gen).float() * grid]
+    for u in uniforms:
+        code = torch.empty(y.shape, dtype=torch.uint8)
+        _sr_e2m1_kernel[(triton.cdiv(y.numel(), 4096),)](y, u, code, y.numel(), BLOCK=4096)
+        want = Q.encode_sr(y, u)
+        bad = (code != want).nonzero().reshape(-1)
+        assert bad.numel() == 0, [(y[i].item(), u[i].item(), code[i].item(), want[i].item()) for i in bad[:10]]
