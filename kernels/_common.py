@@ -259,7 +259,8 @@ def rn_e2m1(y, TIES_AWAY: tl.constexpr, CODE_FROM_SUM: tl.constexpr = True):
             mag = tl.minimum(steps + (e_field.to(tl.int32) * 2 - 254), 7).to(tl.uint32)
         else:
             bits = r.to(tl.uint32, bitcast=True)
-            mag = tl.where(r >= 1.0, (bits >> 22) - 252, (r * 2.0).to(tl.uint32))   # 1.0 -> 254-252 = 2
+            # 1.0 -> 254-252 = 2; below 1, r is 0 or 0.5 (code 0 or 1): a compare, not a conversion
+            mag = tl.where(r >= 1.0, (bits >> 22) - 252, (r > 0.0).to(tl.uint32))
         code = (mag | (neg.to(tl.uint32) << 3)).to(tl.uint8)
         val = tl.where(neg, -r, r)
     return code, val
