@@ -115,6 +115,8 @@ def hash_uniform(key, hi, lo):
     h = _mix32(hi ^ k)
     h = _mix32(h ^ lo)
     h = _mix32(h + tl.full([], 0x9E3779B9, tl.uint32))
+    # one int-to-float conversion: a bit-assembled exact form (mantissa trick, +1/2 for the top bit)
+    # took 3 more instructions per element in sass_stats, more than the conversion pipe costs here
     return (h >> 8).to(tl.float32) * (2.0 ** -24)
 
 

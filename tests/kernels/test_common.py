@@ -8,7 +8,7 @@ import triton.language as tl
 
 from megatron_fp4 import format as fmt
 from megatron_fp4 import quantizers as Q
-from megatron_fp4.kernels._common import e2m1_value, rn_e2m1, sr_e2m1
+from megatron_fp4.kernels._common import e2m1_value, hash_uniform, rn_e2m1, sr_e2m1
 
 from kernel_test_util import cpu_interp
 
@@ -99,3 +99,28 @@ def test_sr_e2m1_matches_the_reference():
         want = Q.encode_sr(y, u)
         bad = (code != want).nonzero().reshape(-1)
         assert bad.numel() == 0, [(y[i].item(), u[i].item(), code[i].item(), want[i].item()) for i in bad[:10]]
+
+
+@triton.jit
+def _uniform_kernel(hi_ptr, lo_ptr, u_ptr, key, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    hi = tl.load(hi_ptr + offs).to(tl.uint32, bitcast=True)
+    lo = tl.load(lo_ptr + offs).to(tl.uint32, bitcast=True)
+    tl.store(u_ptr + offs, hash_uniform(key, hi, lo))
+
+
+@cpu_interp
+def test_hash_uniform_matches_the_reference():
+    """The kernels' counter-hash uniform equals rng.uniform_from_bits(rng.hash_counter(...)) bit for
+    bit (65536 counters; both values of the top bit occur)."""
+    from megatron_fp4 import rng
+    from megatron_fp4.kernels._common import signed_key
+    gen = torch.Generator().manual_seed(11)
+    hi = torch.randint(0, 1 << 31, (65536,), generator=gen, dtype=torch.int64)
+    lo = torch.randint(0, 1 << 31, (65536,), generator=gen, dtype=torch.int64)
+    key = 0xDEADBEEF
+    u = torch.empty(65536)
+    _uniform_kernel[(16,)](hi.to(torch.int32), lo.to(torch.int32), u, signed_key(key), BLOCK=4096)
+    want = rng.uniform_from_bits(rng.hash_counter(key, hi, lo))
+    assert torch.equal(u.view(torch.int32), want.view(torch.int32))
+    assert (want >= 0.5).any() and (want < 0.5).any()
