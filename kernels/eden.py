@@ -36,7 +36,7 @@ from megatron_fp4.rng import RandomStream
 from megatron_fp4.tensor import BLOCK, NVFP4Tensor
 
 from .rtn import _amax_reduce_kernel
-from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, div_scalar, e2m1_value, e4m3_bits, e4m3_value,
+from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, div_scalar, e2m1_value, e4m3_value,
                       exact_div, fp32_reciprocal, hash_uniform, pack_codes, rn_e2m1, rn_e2m1_code, rn_e4m3,
                       counter, dot_pm1, signed_hadamard, signed_key, sr_e4m3, tensor_scale)
 

@@ -31,8 +31,6 @@ import time
 import numpy as np
 import torch
 
-from .megatron.config import check_supported_args
-
 
 def add_plugin_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("megatron_fp4")

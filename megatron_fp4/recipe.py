@@ -15,9 +15,8 @@ counter-based streams keyed by QuantContext.key (recompute-safe, layout-independ
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional, Union
+from typing import Callable, ClassVar, Optional, Union
 
 import torch
 

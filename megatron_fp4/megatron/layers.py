@@ -35,8 +35,6 @@ from megatron.core.tensor_parallel import layers as mcore_layers
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 from .. import outcontrol as oc
-from .. import quantizers as Q
-from ..gemm import matmul_mxfp8
 from ..recipe import QuantContext, Recipe
 from ..rng import TwoPieces
 from ..tensor import MXFP8Tensor, NVFP4Tensor
