@@ -4,13 +4,14 @@
 #   bash benchmarks/device_session.sh check     # GPU tests + kernel benchmark          (~8 min)
 #   bash benchmarks/device_session.sh quality   # the quality runs still missing         (~9.5 min)
 #   bash benchmarks/device_session.sh step      # ~1B Megatron GPT step, bf16 / quartet2 (~5 min)
+#   bash benchmarks/device_session.sh variants  # leave-one-out kernel variants (BAMAX, FAST_RN, ...)
 #
 # Every stage writes under $OUT (the device tool returns at most 8 files, 2 levels deep: each stage
 # packs its logs into one tarball) and prints its tables last. Run from the repo root with .mcore/
 # (megatron-core wheel) and .whl/ (pytest wheels) carried; see benchmarks/_device_env.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: device_session.sh check|quality|step}
+STAGE=${1:?usage: device_session.sh check|quality|step|variants}
 OUT=${OUT:-device_out}
 source benchmarks/_device_env.sh
 if ! $PY -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
@@ -38,8 +39,12 @@ case "$STAGE" in
     OUT=$log/g1b LAYERS=20 HIDDEN=2048 FFN=5632 HEADS=16 STEPS=30 BF16_TIMEOUT=130 RUN_TIMEOUT=150 \
       bash benchmarks/gpu_check.sh 2>&1 | tail -40 | tee "$log/step_stdout.txt"
     ;;
+  variants)
+    # each default against its slower alternative in one run (same bits required: "vs default" column)
+    timeout 560 $PY benchmarks/bench_variants.py --out "$log/var" 2>&1 | tail -120 | tee "$log/variants_stdout.txt"
+    ;;
   *)
-    echo "unknown stage $STAGE (check|quality|step)"; exit 2 ;;
+    echo "unknown stage $STAGE (check|quality|step|variants)"; exit 2 ;;
 esac
 tar -czf "$OUT/$STAGE.tar.gz" -C "$OUT" "$STAGE" && rm -rf "$log"
 ls -la "$OUT"
