@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_fp4 import format as fmt
 from megatron_fp4.tensor import BLOCK, OUTER_BLOCK, NVFP4Tensor
 
 from ._common import INTERPRET, e2m1_value, e4m3_value
@@ -162,7 +163,7 @@ def nvfp4_matmul(a: NVFP4Tensor, b: NVFP4Tensor, *, scale: Optional[torch.Tensor
         bk = OUTER_BLOCK
     if INTERPRET:   # the interpreter's cost grows with the tile; the numerics do not depend on it
         bm, bn = min(bm, 64), min(bn, 64)
-    one = a.tensor_scale if a.tensor_scale is not None else torch.ones(1, device=a.device)
+    one = fmt.device_constant(1.0, device=a.device)   # stands in for absent scales (cached: no launch)
     ga = a.tensor_scale if a.tensor_scale is not None else one
     gb = b.tensor_scale if b.tensor_scale is not None else one
     gx = scale if scale is not None else one
