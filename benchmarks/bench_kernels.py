@@ -419,6 +419,16 @@ def stages(tokens, k, n):
     empty_cache()
 
 
+def save(out):
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(LINES) + "\n")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+    if RESULTS["errors"]:
+        with open(os.path.join(out, "errors.txt"), "w") as f:
+            f.write("\n\n".join(RESULTS["errors"]))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -438,31 +448,33 @@ def main():
         LLAMA7B = [("tiny", 256, 384), ("down", 384, 256)]
         global LLAMA1B, QUALITY
         LLAMA1B = QUALITY = [("tiny", 256, 256)]
-    exactness(rows, cols)
-    log(f"[{time.time() - t0:.0f}s]")
+
+    def checkpoint():
+        # elapsed time, and everything so far on disk: a run cut short by the device's time limit
+        # keeps the sections it finished
+        log(f"[{time.time() - t0:.0f}s]")
+        save(args.out)
+
+    # headline sections first (bandwidth, the 7B linear table), in case the run is cut short
     bandwidth(rows, cols)
-    log(f"[{time.time() - t0:.0f}s]")
+    checkpoint()
+    tokens = 2048 if args.quick else 16384
+    if DRYRUN:
+        tokens = 128
     if not args.skip_linear:
-        tokens = 2048 if args.quick else 16384
-        if DRYRUN:
-            tokens = 128
-        stages(tokens, 256, 384) if DRYRUN else stages(tokens, 4096, 11008)
-        log(f"[{time.time() - t0:.0f}s]")
-        gemm_backends(tokens, LLAMA7B, "Llama-7B (hidden 4096, MLP 11008)")
-        log(f"[{time.time() - t0:.0f}s]")
         linear_block(tokens, 10, LLAMA7B, "Llama-7B (hidden 4096, MLP 11008)")
-        log(f"[{time.time() - t0:.0f}s]")
+        checkpoint()
+    exactness(rows, cols)
+    checkpoint()
+    if not args.skip_linear:
+        gemm_backends(tokens, LLAMA7B, "Llama-7B (hidden 4096, MLP 11008)")
+        checkpoint()
+        stages(tokens, 256, 384) if DRYRUN else stages(tokens, 4096, 11008)
+        checkpoint()
         linear_block(tokens, 10, LLAMA1B, "Llama-1B-like (hidden 2048, MLP 5632)")
-        log(f"[{time.time() - t0:.0f}s]")
+        checkpoint()
         host_overhead(128 if DRYRUN else 32768, QUALITY, "quality-benchmark model (hidden 256, MLP 768)")
-        log(f"[{time.time() - t0:.0f}s]")
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write("\n".join(LINES) + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1)
-    if RESULTS["errors"]:
-        with open(os.path.join(args.out, "errors.txt"), "w") as f:
-            f.write("\n\n".join(RESULTS["errors"]))
+        checkpoint()
     print("\n".join(LINES[-60:]))
 
 
