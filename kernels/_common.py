@@ -301,6 +301,20 @@ def e2m1_value(code):
 
 
 @triton.jit
+def unpack_codes(byte, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, COLS/2] packed bytes -> [ROWS, COLS] codes, element 2i from the low nibble (format.unpack_e2m1)."""
+    return tl.reshape(tl.join(byte & 15, byte >> 4), (ROWS, COLS))
+
+
+@triton.jit
+def block_values(codes, scale_bytes, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """FP32 [ROWS, COLS] = e2m1(codes) * e4m3(scale) with one E4M3 scale byte per 16 consecutive
+    elements along COLS (scale_bytes [ROWS, COLS/16]): NVFP4Tensor.dequantize_unscaled of a tile."""
+    vals = tl.reshape(e2m1_value(codes), (ROWS, COLS // 16, 16)) * e4m3_value(scale_bytes)[:, :, None]
+    return tl.reshape(vals, (ROWS, COLS))
+
+
+@triton.jit
 def pack_codes(codes, BR: tl.constexpr, BC: tl.constexpr):
     """[BR, BC] uint8 codes -> [BR, BC/2] bytes, element 2i in the low nibble (format.pack_e2m1)."""
     even, odd = tl.split(tl.reshape(codes, (BR, BC // 2, 2)))

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from megatron_fp4.tensor import BLOCK, OUTER_BLOCK, NVFP4Tensor
 
-from ._common import e2m1_value, e4m3_value, pack_codes
+from ._common import block_values, pack_codes, unpack_codes
 
 
 @triton.jit
@@ -26,10 +26,9 @@ def _dequant_kernel(packed_ptr, scales_ptr, out_ptr, R, C, BLOCK_ROWS: tl.conste
     byte = tl.load(packed_ptr + r64 * (C // 2) + bcols[None, :], mask=rmask & (bcols < C // 2)[None, :], other=0)
     srow = (rows // BLOCK_ROWS)[:, None].to(tl.int64)
     sb = tl.load(scales_ptr + srow * (C // 16) + scols[None, :], mask=rmask & (scols < C // 16)[None, :], other=0)
-    codes = tl.reshape(tl.join(byte & 15, byte >> 4), (BR, BC))
-    vals = tl.reshape(e2m1_value(codes), (BR, BC // 16, 16)) * e4m3_value(sb)[:, :, None]
+    vals = block_values(unpack_codes(byte, BR, BC), sb, BR, BC)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
-    tl.store(out_ptr + r64 * C + cols[None, :], tl.reshape(vals, (BR, BC)).to(tl.bfloat16),
+    tl.store(out_ptr + r64 * C + cols[None, :], vals.to(tl.bfloat16),
              mask=rmask & (cols < C)[None, :])
 
 
@@ -73,8 +72,7 @@ def _dequant_double_block_kernel(packed_ptr, scales_ptr, outer_ptr, out_ptr, R, 
     byte = tl.load(packed_ptr + r64 * (C // 2) + bcols[None, :], mask=rmask, other=0)
     sb = tl.load(scales_ptr + r64 * (C // 16) + scols[None, :], mask=rmask, other=0)
     so = tl.load(outer_ptr + r64 * (C // 128) + slab, mask=rmask, other=0.0)       # [BR, 1]
-    codes = tl.reshape(tl.join(byte & 15, byte >> 4), (BR, 128))
-    vals = tl.reshape(tl.reshape(e2m1_value(codes), (BR, 8, 16)) * e4m3_value(sb)[:, :, None], (BR, 128))
+    vals = block_values(unpack_codes(byte, BR, 128), sb, BR, 128)
     vals = vals * so
     cols = slab * 128 + tl.arange(0, 128)
     if OUT_BF16:
@@ -146,7 +144,7 @@ def _transpose_codes_kernel(src_ptr, dst_ptr, R, C, BR: tl.constexpr, BC: tl.con
     bcols = tl.program_id(1) * (BC // 2) + tl.arange(0, BC // 2)
     byte = tl.load(src_ptr + rows.to(tl.int64)[:, None] * (C // 2) + bcols[None, :],
                    mask=(rows < R)[:, None] & (bcols < C // 2)[None, :], other=0)
-    codes = tl.reshape(tl.join(byte & 15, byte >> 4), (BR, BC))          # [BR, BC], source order
+    codes = unpack_codes(byte, BR, BC)                                      # [BR, BC], source order
     packed_t = pack_codes(tl.trans(codes), BC, BR)                          # [BC, BR/2]
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     tcols = tl.program_id(0) * (BR // 2) + tl.arange(0, BR // 2)

@@ -116,9 +116,8 @@ def _eden_ok(sigma, eden_group, *tensors) -> bool:
 
 def _emit_for_gemm(for_gemm: bool) -> bool:
     """The quantizer kernel also writes the BF16 GEMM operand when the next GEMM is dequant + cuBLAS
-    (the Triton GEMM reads packed operands itself): one dequant pass fewer per backward operand.
-    MEGATRON_FP4_EMIT_OPERANDS=0 turns it off (benchmarks time both)."""
-    return for_gemm and gemm_backend() == "cublas" and os.environ.get("MEGATRON_FP4_EMIT_OPERANDS", "1") != "0"
+    (the Triton GEMM reads packed operands itself): one dequant pass fewer per operand."""
+    return _emit_double_block(for_gemm) and gemm_backend() == "cublas"
 
 
 def rht_ms_eden(a: torch.Tensor, sigma: torch.Tensor, stream: RandomStream, *, transpose: bool = False,
@@ -173,7 +172,8 @@ def _double_block_ok(mode, stream, outer_block, *tensors) -> bool:
 
 def _emit_double_block(for_gemm: bool) -> bool:
     """for_gemm on a double-block operand means: the next GEMM is the "bf16" emulation (dequant +
-    cuBLAS), so the kernel also writes dequantize().to(bf16) for it."""
+    cuBLAS), so the kernel also writes dequantize().to(bf16) for it. MEGATRON_FP4_EMIT_OPERANDS=0
+    turns writing operands off everywhere (benchmarks time both)."""
     return for_gemm and os.environ.get("MEGATRON_FP4_EMIT_OPERANDS", "1") != "0"
 
 

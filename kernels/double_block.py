@@ -35,8 +35,9 @@ from megatron_fp4.rng import RandomStream
 from megatron_fp4.tensor import BLOCK, OUTER_BLOCK, NVFP4Tensor
 
 from .dequant import _round_bf16
-from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, e2m1_value, e4m3_bits, e4m3_value, exact_div,
-                      counter, dot_pm1, hash_uniform, rn_e2m1, rn_e4m3, signed_hadamard, signed_key, sr_e2m1)
+from ._common import (FP32_MIN_NORMAL, INTERPRET, block_values, div_prep, e2m1_value, e4m3_bits, exact_div,
+                      counter, dot_pm1, hash_uniform, rn_e2m1, rn_e4m3, signed_hadamard, signed_key, sr_e2m1,
+                      unpack_codes)
 
 N_RHT = 16
 
@@ -57,10 +58,9 @@ def _load_tile(src_ptr, stride_s, R, C_SRC, r0, c0, h_ptr,
         cmask = (cols < C_SRC)[:, None]
         c64 = cols[:, None].to(tl.int64)
         byte = tl.load(src_ptr + c64 * (R // 2) + (r0 // 2 + tl.arange(0, BR // 2))[None, :], mask=cmask, other=0)
-        codes = tl.reshape(tl.join(byte & 15, byte >> 4), (BC, BR))      # element 2i = low nibble
         sb = tl.load(sc_ptr + c64 * (R // 16) + (r0 // 16 + tl.arange(0, BR // 16))[None, :], mask=cmask, other=0)
         so = tl.load(so_ptr + c64 * (R // 128) + r0 // 128, mask=cmask, other=0.0)          # [BC, 1]
-        vals = tl.reshape(tl.reshape(e2m1_value(codes), (BC, BR // 16, 16)) * e4m3_value(sb)[:, :, None], (BC, BR))
+        vals = block_values(unpack_codes(byte, BC, BR), sb, BC, BR)
         xb = tl.reshape(tl.trans(vals * so), (BR, NB, 16))
     elif TRANS:
         cols = c0 + tl.arange(0, BC)

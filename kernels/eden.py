@@ -36,9 +36,9 @@ from megatron_fp4.rng import RandomStream
 from megatron_fp4.tensor import BLOCK, NVFP4Tensor
 
 from .rtn import _amax_reduce_kernel
-from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, div_scalar, e2m1_value, e4m3_value,
+from ._common import (FP32_MIN_NORMAL, INTERPRET, block_values, div_prep, div_scalar, e2m1_value, e4m3_value,
                       exact_div, fp32_reciprocal, hash_uniform, pack_codes, rn_e2m1, rn_e2m1_code, rn_e4m3,
-                      counter, dot_pm1, signed_hadamard, signed_key, sr_e4m3, tensor_scale)
+                      counter, dot_pm1, signed_hadamard, signed_key, sr_e4m3, tensor_scale, unpack_codes)
 
 N_RHT = 128
 # Variant switches (constexpr) for benchmarks/bench_variants.py; defaults = fastest bit-exact on H100
@@ -80,12 +80,10 @@ def _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, h, INV_SQRT,
         bcols = r0 // 2 + tl.arange(0, BR // 2)
         byte = tl.load(src_ptr + cols[:, None].to(tl.int64) * stride_s + bcols[None, :],
                        mask=(bcols < R // 2)[None, :], other=0)
-        codes = tl.reshape(tl.join(byte & 15, byte >> 4), (128, BR))   # element 2i = low nibble
         scols = r0 // 16 + tl.arange(0, BR // 16)
         sb = tl.load(ssc_ptr + cols[:, None].to(tl.int64) * (stride_s // 8) + scols[None, :],
                      mask=(scols < R // 16)[None, :], other=0)
-        vals = tl.reshape(e2m1_value(codes), (128, BR // 16, 16)) * e4m3_value(sb)[:, :, None]
-        a = tl.trans(tl.reshape(vals, (128, BR)))
+        a = tl.trans(block_values(unpack_codes(byte, 128, BR), sb, 128, BR))
     z = dot_pm1(a, h, SPLIT, INTERP) * INV_SQRT                   # exact products, FP32 sums
     return tl.where(rmask[:, None], z, 0.0)
 

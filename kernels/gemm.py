@@ -34,7 +34,7 @@ import triton.language as tl
 from megatron_fp4 import format as fmt
 from megatron_fp4.tensor import BLOCK, OUTER_BLOCK, NVFP4Tensor
 
-from ._common import INTERPRET, e2m1_value, e4m3_value
+from ._common import INTERPRET, block_values, unpack_codes
 from .dequant import _round_bf16
 
 # Tile shape per launch: (BM, BN, BK, GROUP_M, num_warps, num_stages). One default, others for the
@@ -60,8 +60,7 @@ def _operand_tile(packed_ptr, scales_ptr, rows, R, K, k0, BLOCK_ROWS: tl.constex
     srow = (rows // BLOCK_ROWS).to(tl.int64)[:, None]
     byte = tl.load(packed_ptr + r64 * (K // 2) + bcols[None, :], mask=rmask & (bcols < K // 2)[None, :], other=0)
     sb = tl.load(scales_ptr + srow * (K // 16) + scols[None, :], mask=rmask & (scols < K // 16)[None, :], other=0)
-    codes = tl.reshape(tl.join(byte & 15, byte >> 4), (BR, BK))
-    vals = tl.reshape(tl.reshape(e2m1_value(codes), (BR, BK // 16, 16)) * e4m3_value(sb)[:, :, None], (BR, BK))
+    vals = block_values(unpack_codes(byte, BR, BK), sb, BR, BK)
     if INTERP:
         return vals
     else:

@@ -186,7 +186,7 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
         # skips the dequant pass
         operand = (vals * s[:, :, None]).to(tl.bfloat16)
         ocol = pid_c * NB + tl.arange(0, NB)
-        ooffs = r64[:, None, None] * C + (ocol * 16)[:, None][None, :, :] + tl.arange(0, 16)[None, None, :]
+        ooffs = r64[:, None, None] * C + (ocol * 16)[None, :, None] + tl.arange(0, 16)[None, None, :]
         tl.store(operand_ptr + ooffs, operand,
                  mask=rmask[:, None, None] & (ocol < C // 16)[None, :, None])
     counted = (~keep) & (bamax > 0)
