@@ -74,7 +74,8 @@ def _assert_same_training(ref, other, later_loss_tol):
     randomness does not depend on the split), which carries the claim. After an update the weights
     differ in their last bits and FP4 rounding amplifies that: scaling every initial weight of the
     TP=1 quartet2 run by (1 + 2^-22) moves its step-3 grad norm by 9e-4 relative and step 4 by 9e-3
-    (measured on this model), so later steps are held to that scale, not to reduction order."""
+    (benchmarks/fp4_perturbation.py, docs/RESULTS.md), so later steps are held to that scale, not to
+    reduction order."""
     assert math.isclose(ref["losses"][0], other["losses"][0], rel_tol=1e-6), (ref["losses"], other["losses"])
     assert math.isclose(ref["grad_norms"][0], other["grad_norms"][0], rel_tol=1e-5), (
         ref["grad_norms"], other["grad_norms"])
