@@ -10,7 +10,8 @@ setup(
     python_requires=">=3.12",
     # The product layout keeps kernels/, patches/ and recipes/ at the top level; they install as
     # subpackages of megatron_fp4 so that nothing generic like `kernels` lands in site-packages.
-    packages=["megatron_fp4", "megatron_fp4.kernels", "megatron_fp4.patches", "megatron_fp4.recipes"],
+    packages=["megatron_fp4", "megatron_fp4.data", "megatron_fp4.megatron", "megatron_fp4.testing",
+              "megatron_fp4.kernels", "megatron_fp4.patches", "megatron_fp4.recipes"],
     package_dir={
         "megatron_fp4": "megatron_fp4",
         "megatron_fp4.kernels": "kernels",

@@ -5,13 +5,16 @@
 #   bash benchmarks/device_session.sh quality   # the quality runs still missing         (~9.5 min)
 #   bash benchmarks/device_session.sh step      # ~1B Megatron GPT step, bf16 / quartet2 (~5 min)
 #   bash benchmarks/device_session.sh variants  # leave-one-out kernel variants (BAMAX, FAST_RN, ...)
+#   bash benchmarks/device_session.sh multigpu-tp|multigpu-curves|multigpu-grads
+#                                   # 2-GPU kind only: the multi-GPU issue's runs, one stage per call
+#                                   # (runs/multi_gpu stays on the warm machine, so the table grows)
 #
 # Every stage writes under $OUT (the device tool returns at most 8 files, 2 levels deep: each stage
 # packs its logs into one tarball) and prints its tables last. Run from the repo root with .mcore/
 # (megatron-core wheel) and .whl/ (pytest wheels) carried; see benchmarks/_device_env.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: device_session.sh check|quality|step|variants}
+STAGE=${1:?usage: device_session.sh check|quality|step|variants|multigpu-tp|multigpu-curves|multigpu-grads}
 OUT=${OUT:-device_out}
 source benchmarks/_device_env.sh
 if ! $PY -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
@@ -43,8 +46,16 @@ case "$STAGE" in
     # each default against its slower alternative in one run (same bits required: "vs default" column)
     timeout 560 $PY benchmarks/bench_variants.py --out "$log/var" 2>&1 | tail -120 | tee "$log/variants_stdout.txt"
     ;;
+  multigpu-tp|multigpu-curves|multigpu-grads)
+    timeout 590 $PY benchmarks/multi_gpu.py --out runs/multi_gpu --stage "${STAGE#multigpu-}" --timeout 420 \
+      2>&1 | tail -80 | tee "$log/multi_gpu_stdout.txt"
+    cp runs/multi_gpu/table.md "$OUT/multi_gpu_table.md" 2>/dev/null
+    for d in runs/multi_gpu/*/; do   # summaries and logs of every run so far (small)
+      n=$(basename "$d"); mkdir -p "$log/$n"; cp "$d"summary.json "$d"log.txt "$log/$n/" 2>/dev/null
+    done
+    ;;
   *)
-    echo "unknown stage $STAGE (check|quality|step|variants)"; exit 2 ;;
+    echo "unknown stage $STAGE (check|quality|step|variants|multigpu-*)"; exit 2 ;;
 esac
 tar -czf "$OUT/$STAGE.tar.gz" -C "$OUT" "$STAGE" && rm -rf "$log"
 ls -la "$OUT"

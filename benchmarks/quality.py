@@ -244,11 +244,9 @@ def main(argv=None):
     if a.parallel < 1:
         p.error("--parallel must be at least 1")
     os.makedirs(a.out, exist_ok=True)
+    from megatron_fp4.data.corpus import ensure
     corpus = os.path.join(a.out, "corpus")
-    if not os.path.exists(os.path.join(corpus, "valid.idx")):
-        from megatron_fp4.data import corpus as corpus_builder
-        info = corpus_builder.build(a.corpus_src, corpus)
-        print(f"corpus from {info['source']}: {info['counts']}", flush=True)
+    ensure(corpus, a.corpus_src)
     if a.import_summaries:
         import_summaries(a.import_summaries, a.out)
     params = non_embedding_params(a.layers, a.hidden, a.ffn)

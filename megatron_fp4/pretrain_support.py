@@ -95,7 +95,7 @@ def launcher_argv(argv) -> list:
     for flag in BOOLEAN_DEFAULTS:
         if not _has(argv, flag):
             out.append(flag)
-    if not (_has(argv, "--bf16") or _has(argv, "--fp16")):
+    if not (_has(argv, "--bf16") or _has(argv, "--fp16") or _has(argv, "--mfp4-fp32")):
         out.append("--bf16")
     tokenizer = _value(out, "--tokenizer-type")
     if tokenizer == "NullTokenizer" and not _has(argv, "--vocab-size"):
@@ -120,9 +120,11 @@ def launcher_argv(argv) -> list:
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The plugin flags plus the launcher's own (accepted by Megatron's parser)."""
-    from .pretrain_gpt import add_plugin_args
+    from .pretrain_gpt import add_diagnostic_args, add_plugin_args
     if not any(a.dest == "mfp4_recipe" for a in parser._actions):
         add_plugin_args(parser)
+    if not any(a.dest == "mfp4_dump_grads" for a in parser._actions):
+        add_diagnostic_args(parser)
     g = parser.add_argument_group("megatron_fp4 launcher")
     g.add_argument("--mfp4-corpus-dir", default=None,
                    help="build the byte-level corpus here on first use (set by the launcher for the main job)")
@@ -131,6 +133,9 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="write the run summary (JSON) here and the loss plot beside it "
                         "(default: <save>/summary.json when --save is given)")
     g.add_argument("--mfp4-cpu", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--mfp4-fp32", action="store_true",
+                   help="FP32 parameters and activations (the launcher adds --bf16 when neither --bf16 nor --fp16 "
+                        "is given)")
     if not any(a.dest == "null_tokenizer_eod_id" for a in parser._actions):
         # megatron's build_tokenizer reads args.null_tokenizer_eod_id but 0.19 has no flag for it
         g.add_argument("--null-tokenizer-eod-id", type=int, default=None,
@@ -208,10 +213,9 @@ def ensure_corpus(args) -> None:
         return
     import torch.distributed as dist
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0 and not os.path.exists(os.path.join(corpus_dir, "valid.idx")):
+    if rank == 0:
         from .data import corpus
-        info = corpus.build(getattr(args, "mfp4_corpus_src", None), corpus_dir)
-        print(f"built corpus from {info['source']}: {info['counts']}", flush=True)
+        corpus.ensure(corpus_dir, getattr(args, "mfp4_corpus_src", None))
     if dist.is_initialized():
         dist.barrier()
 
@@ -451,11 +455,19 @@ def write_summary(history: TrainingHistory, args, path: Optional[str], plot: boo
     summary.update(recipe=args.mfp4_recipe, num_layers=args.num_layers, hidden_size=args.hidden_size,
                    seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                    global_batch_size=args.global_batch_size,
-                   tokens_per_step=args.global_batch_size * args.seq_length)
+                   tokens_per_step=args.global_batch_size * args.seq_length,
+                   world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                   layout={"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size,
+                           "vpp": getattr(args, "virtual_pipeline_model_parallel_size", None),
+                           "dp": getattr(args, "data_parallel_size", None),
+                           "sequence_parallel": bool(args.sequence_parallel),
+                           "distributed_optimizer": bool(args.use_distributed_optimizer)})
     if summary["median_step_s"]:
         summary["tokens_per_s"] = summary["tokens_per_step"] / summary["median_step_s"]
+    from .megatron.diagnostics import comm_report
     from .megatron.optimizer_hooks import stabilizer_report
     summary.update(stabilizer_report())
+    summary.update(comm_report())
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(summary, fh, indent=1)

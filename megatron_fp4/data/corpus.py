@@ -81,6 +81,15 @@ def build(src: Optional[str] = None, out: str = "mfp4_corpus", valid_fraction: f
     return {"prefixes": prefixes, "counts": counts, "source": src}
 
 
+def ensure(out: str, src: Optional[str] = None) -> tuple:
+    """The (train, valid) prefixes under `out`, building the corpus there first when it is missing
+    (the valid split is written last, so its index marks a finished build)."""
+    if not os.path.exists(os.path.join(out, "valid.idx")):
+        info = build(src, out)
+        print(f"built corpus from {info['source']}: {info['counts']}", flush=True)
+    return os.path.join(out, "train"), os.path.join(out, "valid")
+
+
 def load_tokens(prefix: str) -> np.ndarray:
     """All tokens of an indexed dataset as one uint8 array (documents separated by EOD)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset

@@ -35,6 +35,8 @@ class GPTSettings:
     recipe_overrides: dict = field(default_factory=dict)
     bf16_modules: tuple = ()
     first_last_layers_bf16: bool = False
+    num_layers_at_start_in_bf16: int = 1
+    num_layers_at_end_in_bf16: int = 1
     bf16: bool = False                   # BF16 params/activations (Float16Module); FP32 otherwise
     swiglu: bool = False
     normalization: str = "RMSNorm"
@@ -64,6 +66,8 @@ def transformer_config(s: GPTSettings):
         bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
         persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
         batch_p2p_comm=s.batch_p2p_comm, first_last_layers_bf16=s.first_last_layers_bf16,
+        num_layers_at_start_in_bf16=s.num_layers_at_start_in_bf16,
+        num_layers_at_end_in_bf16=s.num_layers_at_end_in_bf16,
         recompute_granularity="full" if s.recompute else None,
         recompute_method="uniform" if s.recompute else None,
         recompute_num_layers=1 if s.recompute else None,

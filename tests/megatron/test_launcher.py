@@ -140,3 +140,55 @@ def test_main_job_reduced(tmp_path, recipe, extra):
         assert {e["update"] for e in summary["oscireset_events"]} == {2}, summary["oscireset_events"]
         assert len(summary["outcontrol"]) == 8 and all(v["iteration"] == 2 for v in summary["outcontrol"].values())
         assert any(f.startswith("mfp4_oscireset_rank") for f in os.listdir(summary["checkpoint"]))
+
+
+def _layout(*argv, world=2):
+    from megatron_fp4.pretrain_gpt import parallel_layout
+    return parallel_layout(cpu_parser().parse_args(list(argv)), world)
+
+
+def test_parallel_layout_from_megatron_flags():
+    assert _layout("--tensor-model-parallel-size", "2", "--sequence-parallel") == {
+        "tp": 2, "pp": 1, "vpp": None, "dp": 1, "num_microbatches": 1, "global_batch_size": 8}
+    # DP is what the world leaves; the global batch splits into micro-batches per replica
+    assert _layout("--micro-batch-size", "2", "--global-batch-size", "16", world=4)["num_microbatches"] == 2
+    lay = _layout("--pipeline-model-parallel-size", "2", "--num-layers", "8",
+                  "--num-layers-per-virtual-pipeline-stage", "2")
+    assert (lay["pp"], lay["vpp"], lay["dp"]) == (2, 2, 1)
+
+
+@pytest.mark.parametrize("argv, world, match", [
+    (("--tensor-model-parallel-size", "2"), 3, "not divisible by TP x PP"),
+    (("--sequence-parallel",), 2, "needs --tensor-model-parallel-size > 1"),
+    (("--num-virtual-stages-per-pipeline-rank", "2"), 2, "need --pipeline-model-parallel-size >= 2"),
+    (("--pipeline-model-parallel-size", "2", "--num-layers", "6", "--num-layers-per-virtual-pipeline-stage", "2"),
+     2, "not divisible by PP x"),
+    (("--micro-batch-size", "3", "--global-batch-size", "8"), 2, "not divisible by micro-batch size"),
+    (("--tensor-model-parallel-size", "0"), 2, "must be >= 1"),
+])
+def test_bad_parallel_layouts_fail_clearly(argv, world, match):
+    with pytest.raises(ValueError, match=match):
+        _layout(*argv, world=world)
+
+
+def test_cpu_launcher_refuses_what_its_driver_does_not_build():
+    for argv in (("--position-embedding-type", "learned_absolute"), ("--transformer-impl", "transformer_engine"),
+                 ("--lr-decay-style", "linear")):
+        with pytest.raises(SystemExit):
+            cpu_parser().parse_args(list(argv))
+
+
+def test_data_parallel_replicas_split_the_one_rank_stream():
+    """Replica r of DP=2 reads micro-batches r, r+2, ... of the stream a one-rank run reads, so a
+    global batch holds the same windows at every DP size."""
+    import numpy as np
+
+    from megatron_fp4.megatron.driver import GPTSettings
+    from megatron_fp4.pretrain_gpt import _windows
+    tokens = np.arange(10_000, dtype=np.int32) % 256
+    s = GPTSettings(seq_length=16, micro_batch_size=2)
+    one = _windows(tokens, s, 7)
+    r0, r1 = _windows(tokens, s, 7, 0, 2), _windows(tokens, s, 7, 1, 2)
+    for _ in range(3):
+        for replica in (r0, r1):
+            assert (next(replica)["tokens"] == next(one)["tokens"]).all()
