@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/device_session.sh check     # GPU tests + kernel benchmark          (~8 min)
 #   bash benchmarks/device_session.sh quality   # the quality runs still missing         (~9.5 min)
+#   bash benchmarks/device_session.sh quality-seed2  # second seeds of nvidia, tetrajet2, quartet2(-no46)
 #   bash benchmarks/device_session.sh step      # ~1B Megatron GPT step, bf16 / quartet2 (~5 min)
 #   bash benchmarks/device_session.sh variants  # leave-one-out kernel variants (BAMAX, FAST_RN, ...)
 #   bash benchmarks/device_session.sh multigpu-tp|multigpu-curves|multigpu-grads
@@ -14,7 +15,7 @@
 # (megatron-core wheel) and .whl/ (pytest wheels) carried; see benchmarks/_device_env.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: device_session.sh check|quality|step|variants|multigpu-tp|multigpu-curves|multigpu-grads}
+STAGE=${1:?usage: device_session.sh check|quality|quality-seed2|step|variants|multigpu-tp|multigpu-curves|multigpu-grads}
 OUT=${OUT:-device_out}
 source benchmarks/_device_env.sh
 if ! $PY -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
@@ -37,6 +38,13 @@ case "$STAGE" in
       --timeout 540 2>&1 | tail -80 | tee "$log/quality_stdout.txt"
     cp "$log/q/table.md" "$OUT/quality_table.md" 2>/dev/null
     cp "$log/q/gap.png" "$OUT/gap.png" 2>/dev/null
+    ;;
+  quality-seed2)
+    # each gap's own seed-to-seed variation (paired with bf16-seed2 from docs/quality)
+    timeout 580 $PY benchmarks/quality.py --out "$log/q" --import-summaries docs/quality --parallel 4 \
+      --timeout 540 --only nvidia-seed2 tetrajet2-seed2 quartet2-no46-seed2 quartet2-seed2 \
+      2>&1 | tail -80 | tee "$log/quality_stdout.txt"
+    cp "$log/q/table.md" "$OUT/quality_seed2_table.md" 2>/dev/null
     ;;
   step)
     OUT=$log/g1b LAYERS=20 HIDDEN=2048 FFN=5632 HEADS=16 STEPS=30 BF16_TIMEOUT=130 RUN_TIMEOUT=150 \

@@ -7,7 +7,9 @@
 Every run: same model (RMSNorm, SwiGLU, RoPE, untied embeddings, no biases), same data and order (the
 corpus builder's default corpus, byte-level, held-out validation split of whole files), same
 hyperparameters (AdamW 0.9/0.95, weight decay 0.1, clip 1.0, cosine with 10% warm-up to lr/10), same
-seed — except the second BF16 run, whose seed differs, to measure the seed-to-seed spread.
+seed — except the second BF16 run, whose seed differs, to measure the seed-to-seed spread. On request
+(`--only nvidia-seed2 ...`) every FP4 recipe also runs with that second seed, its gap paired with
+bf16-seed2, which shows how much a gap itself moves from seed to seed.
 Runs already complete in --out are skipped, so the command resumes the missing recipes only; a run cut
 short keeps its partial summary (written at every log interval) and is reported as such; a run with a
 non-finite loss is reported as NaN/Inf, a run whose loss ends above where it started as diverged.
@@ -33,6 +35,19 @@ RUNS = [  # (run name, recipe, seed offset)
     ("tetrajet2-full", "tetrajet2-full", 0), ("quartet2-no46", "quartet2-no46", 0),
     ("quartet2", "quartet2", 0), ("quartet2-plus", "quartet2-plus", 0),
 ]
+# Second-seed runs of the FP4 recipes, on request (--only): each is paired with bf16-seed2 (same
+# initialisation and data order), so the gap's own seed-to-seed variation can be read off.
+SEED2_RUNS = [(f"{name}-seed2", recipe, 1) for name, recipe, offset in RUNS if offset == 0 and name != "bf16"]
+ALL_RUNS = RUNS + SEED2_RUNS
+
+
+def baseline_of(name: str) -> str:
+    """The BF16 run a run's gap is paired with: the one with its seed."""
+    return "bf16-seed2" if name.endswith("-seed2") and name != "bf16-seed2" else "bf16"
+
+
+def nvidia_of(name: str) -> str:
+    return "nvidia-seed2" if name.endswith("-seed2") and name != "bf16-seed2" else "nvidia"
 
 
 def non_embedding_params(layers: int, hidden: int, ffn: int) -> int:
@@ -98,13 +113,14 @@ def report(out: str, steps: int, names=None) -> str:
     and the ratio to NVIDIA's gap is taken at the last iteration both runs evaluated. Every run uses
     BF16's seed, initialisation and data order, so these gaps are paired differences; the BF16
     seed-to-seed spread (another seed: other initialisation and data order) bounds the noise."""
-    names = names or [n for n, _, _ in RUNS]
-    summaries = {n: load_summary(out, n) for n in names}
+    names = names or [n for n, _, _ in RUNS] + [n for n, _, _ in SEED2_RUNS if load_summary(out, n) is not None]
+    summaries = {n: load_summary(out, n) for n in set(names) | {"bf16", "bf16-seed2", "nvidia", "nvidia-seed2"}}
     valid = {n: dict((int(i), v) for i, v in s["valid"]) for n, s in summaries.items() if s and s.get("valid")}
     base = valid.get("bf16", {})
 
     def gap_at(name, it):
-        return valid[name][it] - base[it] if it in valid.get(name, {}) and it in base else None
+        ref = valid.get(baseline_of(name), {})
+        return valid[name][it] - ref[it] if it in valid.get(name, {}) and it in ref else None
 
     lines = ["| run | status | iterations | last validation at | validation loss | BF16 there | gap to BF16 "
              "| gap % | gap / NVIDIA gap (at iteration) |",
@@ -121,14 +137,17 @@ def report(out: str, steps: int, names=None) -> str:
         if gap is None:
             lines.append(f"| {n} | {st} | {trained} | {it} | {valid[n][it]:.4f} | - | - | - | - |")
             continue
+        ref = valid[baseline_of(n)]
         frac = "-"
-        common = sorted(set(valid[n]) & set(valid.get("nvidia", {})) & set(base))
-        if common and n != "bf16":
-            nv = gap_at("nvidia", common[-1])
+        nvidia = nvidia_of(n)
+        common = sorted(set(valid[n]) & set(valid.get(nvidia, {})) & set(ref))
+        if common and n not in ("bf16", "bf16-seed2"):
+            nv = gap_at(nvidia, common[-1])
             if nv:
                 frac = f"{gap_at(n, common[-1]) / nv:.2f} ({common[-1]})"
-        lines.append(f"| {n} | {st} | {trained} | {it} | {valid[n][it]:.4f} | {base[it]:.4f} | {gap:+.4f} | "
-                     f"{100 * gap / base[it]:+.2f}% | {frac} |")
+        label = n if baseline_of(n) == "bf16" else f"{n} (vs bf16-seed2)"
+        lines.append(f"| {label} | {st} | {trained} | {it} | {valid[n][it]:.4f} | {ref[it]:.4f} | {gap:+.4f} | "
+                     f"{100 * gap / ref[it]:+.2f}% | {frac} |")
     if base and "bf16-seed2" in valid:
         common = sorted(set(base) & set(valid["bf16-seed2"]))
         if common:
@@ -176,7 +195,7 @@ def import_summaries(src: str, out: str) -> None:
     import shutil
     if not os.path.isdir(src):
         raise SystemExit(f"--import-summaries: {src} is not a directory")
-    for name, _, _ in RUNS:
+    for name, _, _ in ALL_RUNS:
         path = os.path.join(src, f"{name}.json")
         if os.path.exists(path) and load_summary(out, name) is None:
             os.makedirs(os.path.join(out, name), exist_ok=True)
@@ -254,11 +273,11 @@ def main(argv=None):
     print(f"model: {params / 1e6:.2f}M non-embedding parameters; {tokens / 1e6:.1f}M tokens = "
           f"{tokens / params:.1f} tokens per parameter", flush=True)
     names = a.only or [n for n, _, _ in RUNS]
-    unknown = set(names) - {n for n, _, _ in RUNS}
+    unknown = set(names) - {n for n, _, _ in ALL_RUNS}
     if unknown:
-        raise SystemExit(f"unknown run names {sorted(unknown)}; known: {[n for n, _, _ in RUNS]}")
+        raise SystemExit(f"unknown run names {sorted(unknown)}; known: {[n for n, _, _ in ALL_RUNS]}")
     todo = []
-    for name, recipe, seed_offset in RUNS:
+    for name, recipe, seed_offset in ALL_RUNS:
         if name not in names:
             continue
         if not a.force and status_of(load_summary(a.out, name), a.steps) == "complete":

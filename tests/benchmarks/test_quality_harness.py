@@ -84,3 +84,22 @@ def test_import_summaries_resumes_only_what_is_missing_or_cut_short(tmp_path):
     assert quality.load_summary(out, "bf16")["losses"][0] == [1, 5.0]
     with pytest.raises(SystemExit, match="not a directory"):
         quality.import_summaries(str(tmp_path / "nope"), out)
+
+
+def test_second_seed_runs_pair_with_the_second_bf16_seed(tmp_path):
+    out = str(tmp_path)
+    write(out, "bf16", [[1, 5.0], [10, 3.0]], [[10, 3.00]])
+    write(out, "bf16-seed2", [[1, 5.0], [10, 3.1]], [[10, 3.10]])
+    write(out, "nvidia", [[1, 5.0], [10, 3.1]], [[10, 3.10]])
+    write(out, "nvidia-seed2", [[1, 5.0], [10, 3.3]], [[10, 3.30]])
+    write(out, "quartet2-seed2", [[1, 5.0], [10, 3.2]], [[10, 3.20]])
+    table = quality.report(out, steps=10)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    # seed-2 runs: gap against bf16-seed2 (3.10), ratio against nvidia-seed2's gap (0.20)
+    assert rows["nvidia-seed2 (vs bf16-seed2)"][4:6] == ["3.1000", "+0.2000"]
+    assert rows["quartet2-seed2 (vs bf16-seed2)"][5] == "+0.1000"
+    assert rows["quartet2-seed2 (vs bf16-seed2)"][7] == "0.50 (10)"
+    assert rows["nvidia"][5] == "+0.1000" and rows["bf16-seed2"][5] == "+0.1000"
+    assert "tetrajet2-seed2" not in table                # second seeds appear only when they were run
+    assert [n for n, _, _ in quality.SEED2_RUNS][:2] == ["nvidia-seed2", "tetrajet2-seed2"]

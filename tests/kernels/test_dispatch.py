@@ -140,7 +140,7 @@ def _kernel_path_vs_torch_twins(recipe, x, w, dy, kernels, split=None, y_bit_exa
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("name", ["nvidia", "tetrajet2", "quartet2"])
+@pytest.mark.parametrize("name", ["nvidia", "tetrajet2", "quartet2", "quartet2-no46"])
 def test_recipe_kernel_path_agrees_with_the_reference_path(name):
     """Whole linear on the GPU, kernels vs torch twins (dispatch.reference_only())."""
     from megatron_fp4.registry import load_recipe
@@ -176,7 +176,7 @@ def test_packed_tile_transpose_kernel_matches_the_reference(rows, cols):
 
 @cpu_interp
 @pytest.mark.parametrize("name", ["nvidia", "tetrajet2", "tetrajet2-exact", "quartet2", "quartet2-triton-gemm",
-                                  "tetrajet2-full", "quartet2-plus"])
+                                  "quartet2-no46", "tetrajet2-full", "quartet2-plus"])
 def test_recipe_kernel_path_agrees_with_the_reference_path_in_the_interpreter(name, monkeypatch):
     """The whole linear through the kernel path on CPU (MEGATRON_FP4_KERNELS=interpret: every kernel
     in Triton's interpreter, with the operand hand-offs, packed re-quantization and GEMM epilogues of
