@@ -152,7 +152,7 @@ def cpu_parser() -> argparse.ArgumentParser:
     par.add_argument("--sequence-parallel", action="store_true")
     par.add_argument("--use-distributed-optimizer", action="store_true")
     par.add_argument("--overlap-grad-reduce", action="store_true",
-                     help="accepted for the GPU scripts; the CPU driver reduces after the backward pass")
+                     help="reduce each gradient bucket as soon as backward completes it")
     par.add_argument("--overlap-param-gather", action="store_true", help="accepted; no overlap on CPU")
     # Megatron flags the launch scripts pass: accepted where they name what the CPU driver builds
     # (Llama-style GPT: RoPE, untied embeddings, no biases, local transformer), refused otherwise
@@ -323,7 +323,8 @@ def cpu_main(argv) -> dict:
         num_attention_heads=args.num_attention_heads, seq_length=args.seq_length, vocab_size=args.vocab_size,
         micro_batch_size=args.micro_batch_size, num_microbatches=layout["num_microbatches"],
         tp=layout["tp"], pp=layout["pp"], vpp=layout["vpp"], sequence_parallel=args.sequence_parallel,
-        use_distributed_optimizer=args.use_distributed_optimizer, recipe=args.mfp4_recipe,
+        use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
+        recipe=args.mfp4_recipe,
         recipe_overrides=overrides, bf16_modules=tuple(p for p in args.mfp4_bf16_modules.split(",") if p),
         first_last_layers_bf16=args.first_last_layers_bf16,
         num_layers_at_start_in_bf16=args.num_layers_at_start_in_bf16,
@@ -339,8 +340,8 @@ def cpu_main(argv) -> dict:
         + (f", {s.vpp} virtual stages per pipeline rank" if s.vpp else "")
         + (", sequence parallel" if s.sequence_parallel else "")
         + (", distributed optimizer" if s.use_distributed_optimizer else ""))
-    if args.overlap_grad_reduce or args.overlap_param_gather:
-        say("note: --overlap-grad-reduce / --overlap-param-gather have no effect on the CPU driver")
+    if args.overlap_param_gather:
+        say("note: --overlap-param-gather has no effect on the CPU driver")
 
     driver.initialize_parallel(s)
     from megatron.core import parallel_state as ps

@@ -31,6 +31,7 @@ class GPTSettings:
     vpp: Optional[int] = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False     # reduce each gradient bucket as soon as it is complete
     recipe: str = "quartet2"
     recipe_overrides: dict = field(default_factory=dict)
     bf16_modules: tuple = ()
@@ -108,7 +109,7 @@ def build_model(s: GPTSettings, config=None, wrap_ddp: bool = True):
         chunks.append(model)
     if not wrap_ddp:
         return chunks, config
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=s.overlap_grad_reduce,
                                                use_distributed_optimizer=s.use_distributed_optimizer)
     chunks = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=m,
                                       disable_bucketing=(i > 0)) for i, m in enumerate(chunks)]

@@ -211,7 +211,7 @@ def gpt_train(rank, world, settings_kwargs, steps=None):
     from megatron_fp4.megatron.state import comm_stats
     stats = {k: (v.quantized_bytes, v.bf16_bytes) for k, v in comm_stats().items()}
     return {"losses": hist["losses"], "grad_norms": hist["grad_norms"], "step_times": hist["step_times"],
-            "comm": stats}
+            "comm": stats, "overlap_grad_reduce": hist["chunks"][0].ddp_config.overlap_grad_reduce}
 
 
 def _eval_batches(s, n=2):

@@ -150,6 +150,15 @@ def test_gpt_trains_dp2_distributed_optimizer(recipe):
     assert res[0]["grad_norms"] == res[1]["grad_norms"]
 
 
+def test_overlapped_grad_reduce_gives_the_same_training():
+    """--overlap-grad-reduce (each bucket reduce-scattered as soon as the plugin's backward completes
+    it) changes when the reductions run, not what they sum: the same losses and grad norms."""
+    plain = _train(2, 3, recipe="quartet2", use_distributed_optimizer=True)[0]
+    overlapped = _train(2, 3, recipe="quartet2", use_distributed_optimizer=True, overlap_grad_reduce=True)[0]
+    assert overlapped["overlap_grad_reduce"] and not plain["overlap_grad_reduce"]
+    assert plain["losses"] == overlapped["losses"] and plain["grad_norms"] == overlapped["grad_norms"]
+
+
 def test_checkpoint_saved_at_tp2_loads_at_tp1(tmp_path):
     (tmp_path / "ckpt").mkdir()
     saved = dist.run(w.checkpoint_save, 2, dict(SMALL, recipe="quartet2", tp=2, sequence_parallel=True),
