@@ -7,8 +7,9 @@
 #   bash benchmarks/device_session.sh step      # ~1B Megatron GPT step, bf16 / quartet2 (~5 min)
 #   bash benchmarks/device_session.sh variants  # leave-one-out kernel variants (BAMAX, FAST_RN, ...)
 #   bash benchmarks/device_session.sh multigpu-tp|multigpu-curves|multigpu-grads
-#                                   # 2-GPU kind only: the multi-GPU issue's runs, one stage per call
-#                                   # (runs/multi_gpu stays on the warm machine, so the table grows)
+#                                   # the multi-GPU issue's runs, one stage per call (runs/multi_gpu stays
+#                                   # on the warm machine, so the table grows); on one GPU only the
+#                                   # one-rank runs of the stage (--single-gpu)
 #
 # Every stage writes under $OUT (the device tool returns at most 8 files, 2 levels deep: each stage
 # packs its logs into one tarball) and prints its tables last. Run from the repo root with .mcore/
@@ -55,7 +56,9 @@ case "$STAGE" in
     timeout 560 $PY benchmarks/bench_variants.py --out "$log/var" 2>&1 | tail -120 | tee "$log/variants_stdout.txt"
     ;;
   multigpu-tp|multigpu-curves|multigpu-grads)
-    timeout 590 $PY benchmarks/multi_gpu.py --out runs/multi_gpu --stage "${STAGE#multigpu-}" --timeout 420 \
+    # on a one-GPU machine: the one-rank runs of the stage (references, controls); the rest later
+    single=$([ "$(nvidia-smi -L | wc -l)" -lt 2 ] && echo --single-gpu)
+    timeout 590 $PY benchmarks/multi_gpu.py --out runs/multi_gpu --stage "${STAGE#multigpu-}" --timeout 420 $single \
       2>&1 | tail -80 | tee "$log/multi_gpu_stdout.txt"
     cp runs/multi_gpu/table.md "$OUT/multi_gpu_table.md" 2>/dev/null
     for d in runs/multi_gpu/*/; do   # summaries and logs of every run so far (small)

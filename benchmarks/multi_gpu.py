@@ -3,6 +3,7 @@
     python benchmarks/multi_gpu.py --out runs/mgpu                      # 2 GPUs, all stages
     python benchmarks/multi_gpu.py --out runs/mgpu --stage tp          # one stage (tp | curves | grads)
     python benchmarks/multi_gpu.py --out runs/mgpu_cpu --cpu            # the same runs, tiny, 2 CPU ranks (gloo)
+    python benchmarks/multi_gpu.py --out runs/mgpu --single-gpu         # one GPU: the one-rank runs only
 
 Every run is `python -m megatron_fp4.pretrain_gpt` under torchrun (Megatron's own loop and NCCL on
 GPUs; the megatron-core CPU driver and gloo on CPU), its output in <out>/<run>/log.txt and its summary
@@ -427,6 +428,8 @@ def main(argv=None):
     p.add_argument("--stage", choices=("all",) + STAGES, default="all")
     p.add_argument("--cpu", action="store_true", help="2 CPU ranks with gloo and tiny sizes (exercises the code)")
     p.add_argument("--skip-tp1", action="store_true", help="no TP=1 reference runs in the tp stage")
+    p.add_argument("--single-gpu", action="store_true",
+                   help="only the one-rank runs (references and controls), on one GPU; the table marks the rest missing")
     p.add_argument("--serial", action="store_true", help="one run at a time even when GPUs are free")
     p.add_argument("--timeout", type=float, default=540, help="seconds per run; a run past it counts as hung")
     p.add_argument("--force", action="store_true", help="rerun finished runs")
@@ -437,8 +440,9 @@ def main(argv=None):
     if not a.cpu:
         import torch
         gpus = torch.cuda.device_count()
-        if gpus < 2:
-            raise SystemExit(f"multi_gpu.py needs 2 GPUs (found {gpus}); --cpu runs the same runs on CPU ranks")
+        if gpus < 1 or (gpus < 2 and not a.single_gpu):
+            raise SystemExit(f"multi_gpu.py needs 2 GPUs (found {gpus}); --single-gpu makes the one-rank runs "
+                             "on one GPU, --cpu runs everything on CPU ranks")
     stages = STAGES if a.stage == "all" else (a.stage,)
     if "curves" in stages:
         from megatron_fp4.data import corpus
@@ -447,6 +451,9 @@ def main(argv=None):
     for stage in stages:
         steps = SIZES[stage]["cpu" if a.cpu else "gpu"]["steps"]
         for name, nproc, via, flags in runs_for(stage, a):
+            if a.single_gpu and nproc > 1:
+                print(f"{name}: needs {nproc} GPUs, left for a 2-GPU machine", flush=True)
+                continue
             if not a.force and finished(a.out, name, steps):
                 print(f"{name}: finished earlier, skipped", flush=True)
                 continue

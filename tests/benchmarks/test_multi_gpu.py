@@ -136,3 +136,14 @@ def test_every_gpu_run_parses_with_megatron(tmp_path, monkeypatch):
                 assert not args.bf16 and args.mfp4_dump_grads       # FP32 for the gradient comparison
             seen.add(name)
     assert {"tp2-sp-quartet2", "curve-pp2-vpp2", "curve-dp2-distopt", "grads-tp1-quartet2-plus-ulp"} <= seen
+
+
+def test_single_gpu_mode_leaves_the_two_rank_runs(tmp_path):
+    """--single-gpu (a one-GPU machine): only one-rank runs are made; the two-rank ones are named as
+    left for a 2-GPU machine and the table shows them missing."""
+    out = tmp_path / "s"
+    stdout = _run(out, "--single-gpu", "--stage", "tp", "--skip-tp1", timeout=120)
+    for name in ("tp2-sp-bf16", "tp2-sp-quartet2"):
+        assert f"{name}: needs 2 GPUs, left for a 2-GPU machine" in stdout
+        assert not os.path.exists(out / name)
+    assert "| tp2-sp-bf16 | - | missing |" in stdout
