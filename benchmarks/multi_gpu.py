@@ -30,7 +30,7 @@ Stages:
           tenth of the draw-to-draw difference. (FP32: with BF16 the TP partial sums are rounded before
           they are added, and FP4 turns that into a draw-sized difference.)
 
-Writes <out>/table.md and <out>/results.json; --results-md FILE puts the table into FILE between
+Writes <out>/table.md and <out>/curves.png (the curves stage's losses); --results-md FILE puts the table into FILE between
 `<!-- multi-gpu:begin -->` and `<!-- multi-gpu:end -->` (appended when the markers are missing).
 """
 from __future__ import annotations
@@ -333,6 +333,34 @@ def curves_table(a, status: dict) -> list:
     return lines + [""] + [f"- {v}" for v in verdicts]
 
 
+def plot_curves(a) -> None:
+    """<out>/curves.png: the curves stage's training losses (10-step means) in every layout."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:          # matplotlib is optional
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for name in ("curve-1gpu", "curve-1gpu-seed2", "curve-pp2", "curve-pp2-vpp2", "curve-dp2-distopt"):
+        s = load_summary(a.out, name)
+        if s is None or not s["losses"]:
+            continue
+        w = _window_means(dict(s["losses"]))
+        ax.plot(list(w), list(w.values()), marker="o", ms=2, lw=1, label=name)
+        drawn = True
+    if drawn:
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("training loss (10-step mean)")
+        ax.set_title("tetrajet2-full in every layout")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(a.out, "curves.png"), dpi=120)
+    plt.close(fig)
+
+
 def grads_table(a) -> list:
     import torch
 
@@ -390,6 +418,7 @@ def write_results(a, status: dict) -> str:
              *curves_table(a, status),
              "", "**3. First-step gradients, TP=1 vs TP=2+SP** (" + _size_text("grads", a) + ")", "", *grads_table(a)]
     table = "\n".join(parts)
+    plot_curves(a)
     with open(os.path.join(a.out, "table.md"), "w") as fh:
         fh.write(table + "\n")
     if a.results_md:

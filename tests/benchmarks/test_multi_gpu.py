@@ -83,6 +83,8 @@ def test_curves_table_judges_against_the_seed_spread(tmp_path):
     assert "curve-dp2-distopt: mean |diff|" in text and "NOT within noise" in text
     assert "NaN/Inf" in text                                   # reported, never dropped
     assert "2 windows, 7 weights" in text
+    multi_gpu.plot_curves(a)
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
 
 
 @pytest.mark.slow
