@@ -36,13 +36,14 @@ Writes <out>/table.md and <out>/curves.png (the curves stage's losses); --result
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import socket
-import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _runs import Job, load_summary, run_jobs  # noqa: E402
+
+from megatron_fp4.testing.dist import free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,12 +66,6 @@ GRAD_RUNS = [  # (name, TP size, recipe, extra flags)
     ("grads-tp1-quartet2-minus-ulp", 1, "quartet2", [f"--mfp4-perturb-init={-LAST_BIT!r}"]),
     ("grads-tp1-quartet2-draws", 1, "quartet2", ["--mfp4-override", "seed=4321"]),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def model_flags(z: dict, precision: str = "--bf16") -> list:
@@ -145,25 +140,13 @@ def command(name: str, nproc: int, via_script: bool, flags: list, a) -> tuple:
         flags += ["--mfp4-cpu", "--mfp4-time-budget", "1e9", "--save", run_dir]
     # on GPUs no --save: nothing in these runs needs a checkpoint (a 1B one would take minutes)
     env = run_environment()
-    port = str(_free_port())
+    port = str(free_port())
     if via_script:
         # examples/multinode.sh in its single-node form: the multi-node launch users run
         env.update(NNODES="1", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, GPUS_PER_NODE=str(nproc))
         return ["bash", os.path.join(ROOT, "examples", "multinode.sh"), *flags], env
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
             "127.0.0.1", "--master-port", port, "-m", "megatron_fp4.pretrain_gpt", *flags], env
-
-
-def load_summary(out: str, name: str):
-    path = os.path.join(out, name, "summary.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as fh:
-        s = json.load(fh)
-    losses = s.get("losses", [])
-    if losses and not isinstance(losses[0], (list, tuple)):          # CPU driver: a plain list
-        s["losses"] = [(i + 1, l) for i, l in enumerate(losses)]
-    return s
 
 
 def finished(out: str, name: str, steps: int) -> bool:
@@ -174,52 +157,27 @@ def finished(out: str, name: str, steps: int) -> bool:
 
 def execute(todo: list, a, gpus: int) -> dict:
     """Run the commands; runs on disjoint GPUs go side by side (two one-GPU runs on a 2-GPU node)."""
-    status = {}
-    pending, running, free = list(todo), {}, list(range(gpus)) if gpus else []
-    while pending or running:
-        i = 0
-        while i < len(pending):
-            name, nproc, via, flags, steps = pending[i]
-            need = nproc if gpus else 0
-            if gpus and need > len(free):
-                i += 1
-                continue
-            if running and (not gpus or a.serial):
-                break
-            pending.pop(i)
-            os.makedirs(os.path.join(a.out, name), exist_ok=True)
-            cmd, env = command(name, nproc, via, flags, a)
-            taken = [free.pop(0) for _ in range(need)]
-            if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, taken))
-            log = open(os.path.join(a.out, name, "log.txt"), "w")
-            log.write(" ".join(cmd) + "\n")
-            log.flush()
-            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
-                             log, time.time(), taken, steps)
-            print(f"{name}: started ({nproc} rank{'s' if nproc > 1 else ''}"
-                  + (f", GPU {','.join(map(str, taken))}" if gpus else "") + ")", flush=True)
-        time.sleep(0.5)
-        for name, (proc, log, start, taken, steps) in list(running.items()):
-            rc = proc.poll()
-            if rc is None and time.time() - start > a.timeout:
-                proc.kill()
-                proc.wait()
-                rc = "timeout (killed: a hang or too slow)"
-            if rc is None:
-                continue
-            log.close()
-            free.extend(taken)
-            del running[name]
-            ok = rc == 0 and finished(a.out, name, steps)
-            status[name] = "complete" if ok else f"failed: exit {rc}"
-            s = load_summary(a.out, name)
-            step = s.get("median_step_s") if s else None
-            print(f"{name}: {status[name]}, {time.time() - start:.0f} s"
-                  + (f", median step {1000 * step:.1f} ms" if step else ""), flush=True)
-            if not ok:
-                tail = open(os.path.join(a.out, name, "log.txt")).read().splitlines()[-15:]
-                print("\n".join("    " + t for t in tail), flush=True)
+    status, steps_of, jobs = {}, {}, []
+    for name, nproc, via, flags, steps in todo:
+        cmd, env = command(name, nproc, via, flags, a)
+        jobs.append(Job(name, cmd, env, gpus=nproc, note=f"{nproc} rank{'s' if nproc > 1 else ''}"))
+        steps_of[name] = steps
+
+    def done(job, rc, seconds):
+        ok = rc == 0 and finished(a.out, job.name, steps_of[job.name])
+        rc = "timeout (killed: a hang or too slow)" if rc == "timeout" else rc
+        status[job.name] = "complete" if ok else f"failed: exit {rc}"
+        s = load_summary(a.out, job.name)
+        step = s.get("median_step_s") if s else None
+        print(f"{job.name}: {status[job.name]}, {seconds:.0f} s"
+              + (f", median step {1000 * step:.1f} ms" if step else ""), flush=True)
+        if not ok:
+            tail = open(os.path.join(a.out, job.name, "log.txt")).read().splitlines()[-15:]
+            print("\n".join("    " + t for t in tail), flush=True)
+
+    # CPU ranks, or --serial: one run at a time; GPUs: as many as there are free GPUs for
+    slots = 1 if not gpus or a.serial else len(jobs) or 1
+    run_jobs(jobs, a.out, timeout=a.timeout, slots=slots, gpus=gpus, cwd=ROOT, on_done=done)
     return status
 
 

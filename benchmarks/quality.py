@@ -23,12 +23,12 @@ GPU with --parallel 8): 4 layers, hidden 256, SwiGLU ffn 512, 4 heads, seq 256, 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _runs import Job, load_summary, run_jobs  # noqa: E402
 
 RUNS = [  # (run name, recipe, seed offset)
     ("bf16", "bf16", 0), ("bf16-seed2", "bf16", 1), ("nvidia", "nvidia", 0), ("tetrajet2", "tetrajet2", 0),
@@ -78,19 +78,6 @@ def run_flags(a, name: str, recipe: str, seed: int, corpus: str) -> list:
                  "--test-data-path", os.path.join(corpus, "valid"),
                  "--mfp4-summary", os.path.join(out, "summary.json")]
     return [str(x) for x in common + extra]
-
-
-def load_summary(out: str, name: str):
-    path = os.path.join(out, name, "summary.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as fh:
-        summary = json.load(fh)
-    # the CPU driver logs losses as a list, the GPU route as (iteration, loss) pairs
-    losses = summary.get("losses", [])
-    if losses and not isinstance(losses[0], (list, tuple)):
-        summary["losses"] = [(i + 1, l) for i, l in enumerate(losses)]
-    return summary
 
 
 def status_of(summary, steps: int) -> str:
@@ -206,32 +193,13 @@ def import_summaries(src: str, out: str) -> None:
 def run_all(todo: list, a) -> None:
     """Run (name, command) pairs, at most a.parallel at a time (each its own process; on one GPU they
     share it), each under a.timeout seconds; a run's output goes to <out>/<name>/log.txt."""
-    pending, running = list(todo), {}
-    while pending or running:
-        while pending and len(running) < a.parallel:
-            name, cmd = pending.pop(0)
-            log = open(os.path.join(a.out, name, "log.txt"), "w")
-            log.write(" ".join(cmd) + "\n")
-            log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-            running[name] = (proc, log, time.time())
-            print(f"{name}: started", flush=True)
-        time.sleep(1.0)
-        for name, (proc, log, start) in list(running.items()):
-            rc = proc.poll()
-            if rc is None and time.time() - start > a.timeout:
-                proc.kill()
-                proc.wait()
-                rc = "timeout"
-            if rc is None:
-                continue
-            log.close()
-            del running[name]
-            summary = load_summary(a.out, name)
-            step = summary.get("median_step_s") if summary else None
-            step_txt = f", median step {1000 * step:.1f} ms" if step else ""
-            print(f"{name}: exit {rc}, {status_of(summary, a.steps)}, {time.time() - start:.0f} s{step_txt}",
-                  flush=True)
+    def done(job, rc, seconds):
+        summary = load_summary(a.out, job.name)
+        step = summary.get("median_step_s") if summary else None
+        step_txt = f", median step {1000 * step:.1f} ms" if step else ""
+        print(f"{job.name}: exit {rc}, {status_of(summary, a.steps)}, {seconds:.0f} s{step_txt}", flush=True)
+
+    run_jobs([Job(name, cmd) for name, cmd in todo], a.out, timeout=a.timeout, slots=a.parallel, on_done=done)
 
 
 def main(argv=None):

@@ -22,6 +22,7 @@ lines, saving a torch_dist checkpoint and a loss plot.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -224,13 +225,10 @@ def _windows(tokens: np.ndarray, s, seed: int, dp_rank: int = 0, dp_size: int = 
     from .megatron.driver import batch_from_tokens
     rng = np.random.default_rng(seed)
     n = s.seq_length + 1
-    index = 0
-    while True:
+    for index in itertools.count():
         starts = rng.integers(0, len(tokens) - n, size=s.micro_batch_size)
-        index += 1
-        if (index - 1) % dp_size != dp_rank:
-            continue
-        yield batch_from_tokens(torch.from_numpy(np.stack([tokens[i:i + n] for i in starts]).astype(np.int64)))
+        if index % dp_size == dp_rank:
+            yield batch_from_tokens(torch.from_numpy(np.stack([tokens[i:i + n] for i in starts]).astype(np.int64)))
 
 
 def _plot(history, path, title):
@@ -352,7 +350,7 @@ def cpu_main(argv) -> dict:
     else:
         from .data.corpus import load_tokens
         if rank == 0:
-            train_prefix, valid_prefix = _corpus(args)    # builds on first use: one writer
+            _corpus(args)                                 # builds on first use: one writer
         dist.barrier()
         train_prefix, valid_prefix = _corpus(args)
         train_tokens, valid_tokens = load_tokens(train_prefix), load_tokens(valid_prefix)

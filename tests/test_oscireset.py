@@ -1,7 +1,6 @@
 """OsciReset core: schedule, detection, reset, memeff sampling, and exact Q_D on DistributedOptimizer
 shards (real gloo process groups, DP = 2, 3, 4, shard boundaries inside blocks, outer blocks and tiles)."""
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 from megatron_fp4.oscireset import (MasterQuantizer, OsciResetConfig, ShardedMasterQuantizer,
                                     WeightTracker, edge_score)
 from megatron_fp4.registry import load_recipe
+from megatron_fp4.testing.dist import free_port
 
 RECIPES = ["quartet2", "quartet2-no46", "nvidia", "nvidia-46", "tetrajet2"]
 
@@ -167,12 +167,6 @@ def test_memeff_tracks_the_elements_closest_to_an_edge():
 
 # --- DistributedOptimizer shards: exact Q_D with gloo ------------------------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _shard_worker(rank, world, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -202,7 +196,7 @@ def test_sharded_qd_is_bitwise_equal_to_unsharded(world):
     ctx = mp.get_context("spawn")
     manager = ctx.Manager()
     results = manager.dict()
-    mp.start_processes(_shard_worker, args=(world, _free_port(), results), nprocs=world, start_method="spawn")
+    mp.start_processes(_shard_worker, args=(world, free_port(), results), nprocs=world, start_method="spawn")
     for rank in range(world):
         for name, (value_mismatch, scale_mismatch) in results[rank].items():
             assert value_mismatch == 0 and scale_mismatch == 0, (rank, name)

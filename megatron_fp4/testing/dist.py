@@ -30,7 +30,8 @@ def _context():
     return _ctx
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -72,7 +73,7 @@ def run(fn, world_size: int = 2, *args, timeout: float = 120.0, threads: int = 1
     """Run fn on `world_size` gloo ranks; return the list of per-rank results (rank order)."""
     ctx = _context()
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, results, threads, shim),
                          daemon=False) for r in range(world_size)]   # checkpoint writers fork children
     for p in procs:

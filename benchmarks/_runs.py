@@ -1,0 +1,77 @@
+"""What the run-launching benchmarks share (quality.py, multi_gpu.py): reading a run's summary and
+running launcher commands side by side under a time limit, each logging to <out>/<name>/log.txt."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+
+def load_summary(out: str, name: str) -> Optional[dict]:
+    """<out>/<name>/summary.json, losses as (iteration, loss) pairs (the CPU driver writes a plain list,
+    the GPU route pairs); None when the run has no summary yet."""
+    path = os.path.join(out, name, "summary.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        summary = json.load(fh)
+    losses = summary.get("losses", [])
+    if losses and not isinstance(losses[0], (list, tuple)):
+        summary["losses"] = [(i + 1, l) for i, l in enumerate(losses)]
+    return summary
+
+
+@dataclass
+class Job:
+    name: str
+    cmd: list
+    env: Optional[dict] = None
+    gpus: int = 0            # GPUs of its own (CUDA_VISIBLE_DEVICES), when run_jobs hands GPUs out
+    note: str = ""           # shown in the "started" line
+
+
+def run_jobs(jobs: list, out: str, *, timeout: float, slots: int, gpus: int = 0, cwd: Optional[str] = None,
+             on_done: Callable[[Job, object, float], None] = lambda job, rc, seconds: None) -> None:
+    """Run the jobs in order, at most `slots` at a time and, with `gpus` > 0, each on GPUs of its own
+    (a job that needs more than are free waits; a later one that fits may go first). A job running
+    longer than `timeout` seconds is killed; on_done(job, returncode or "timeout", seconds) follows
+    every end."""
+    pending, running = list(jobs), {}
+    free = list(range(gpus))
+    while pending or running:
+        i = 0
+        while i < len(pending) and len(running) < slots:
+            job = pending[i]
+            if gpus and job.gpus > len(free):
+                i += 1
+                continue
+            pending.pop(i)
+            taken = [free.pop(0) for _ in range(job.gpus)] if gpus else []
+            env = dict(job.env if job.env is not None else os.environ)
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, taken))
+            os.makedirs(os.path.join(out, job.name), exist_ok=True)
+            log = open(os.path.join(out, job.name, "log.txt"), "w")
+            log.write(" ".join(job.cmd) + "\n")
+            log.flush()
+            proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+            running[job.name] = (job, proc, log, time.time(), taken)
+            where = f"GPU {','.join(map(str, taken))}" if gpus else ""
+            detail = ", ".join(d for d in (job.note, where) if d)
+            print(f"{job.name}: started" + (f" ({detail})" if detail else ""), flush=True)
+        time.sleep(0.5)
+        for name, (job, proc, log, start, taken) in list(running.items()):
+            rc = proc.poll()
+            if rc is None and time.time() - start > timeout:
+                proc.kill()
+                proc.wait()
+                rc = "timeout"
+            if rc is None:
+                continue
+            log.close()
+            free.extend(taken)
+            del running[name]
+            on_done(job, rc, time.time() - start)
