@@ -35,8 +35,8 @@ case "$STAGE" in
     ;;
   quality)
     # --import-summaries: start from the committed results; only runs missing or cut short train
-    timeout 580 $PY benchmarks/quality.py --out "$log/q" --import-summaries docs/quality --parallel 3 \
-      --timeout 540 2>&1 | tail -80 | tee "$log/quality_stdout.txt"
+    timeout 585 $PY benchmarks/quality.py --out "$log/q" --import-summaries docs/quality --parallel 3 \
+      --timeout 555 2>&1 | tail -80 | tee "$log/quality_stdout.txt"
     cp "$log/q/table.md" "$OUT/quality_table.md" 2>/dev/null
     cp "$log/q/gap.png" "$OUT/gap.png" 2>/dev/null
     ;;

@@ -109,20 +109,24 @@ def report(out: str, steps: int, names=None) -> str:
         ref = valid.get(baseline_of(name), {})
         return valid[name][it] - ref[it] if it in valid.get(name, {}) and it in ref else None
 
+    # the card each run trained on: runs of different sessions may come from different GPUs (H100 /
+    # H200); a pairing across cards is still a paired difference of seed, data order and recipe, but
+    # cuBLAS's choice of kernels differs, a perturbation of the size of FP4's own (see the table's note)
     lines = ["| run | status | iterations | last validation at | validation loss | BF16 there | gap to BF16 "
-             "| gap % | gap / NVIDIA gap (at iteration) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| gap % | gap / NVIDIA gap (at iteration) | device |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for n in names:
         s = summaries[n]
         st = status_of(s, steps)
+        card = _short_device(s)
         trained = s["losses"][-1][0] if s and s["losses"] else 0
         if n not in valid:
-            lines.append(f"| {n} | {st} | {trained} | - | - | - | - | - | - |")
+            lines.append(f"| {n} | {st} | {trained} | - | - | - | - | - | - | {card} |")
             continue
         it = max(valid[n])
         gap = gap_at(n, it)
         if gap is None:
-            lines.append(f"| {n} | {st} | {trained} | {it} | {valid[n][it]:.4f} | - | - | - | - |")
+            lines.append(f"| {n} | {st} | {trained} | {it} | {valid[n][it]:.4f} | - | - | - | - | {card} |")
             continue
         ref = valid[baseline_of(n)]
         frac = "-"
@@ -134,7 +138,7 @@ def report(out: str, steps: int, names=None) -> str:
                 frac = f"{gap_at(n, common[-1]) / nv:.2f} ({common[-1]})"
         label = n if baseline_of(n) == "bf16" else f"{n} (vs bf16-seed2)"
         lines.append(f"| {label} | {st} | {trained} | {it} | {valid[n][it]:.4f} | {ref[it]:.4f} | {gap:+.4f} | "
-                     f"{100 * gap / ref[it]:+.2f}% | {frac} |")
+                     f"{100 * gap / ref[it]:+.2f}% | {frac} | {card} |")
     if base and "bf16-seed2" in valid:
         common = sorted(set(base) & set(valid["bf16-seed2"]))
         if common:
@@ -147,6 +151,15 @@ def report(out: str, steps: int, names=None) -> str:
         fh.write(table + "\n")
     _plot_gaps(out, summaries)
     return table
+
+
+def _short_device(summary) -> str:
+    """'H100' / 'H200' / 'cpu' from a summary's device name ('-' when unknown)."""
+    name = (summary or {}).get("device") or "-"
+    for card in ("H100", "H200", "B200", "A100"):
+        if card in name:
+            return card
+    return name
 
 
 def _plot_gaps(out: str, summaries: dict) -> None:

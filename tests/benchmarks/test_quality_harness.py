@@ -12,10 +12,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmar
 import quality  # noqa: E402
 
 
-def write(out, name, losses, valid):
+def write(out, name, losses, valid, device=None):
     os.makedirs(os.path.join(out, name), exist_ok=True)
     with open(os.path.join(out, name, "summary.json"), "w") as fh:
-        json.dump({"losses": losses, "valid": valid}, fh)
+        json.dump({"losses": losses, "valid": valid, **({"device": device} if device else {})}, fh)
 
 
 def test_table_gaps_and_statuses(tmp_path):
@@ -23,7 +23,7 @@ def test_table_gaps_and_statuses(tmp_path):
     write(out, "bf16", [[1, 5.0], [10, 3.0]], [[5, 3.50], [10, 3.00]])
     write(out, "bf16-seed2", [[1, 5.0], [10, 3.0]], [[5, 3.52], [10, 3.01]])
     write(out, "nvidia", [[1, 5.0], [10, 3.1]], [[5, 3.60], [10, 3.10]])
-    write(out, "quartet2", [[1, 5.0], [10, 3.05]], [[5, 3.55], [10, 3.05]])
+    write(out, "quartet2", [[1, 5.0], [10, 3.05]], [[5, 3.55], [10, 3.05]], device="NVIDIA H200")
     write(out, "tetrajet2", [[1, 5.0], [10, float("nan")]], [[10, float("nan")]])
     write(out, "quartet2-no46", [[1, 5.0], [10, 6.0]], [[10, 6.0]])
     write(out, "tetrajet2-full", [[1, 5.0], [7, 4.0]], [[5, 3.58]])   # cut short after iteration 5's eval
@@ -33,6 +33,7 @@ def test_table_gaps_and_statuses(tmp_path):
     # columns: status, iterations, last validation at, loss, BF16 there, gap, gap %, gap / NVIDIA gap
     assert rows["quartet2"][0] == "complete" and rows["quartet2"][5] == "+0.0500"
     assert rows["quartet2"][7] == "0.50 (10)"                     # half of NVIDIA's 0.10 gap
+    assert rows["quartet2"][8] == "H200" and rows["nvidia"][8] == "-"   # the card each run used
     assert rows["nvidia"][7] == "1.00 (10)"
     assert rows["tetrajet2"][0] == "NaN/Inf"                      # reported, never dropped
     assert rows["quartet2-no46"][0] == "diverged"
