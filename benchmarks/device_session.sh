@@ -5,6 +5,8 @@
 #   bash benchmarks/device_session.sh quality   # the quality runs still missing         (~9.5 min)
 #   bash benchmarks/device_session.sh quality-seed2  # second seeds of nvidia, tetrajet2, quartet2(-no46)
 #   bash benchmarks/device_session.sh step      # ~1B Megatron GPT step, bf16 / quartet2 (~5 min)
+#   bash benchmarks/device_session.sh quality+tests  # quality runs + GPU tests alongside (one call)
+#   bash benchmarks/device_session.sh step+bench     # ~1B step, then the kernel benchmark (one call)
 #   bash benchmarks/device_session.sh variants  # leave-one-out kernel variants (BAMAX, FAST_RN, ...)
 #   bash benchmarks/device_session.sh multigpu-tp|multigpu-curves|multigpu-grads
 #                                   # the multi-GPU issue's runs, one stage per call (runs/multi_gpu stays
@@ -16,40 +18,61 @@
 # (megatron-core wheel) and .whl/ (pytest wheels) carried; see benchmarks/_device_env.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: device_session.sh check|quality|quality-seed2|step|variants|multigpu-tp|multigpu-curves|multigpu-grads}
+STAGE=${1:?usage: device_session.sh check|quality|step|quality+tests|step+bench|quality-seed2|variants|multigpu-tp|multigpu-curves|multigpu-grads}
 OUT=${OUT:-device_out}
 source benchmarks/_device_env.sh
 if ! $PY -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-log=$OUT/$STAGE
+NAME=${STAGE//+/_}   # file names without '+'
+log=$OUT/$NAME
 mkdir -p "$log"
+
+gpu_tests() {   # $1: time limit in seconds
+  # kernels written or changed since the last device run are only interpreter-verified: their GPU
+  # tests (bit-exactness against the torch twins on the GPU)
+  MEGATRON_FP4_TEST_GPU=1 timeout "$1" $PY -m pytest -q -m gpu -p no:cacheprovider \
+    tests/test_device_consistency.py tests/kernels 2>&1 | tail -40 > "$log/gpu_tests.txt"
+}
+bench() {       # $1: time limit; sections are saved as they finish, so a cut-short run keeps them
+  timeout "$1" $PY benchmarks/bench_kernels.py --out "$log/bench" 2>&1 | tail -150 > "$log/bench_stdout.txt"
+  cp "$log/bench/results.md" "$OUT/bench_kernels.md" 2>/dev/null
+}
+quality() {     # $1: time limit for the command, $2 per run
+  # --import-summaries: start from the committed results; only runs missing or cut short train
+  timeout "$1" $PY benchmarks/quality.py --out "$log/q" --import-summaries docs/quality --parallel 3 \
+    --timeout "$2" 2>&1 | tail -80 > "$log/quality_stdout.txt"
+  cp "$log/q/table.md" "$OUT/quality_table.md" 2>/dev/null
+  cp "$log/q/gap.png" "$OUT/gap.png" 2>/dev/null
+}
+step() {        # the ~1B Megatron GPT step, bf16 then quartet2
+  OUT=$log/g1b LAYERS=20 HIDDEN=2048 FFN=5632 HEADS=16 STEPS=30 BF16_TIMEOUT=${BF16_TIMEOUT:-130} \
+    RUN_TIMEOUT=${RUN_TIMEOUT:-150} bash benchmarks/gpu_check.sh 2>&1 | tail -40 > "$log/step_stdout.txt"
+}
+
 case "$STAGE" in
-  check)
-    # kernels written or changed since the last device run are only interpreter-verified: their GPU
-    # tests first (bit-exactness against the torch twins on the GPU), then the timing tables
-    MEGATRON_FP4_TEST_GPU=1 timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider \
-      tests/test_device_consistency.py tests/kernels 2>&1 | tail -40 | tee "$log/gpu_tests.txt"
-    timeout 330 $PY benchmarks/bench_kernels.py --out "$log/bench" 2>&1 | tail -150 > "$log/bench_stdout.txt"
-    cp "$log/bench/results.md" "$OUT/bench_kernels.md" 2>/dev/null
-    ;;
-  quality)
-    # --import-summaries: start from the committed results; only runs missing or cut short train
-    timeout 585 $PY benchmarks/quality.py --out "$log/q" --import-summaries docs/quality --parallel 3 \
-      --timeout 555 2>&1 | tail -80 | tee "$log/quality_stdout.txt"
-    cp "$log/q/table.md" "$OUT/quality_table.md" 2>/dev/null
-    cp "$log/q/gap.png" "$OUT/gap.png" 2>/dev/null
-    ;;
+  check)   gpu_tests 240; bench 330; cat "$log/gpu_tests.txt" "$log/bench_stdout.txt" | tail -60 ;;
+  quality) quality 585 555; cat "$log/quality_stdout.txt" ;;
+  step)    step; cat "$log/step_stdout.txt" ;;
+  quality+tests)
+    # one call for two things that share a GPU without disturbing each other's results: the quality
+    # runs (small models, host-bound) and the GPU correctness tests (no timings) in the background
+    gpu_tests 300 & tests_pid=$!
+    quality 585 555
+    wait $tests_pid
+    cat "$log/gpu_tests.txt"; cat "$log/quality_stdout.txt" ;;
+  step+bench)
+    # timings, so one after the other: the ~1B step first (bounded), then the kernel benchmark in
+    # the time left (its headline sections come first and are saved as they finish)
+    BF16_TIMEOUT=110 RUN_TIMEOUT=140 step
+    bench $(( 585 - SECONDS ))   # SECONDS: since this script started
+    cat "$log/step_stdout.txt"; tail -60 "$log/bench_stdout.txt" ;;
   quality-seed2)
     # each gap's own seed-to-seed variation (paired with bf16-seed2 from docs/quality)
     timeout 580 $PY benchmarks/quality.py --out "$log/q" --import-summaries docs/quality --parallel 4 \
       --timeout 540 --only nvidia-seed2 tetrajet2-seed2 quartet2-no46-seed2 quartet2-seed2 \
       2>&1 | tail -80 | tee "$log/quality_stdout.txt"
     cp "$log/q/table.md" "$OUT/quality_seed2_table.md" 2>/dev/null
-    ;;
-  step)
-    OUT=$log/g1b LAYERS=20 HIDDEN=2048 FFN=5632 HEADS=16 STEPS=30 BF16_TIMEOUT=130 RUN_TIMEOUT=150 \
-      bash benchmarks/gpu_check.sh 2>&1 | tail -40 | tee "$log/step_stdout.txt"
     ;;
   variants)
     # each default against its slower alternative in one run (same bits required: "vs default" column)
@@ -66,7 +89,7 @@ case "$STAGE" in
     done
     ;;
   *)
-    echo "unknown stage $STAGE (check|quality|step|variants|multigpu-*)"; exit 2 ;;
+    echo "unknown stage $STAGE"; exit 2 ;;
 esac
-tar -czf "$OUT/$STAGE.tar.gz" -C "$OUT" "$STAGE" && rm -rf "$log"
+tar -czf "$OUT/$NAME.tar.gz" -C "$OUT" "$NAME" && rm -rf "$log"
 ls -la "$OUT"
