@@ -39,11 +39,18 @@ bench() {       # $1: time limit; sections are saved as they finish, so a cut-sh
   cp "$log/bench/results.md" "$OUT/bench_kernels.md" 2>/dev/null
 }
 quality() {     # $1: time limit for the command, $2 per run
-  # --import-summaries: start from the committed results; only runs missing or cut short train
-  timeout "$1" $PY benchmarks/quality.py --out "$log/q" --import-summaries docs/quality --parallel 3 \
+  # --import-summaries: start from the committed results; only runs missing or cut short train.
+  # runs/quality_device stays on a warm machine: the next call resumes cut-short runs from their
+  # checkpoints. Only summaries and logs come back (checkpoints are ~40 MB a run).
+  local q=runs/quality_device
+  timeout "$1" $PY benchmarks/quality.py --out $q --import-summaries docs/quality --parallel 3 \
     --timeout "$2" 2>&1 | tail -80 > "$log/quality_stdout.txt"
-  cp "$log/q/table.md" "$OUT/quality_table.md" 2>/dev/null
-  cp "$log/q/gap.png" "$OUT/gap.png" 2>/dev/null
+  cp $q/table.md "$OUT/quality_table.md" 2>/dev/null
+  cp $q/gap.png "$OUT/gap.png" 2>/dev/null
+  for d in $q/*/; do
+    n=$(basename "$d"); [ "$n" = corpus ] && continue
+    mkdir -p "$log/q/$n"; cp "$d"summary.json "$d"log.txt "$log/q/$n/" 2>/dev/null
+  done
 }
 step() {        # the ~1B Megatron GPT step, bf16 then quartet2
   OUT=$log/g1b LAYERS=20 HIDDEN=2048 FFN=5632 HEADS=16 STEPS=30 BF16_TIMEOUT=${BF16_TIMEOUT:-130} \

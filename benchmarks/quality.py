@@ -11,7 +11,9 @@ seed — except the second BF16 run, whose seed differs, to measure the seed-to-
 (`--only nvidia-seed2 ...`) every FP4 recipe also runs with that second seed, its gap paired with
 bf16-seed2, which shows how much a gap itself moves from seed to seed.
 Runs already complete in --out are skipped, so the command resumes the missing recipes only; a run cut
-short keeps its partial summary (written at every log interval) and is reported as such; a run with a
+short keeps its partial summary (written at every log interval) and is reported as such, and the next
+command with the same --out continues it from its last checkpoint (every --save-interval iterations;
+GPU route), so a run longer than one device call is split across calls; a run with a
 non-finite loss is reported as NaN/Inf, a run whose loss ends above where it started as diverged.
 Output: <out>/table.md (final validation loss, gap to BF16 absolute and %, gap as a fraction of
 NVIDIA's gap, each paired with BF16 at the same iteration) and <out>/gap.png (gap to BF16 over training).
@@ -76,7 +78,10 @@ def run_flags(a, name: str, recipe: str, seed: int, corpus: str) -> list:
                  "--tokenizer-type", "NullTokenizer", "--vocab-size", 256, "--null-tokenizer-eod-id", 0,
                  "--train-data-path", os.path.join(corpus, "train"), "--valid-data-path", os.path.join(corpus, "valid"),
                  "--test-data-path", os.path.join(corpus, "valid"),
-                 "--mfp4-summary", os.path.join(out, "summary.json")]
+                 "--mfp4-summary", os.path.join(out, "summary.json"),
+                 # a run cut short resumes from its last checkpoint on the next command (Megatron's
+                 # --load; no checkpoint there = a fresh start), so long runs split across device calls
+                 "--load", out, "--save-interval", a.save_interval]
     return [str(x) for x in common + extra]
 
 
@@ -234,6 +239,9 @@ def main(argv=None):
     p.add_argument("--eval-interval", type=int, default=100)
     p.add_argument("--eval-iters", type=int, default=4)
     p.add_argument("--timeout", type=float, default=900, help="seconds per run (a run cut short is kept)")
+    p.add_argument("--save-interval", type=int, default=100,
+                   help="checkpoint every N iterations (GPU route): a run cut short resumes there on the next "
+                        "command with the same --out")
     p.add_argument("--parallel", type=int, default=1,
                    help="runs at a time (one GPU is shared: small models leave it mostly idle)")
     p.add_argument("--corpus-src", default=None, help="text files for the corpus (default: Python stdlib)")
@@ -264,6 +272,11 @@ def main(argv=None):
         if not a.force and status_of(load_summary(a.out, name), a.steps) == "complete":
             print(f"{name}: complete, skipped", flush=True)
             continue
+        if a.force:   # a forced rerun starts from scratch, not from the old run's checkpoint
+            import shutil
+            shutil.rmtree(os.path.join(a.out, name), ignore_errors=True)
+        elif os.path.isfile(os.path.join(a.out, name, "latest_checkpointed_iteration.txt")):
+            print(f"{name}: resuming from its checkpoint", flush=True)
         os.makedirs(os.path.join(a.out, name), exist_ok=True)
         todo.append((name, [sys.executable, "-m", "megatron_fp4.pretrain_gpt",
                             *run_flags(a, name, recipe, a.seed + seed_offset, corpus)]))

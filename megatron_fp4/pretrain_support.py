@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import time
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 
 from .megatron.state import set_iteration
+
+log = logging.getLogger(__name__)
 
 # Flags (with values) the launcher adds when the user leaves them out: the main job's model and run.
 # Booleans are listed with no values. Users override any of them by passing the flag.
@@ -367,6 +370,15 @@ class TrainingHistory:
         self.valid: list = []          # (iteration, validation lm loss) from Megatron's evaluation
         self._last = None
         self._installed = False
+        # A run resumed from a checkpoint (--load) continues the summary that its earlier segments
+        # left at summary_path: read now, kept up to where this segment starts (see _continue).
+        self._earlier = None
+        if summary_path and os.path.isfile(summary_path):
+            try:
+                with open(summary_path) as fh:
+                    self._earlier = json.load(fh)
+            except (OSError, ValueError):
+                log.warning("run summary %s is unreadable; a resumed run starts a new one", summary_path)
 
     def install(self) -> "TrainingHistory":
         from megatron.training import training
@@ -408,7 +420,28 @@ class TrainingHistory:
         self._installed = True
         return self
 
+    def _continue(self, first_iteration: int) -> None:
+        """At this segment's first iteration: keep the earlier summary's losses and validation points
+        before it (a checkpoint at iteration i was saved after i's evaluation, so the segment starts at
+        i + 1; anything recorded after the checkpoint is trained again and replaced). A segment that
+        starts at iteration 1 is a fresh run: the earlier summary is dropped."""
+        earlier, self._earlier = self._earlier, None
+        if not earlier or first_iteration <= 1:
+            self._prior = {"losses": [], "valid": [], "segments": []}
+            return
+        keep = lambda points: [(int(i), v) for i, v in points if int(i) < first_iteration]
+        segments = earlier.get("segments") or [{
+            "first_iteration": 1, "last_iteration": first_iteration - 1, "device": earlier.get("device"),
+            "median_step_s": earlier.get("median_step_s")}]
+        self._prior = {"losses": keep(earlier.get("losses", [])), "valid": keep(earlier.get("valid", [])),
+                       "segments": [dict(seg, last_iteration=min(seg["last_iteration"], first_iteration - 1))
+                                    for seg in segments if seg["first_iteration"] < first_iteration]}
+        log.info("resumed at iteration %d: the run summary keeps %d earlier loss points", first_iteration,
+                 len(self._prior["losses"]))
+
     def record(self, loss_dict, iteration, learning_rate=None) -> None:
+        if not self.records:
+            self._continue(int(iteration))
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         now = time.perf_counter()
@@ -428,17 +461,28 @@ class TrainingHistory:
             write_summary(self, get_args(), self.summary_path, plot=False)
 
     def summary(self, warmup: int = 10) -> dict:
+        """The whole run so far: earlier segments (a resumed run) and this one. Step time, peak
+        memory and device are this segment's; `segments` lists each segment's."""
         import statistics
         steps = [r["step_s"] for r in self.records[warmup:] if not math.isnan(r["step_s"])]
-        losses = [(r["iteration"], r["loss"]) for r in self.records if r["loss"] is not None]
+        prior = getattr(self, "_prior", None) or {"losses": [], "valid": [], "segments": []}
+        losses = prior["losses"] + [(r["iteration"], r["loss"]) for r in self.records if r["loss"] is not None]
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        median = statistics.median(steps) if steps else None
+        segments = list(prior["segments"])
+        if self.records:
+            segments.append({"first_iteration": self.records[0]["iteration"],
+                             "last_iteration": self.records[-1]["iteration"], "device": device,
+                             "median_step_s": median})
         return {
-            "iterations": len(self.records),
+            "iterations": self.records[-1]["iteration"] if self.records else 0,
             "losses": losses,
-            "valid": list(self.valid),
-            "median_step_s": statistics.median(steps) if steps else None,
+            "valid": prior["valid"] + list(self.valid),
+            "median_step_s": median,
             "warmup_excluded": warmup,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "device": device,
+            "segments": segments,
         }
 
 

@@ -104,3 +104,18 @@ def test_second_seed_runs_pair_with_the_second_bf16_seed(tmp_path):
     assert rows["nvidia"][5] == "+0.1000" and rows["bf16-seed2"][5] == "+0.1000"
     assert "tetrajet2-seed2" not in table                # second seeds appear only when they were run
     assert [n for n, _, _ in quality.SEED2_RUNS][:2] == ["nvidia-seed2", "tetrajet2-seed2"]
+
+
+def test_gpu_runs_checkpoint_and_resume_from_their_own_directory(tmp_path):
+    """A run longer than one device call is split across calls: each GPU run saves a checkpoint every
+    --save-interval iterations into its own directory and loads from there (Megatron starts fresh
+    where there is none); the summary goes beside it."""
+    import types
+    a = types.SimpleNamespace(out=str(tmp_path), steps=820, layers=4, hidden=256, ffn=512, heads=4, seq=256,
+                              micro_batch=256, global_batch=256, lr=2e-3, eval_interval=100, eval_iters=4,
+                              cpu=False, save_interval=100)
+    flags = quality.run_flags(a, "tetrajet2-full", "tetrajet2-full", 1234, str(tmp_path / "corpus"))
+    value = lambda f: flags[flags.index(f) + 1]
+    run_dir = os.path.join(str(tmp_path), "tetrajet2-full")
+    assert value("--load") == run_dir and value("--save") == run_dir and value("--save-interval") == "100"
+    assert value("--mfp4-summary") == os.path.join(run_dir, "summary.json")

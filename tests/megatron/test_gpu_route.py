@@ -177,3 +177,37 @@ def test_training_history_records_losses_and_validation(monkeypatch):
     summary = history.summary(warmup=0)
     assert summary["losses"] == [(1, 3.0), (2, 2.0), (3, 1.0)] and len(seen) == 3
     assert summary["valid"] == [(3, 2.5)]
+
+
+def test_training_history_continues_a_resumed_runs_summary(monkeypatch, tmp_path):
+    """A run resumed from a checkpoint (the quality benchmark split across device calls) continues
+    the summary its earlier segment wrote: losses and validation points before the resume point are
+    kept, those after it (trained again) replaced; a fresh start (iteration 1) drops the old one."""
+    import json
+    from megatron.training import training
+    from megatron_fp4.pretrain_support import TrainingHistory
+    monkeypatch.setattr(training, "training_log", lambda *a, **k: 0)
+    monkeypatch.setattr(training, "evaluate", lambda *a, **k: ({"lm loss": torch.tensor(1.5)}, None, False))
+    monkeypatch.setattr(training, "evaluate_and_print_results", lambda prefix, *a, **k: training.evaluate())
+    path = tmp_path / "summary.json"
+    # the earlier segment trained to 25 (cut short), evaluated at 10 and 20; the checkpoint is at 20
+    earlier = {"losses": [[i, 10.0 - 0.1 * i] for i in range(1, 26)], "valid": [[10, 9.0], [20, 8.0]],
+               "median_step_s": 0.5, "device": "NVIDIA H100 80GB HBM3"}
+    path.write_text(json.dumps(earlier))
+    history = TrainingHistory(summary_path=str(path), every=0).install()
+    for it in (21, 22, 23, 24, 25, 26, 27, 28, 29, 30):
+        training.training_log({"lm loss": torch.tensor(1.0)}, {}, 1e-3, it)
+    training.evaluate_and_print_results("iteration 30 on validation set")
+    s = history.summary(warmup=0)
+    iterations = [i for i, _ in s["losses"]]
+    assert iterations == list(range(1, 31))                       # 21-25 from this segment only
+    assert dict(s["losses"])[20] == pytest.approx(8.0) and dict(s["losses"])[21] == 1.0
+    assert s["valid"] == [(10, 9.0), (20, 8.0), (30, 1.5)] and s["iterations"] == 30
+    assert [(g["first_iteration"], g["last_iteration"]) for g in s["segments"]] == [(1, 20), (21, 30)]
+    assert s["segments"][0]["device"] == "NVIDIA H100 80GB HBM3"
+    # a fresh run writing to the same place starts over
+    path.write_text(json.dumps(s))
+    fresh = TrainingHistory(summary_path=str(path), every=0).install()
+    training.training_log({"lm loss": torch.tensor(3.0)}, {}, 1e-3, 1)
+    s2 = fresh.summary(warmup=0)
+    assert s2["losses"] == [(1, 3.0)] and s2["valid"] == [] and len(s2["segments"]) == 1
