@@ -244,6 +244,8 @@ def main(argv=None):
                         "command with the same --out")
     p.add_argument("--parallel", type=int, default=1,
                    help="runs at a time (one GPU is shared: small models leave it mostly idle)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the table and plot from the summaries in --out (after --import-summaries)")
     p.add_argument("--corpus-src", default=None, help="text files for the corpus (default: Python stdlib)")
     p.add_argument("--import-summaries", default=None, metavar="DIR",
                    help="start from earlier results: DIR/<run>.json (e.g. docs/quality) become the summaries "
@@ -252,11 +254,14 @@ def main(argv=None):
     if a.parallel < 1:
         p.error("--parallel must be at least 1")
     os.makedirs(a.out, exist_ok=True)
+    if a.import_summaries:
+        import_summaries(a.import_summaries, a.out)
+    if a.report_only:
+        print(report(a.out, a.steps), flush=True)
+        return
     from megatron_fp4.data.corpus import ensure
     corpus = os.path.join(a.out, "corpus")
     ensure(corpus, a.corpus_src)
-    if a.import_summaries:
-        import_summaries(a.import_summaries, a.out)
     params = non_embedding_params(a.layers, a.hidden, a.ffn)
     tokens = a.steps * a.global_batch * a.seq
     print(f"model: {params / 1e6:.2f}M non-embedding parameters; {tokens / 1e6:.1f}M tokens = "

@@ -85,6 +85,11 @@ def test_import_summaries_resumes_only_what_is_missing_or_cut_short(tmp_path):
     assert quality.load_summary(out, "bf16")["losses"][0] == [1, 5.0]
     with pytest.raises(SystemExit, match="not a directory"):
         quality.import_summaries(str(tmp_path / "nope"), out)
+    # --report-only: the table from what is there, nothing trained, no corpus built
+    quality.main(["--out", out, "--steps", "10", "--report-only"])
+    table = open(os.path.join(out, "table.md")).read()
+    assert "| nvidia | cut short | 6 | 5 |" in table and "| quartet2 | missing |" in table
+    assert not os.path.exists(os.path.join(out, "corpus"))
 
 
 def test_second_seed_runs_pair_with_the_second_bf16_seed(tmp_path):
