@@ -167,9 +167,26 @@ def _short_device(summary) -> str:
     return name
 
 
+def gap_series(summaries: dict) -> dict:
+    """Per run, [(iteration, validation loss - its paired BF16 run's)] (bf16-seed2 against bf16: the
+    seed spread; a second-seed run against bf16-seed2)."""
+    series = {}
+    for name, s in summaries.items():
+        if name == "bf16" or not s or not s.get("valid"):
+            continue
+        base = summaries.get(baseline_of(name))
+        if not base or not base.get("valid"):
+            continue
+        ref = {int(i): v for i, v in base["valid"]}
+        pts = [(int(it), v - ref[int(it)]) for it, v in s["valid"] if int(it) in ref and math.isfinite(v)]
+        if pts:
+            series[name] = pts
+    return series
+
+
 def _plot_gaps(out: str, summaries: dict) -> None:
-    base = summaries.get("bf16")
-    if not base or not base.get("valid"):
+    series = gap_series(summaries)
+    if not series:
         return
     try:
         import matplotlib
@@ -177,19 +194,19 @@ def _plot_gaps(out: str, summaries: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    ref = dict(base["valid"])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, s in summaries.items():
-        if name == "bf16" or not s or not s.get("valid"):
-            continue
-        pts = [(it, v - ref[it]) for it, v in s["valid"] if it in ref and math.isfinite(v)]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = {}
+    for name in sorted(series, key=lambda n: (n.endswith("-seed2") and n != "bf16-seed2", n)):
+        recipe = name[:-len("-seed2")] if name.endswith("-seed2") and name != "bf16-seed2" else name
+        second = recipe != name
+        line, = ax.plot(*zip(*series[name]), marker="o", ms=3, ls="--" if second else "-",
+                        color=colors.get(recipe), label=f"{recipe} (seed 2, vs bf16-seed2)" if second else name)
+        colors[recipe] = line.get_color()
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("validation loss - BF16")
-    ax.set_title("Gap to BF16 over training")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("validation loss - paired BF16")
+    ax.set_title("Gap to BF16 over training (bf16-seed2: the seed-to-seed spread)")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "gap.png"), dpi=120)
     plt.close(fig)

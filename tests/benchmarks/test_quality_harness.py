@@ -102,6 +102,11 @@ def test_second_seed_runs_pair_with_the_second_bf16_seed(tmp_path):
     table = quality.report(out, steps=10)
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    # the plotted curves pair the same way
+    series = quality.gap_series({n: quality.load_summary(out, n) for n in
+                                 ("bf16", "bf16-seed2", "nvidia", "nvidia-seed2", "quartet2-seed2")})
+    assert series["quartet2-seed2"] == [(10, pytest.approx(0.10))] and series["nvidia"] == [(10, pytest.approx(0.10))]
+    assert series["bf16-seed2"] == [(10, pytest.approx(0.10))] and "bf16" not in series
     # seed-2 runs: gap against bf16-seed2 (3.10), ratio against nvidia-seed2's gap (0.20)
     assert rows["nvidia-seed2 (vs bf16-seed2)"][4:6] == ["3.1000", "+0.2000"]
     assert rows["quartet2-seed2 (vs bf16-seed2)"][5] == "+0.1000"
