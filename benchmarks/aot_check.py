@@ -78,7 +78,7 @@ for sr, four_six in ((True, False), (False, False), (False, True)):   # operands
                               **(dict(base, FAST_RN=1, LOAD3D=False) if four_six else base)},
             {**I32, "x_ptr": "*bf16", "operand_ptr": "*bf16"})
 
-evar = {k: v for k, v in eden.DEFAULTS.items() if k in ("FAST_DIV", "FAST_RN")}
+evar = {k: v for k, v in eden.DEFAULTS.items() if k in ("FAST_DIV", "FAST_RN", "TREE")}
 for mode, dt, split, br in ((0, "*bf16", 1, 64), (1, "*bf16", 1, 64), (0, "*fp32", 3, 64), (2, "*u8", 1, 64)):
     ptrs = {**I32, "src_ptr": dt, "ssc_ptr": "*u8" if mode == 2 else dt, "h_ptr": "*bf16", "bamax_ptr": "*fp32",
             "operand_ptr": "*bf16"}

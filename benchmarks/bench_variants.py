@@ -174,6 +174,8 @@ def variants(rows=16384, cols=4096):
                         ("FAST_DIV=False", dict(FAST_DIV=False)), ("FAST_RN=0", dict(FAST_RN=0)),
                         ("FAST_RN=2 (code from the RNE sum)", dict(FAST_RN=2)),
                         ("BAMAX=False (block amax reduced in pass 2, replicated layout)", dict(BAMAX=False)),
+                        ("TREE=False (tl.sum's order for the EDEN sums; rarely other bits than the twin's)",
+                         dict(TREE=False)),
                         ("AMAX_MODE=0", dict(AMAX_MODE=0)), ("TILES=1 (h reloaded per 64-row tile)", dict(TILES=1)),
                         ("TILES=8", dict(TILES=8))):
             row(label, vn, lambda: rht_ms_eden(sigma=sigma, stream=st, variant=var, **kw), nbytes, ref)

@@ -47,8 +47,12 @@ N_RHT = 128
 # loads them, so the per-block work (three IEEE divisions, E4M3 rounding, hash, scale SR) runs in a
 # compact layout instead of 4x replicated in the rotation's wgmma layout: 82.5 -> 55 instructions
 # per element in pass 2, +2.4 in pass 1, for 0.5 extra bytes per element (benchmarks/sass_stats.py;
-# chosen by instruction count, not yet timed on a GPU: bench_variants has the BAMAX=False row).)
-DEFAULTS = dict(FAST_DIV=True, FAST_RN=1, AMAX_MODE=1, TILES=4, BAMAX=True)
+# chosen by instruction count, not yet timed on a GPU: bench_variants has the BAMAX=False row).
+# TREE=True: the EDEN factor's two sums in the twin's fixed pairwise order, so the scales are
+# bit-identical to quantizers.quantize_ms_eden on every device (with tl.sum's order, 5 of 4.2M scales
+# differed on the H200); it costs 54.6 -> 68.6 instructions per element in pass 2 (layout shuffles;
+# sass_stats), not yet timed: bench_variants has the TREE=False row.)
+DEFAULTS = dict(FAST_DIV=True, FAST_RN=1, AMAX_MODE=1, TILES=4, BAMAX=True, TREE=True)
 SRC_DENSE, SRC_DENSE_T, SRC_PACKED_T = 0, 1, 2
 INV_SQRT_128 = float(np.float32(1.0 / math.sqrt(N_RHT)))   # the entries of hadamard_matrix(128)
 
@@ -139,7 +143,7 @@ def _eden_kernel(src_ptr, ssc_ptr, stride_s, R, C, h_ptr, INV_SQRT, amax_bits_pt
                  SRC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr,
                  TIES_AWAY: tl.constexpr, SCALAR_RECIP: tl.constexpr, BR: tl.constexpr,
                  FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr, TILES: tl.constexpr,
-                 EMIT: tl.constexpr = False, BAMAX: tl.constexpr = False):
+                 EMIT: tl.constexpr = False, BAMAX: tl.constexpr = False, TREE: tl.constexpr = True):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     c0 = pid_c * 128
@@ -150,7 +154,30 @@ def _eden_kernel(src_ptr, ssc_ptr, stride_s, R, C, h_ptr, INV_SQRT, amax_bits_pt
         _eden_tile(src_ptr, ssc_ptr, stride_s, R, C, h, INV_SQRT, g, valid, r0, c0,
                    packed_ptr, scales_ptr, flushed_ptr, clamped_ptr, operand_ptr, bamax_ptr, key, row_off,
                    row_split, row_hi, col_off, col_split, col_hi, V, INV_V,
-                   SRC, SPLIT, INTERP, TIES_AWAY, SCALAR_RECIP, BR, FAST_DIV, FAST_RN, EMIT, BAMAX)
+                   SRC, SPLIT, INTERP, TIES_AWAY, SCALAR_RECIP, BR, FAST_DIV, FAST_RN, EMIT, BAMAX, TREE)
+
+
+@triton.jit
+def _pairwise_sum_128(x, BR: tl.constexpr):
+    """[BR, 8, 16] -> [BR]: the sum over each row's 128 values as a tree of adjacent pairs in index
+    order (x0 + x1, x2 + x3, ...; then the pairs of those), the order of quantizers.pairwise_sum. Each
+    step is one IEEE add of two operands, which no reduction order or compiler can change (the kernel
+    runs with FP contraction off), so the EDEN factor is bit-identical to the twin's on any device;
+    tl.sum's order is the compiler's and differed from torch's in ~1 of 10^6 SR'd scales on the H200."""
+    a, b = tl.split(tl.reshape(x, (BR, 8, 8, 2)))
+    x = a + b
+    a, b = tl.split(tl.reshape(x, (BR, 8, 4, 2)))
+    x = a + b
+    a, b = tl.split(tl.reshape(x, (BR, 8, 2, 2)))
+    x = a + b
+    a, b = tl.split(x)
+    x = a + b                                                    # [BR, 8]: the 16-block sums
+    a, b = tl.split(tl.reshape(x, (BR, 4, 2)))
+    x = a + b
+    a, b = tl.split(tl.reshape(x, (BR, 2, 2)))
+    x = a + b
+    a, b = tl.split(x)
+    return a + b
 
 
 @triton.jit
@@ -159,7 +186,7 @@ def _eden_tile(src_ptr, ssc_ptr, stride_s, R, C, h, INV_SQRT, g, valid, r0, c0,
                row_hi, col_off, col_split, col_hi, V, INV_V,
                SRC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, TIES_AWAY: tl.constexpr,
                SCALAR_RECIP: tl.constexpr, BR: tl.constexpr, FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr,
-               EMIT: tl.constexpr, BAMAX: tl.constexpr):
+               EMIT: tl.constexpr, BAMAX: tl.constexpr, TREE: tl.constexpr):
     z = _load_rotate(src_ptr, ssc_ptr, stride_s, R, r0, c0, h, INV_SQRT, SRC, SPLIT, INTERP, BR)
     z = tl.where(tl.abs(z) < float("inf"), z, 0.0)               # non-finite -> 0 (g carries NaN)
     zb = tl.reshape(z, (BR, 8, 16))
@@ -185,8 +212,12 @@ def _eden_tile(src_ptr, ssc_ptr, stride_s, R, C, h, INV_SQRT, g, valid, r0, c0,
         codes = rn_e2m1_code(u, TIES_AWAY)
         q = e2m1_value(codes)
     # EDEN factor per 128-group (one rotated chunk of one row): |u|^2 / <u, q>
-    num = tl.sum(tl.reshape(u * u, (BR, 128)), axis=1)
-    den = tl.sum(tl.reshape(u * q, (BR, 128)), axis=1)
+    if TREE:    # the reference's fixed pairwise order (quantizers.pairwise_sum): same bits on every device
+        num = _pairwise_sum_128(u * u, BR)
+        den = _pairwise_sum_128(u * q, BR)
+    else:       # tl.sum's own order: the last bits of the factor can differ from the twin's
+        num = tl.sum(tl.reshape(u * u, (BR, 128)), axis=1)
+        den = tl.sum(tl.reshape(u * q, (BR, 128)), axis=1)
     ok = den >= FP32_MIN_NORMAL
     factor = tl.where(ok, tl.math.div_rn(num, tl.where(ok, den, 1.0)), 1.0)
     corrected = s * factor[:, None]

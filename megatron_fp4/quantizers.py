@@ -265,9 +265,28 @@ def _scale_uniforms(stream: RandomStream, rows: int, cols: int, device) -> torch
     return stream.uniform(rows, cols // BLOCK, device, col_step=BLOCK)
 
 
-def _eden_factor(u: torch.Tensor, q: torch.Tensor, dims) -> torch.Tensor:
-    num = (u * u).sum(dim=dims)
-    den = (u * q).sum(dim=dims)
+def pairwise_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum over `dim` (a power of two long) as a tree of adjacent pairs in index order:
+    ((x0 + x1) + (x2 + x3)) + ... Each step is one IEEE add of two operands, whose result no
+    implementation can change, so every implementation following this tree (the Triton kernels do)
+    gets the same bits; torch.sum's and tl.sum's orders are their libraries' own. Our choice for the
+    EDEN factor's sums, where the spec leaves the order open."""
+    x = x.movedim(dim, -1)
+    n = x.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"pairwise_sum needs a power-of-two length, got {n}")
+    while x.shape[-1] > 1:
+        x = x[..., 0::2] + x[..., 1::2]
+    return x[..., 0]
+
+
+def _eden_factor(u: torch.Tensor, q: torch.Tensor, dim: int, squeeze=None) -> torch.Tensor:
+    """|u|^2 / <u, q> over `dim` (pairwise order), 1 where <u, q> is not a normal positive number;
+    `squeeze`: a size-1 dim to drop from the result."""
+    num = pairwise_sum(u * u, dim)
+    den = pairwise_sum(u * q, dim)
+    if squeeze is not None:
+        num, den = num.squeeze(squeeze), den.squeeze(squeeze)
     ok = den >= fmt.FP32_MIN_NORMAL
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.ones_like(den))
 
@@ -294,7 +313,7 @@ def _ms_eden_per128(z, stream, v, smax, ties, amax_reduce) -> NVFP4Tensor:
     # per-128 group = the 8 blocks of one rotated chunk
     ug = u.reshape(rows, cols // OUTER_BLOCK, OUTER_BLOCK)
     qg = q.reshape(rows, cols // OUTER_BLOCK, OUTER_BLOCK)
-    factor = _eden_factor(ug, qg, dims=2).repeat_interleave(OUTER_BLOCK // BLOCK, dim=1)  # [R, C/16]
+    factor = _eden_factor(ug, qg, dim=2).repeat_interleave(OUTER_BLOCK // BLOCK, dim=1)  # [R, C/16]
     corrected = s * factor
     clamped = (corrected > fmt.E4M3_MAX).sum()
     scales = fmt.stochastic_round_to_e4m3(corrected, _scale_uniforms(stream, rows, cols, z.device))
@@ -323,7 +342,7 @@ def _ms_eden_per16(z, stream, v, ties, amax_reduce) -> NVFP4Tensor:
     u = zb / _expand(torch.where(keep, m, torch.ones_like(m)))
     u = torch.where(_expand(keep), u, torch.zeros((), device=z.device))
     codes = encode_rn(u, ties)
-    factor = _eden_factor(u, fmt.decode_e2m1(codes), dims=(1, 3))
+    factor = _eden_factor(u, fmt.decode_e2m1(codes), dim=3, squeeze=1)       # u: [R, 1, C/16, 16]
     r = (m * factor).to(torch.bfloat16).float()
     r = torch.where(keep, r, torch.zeros_like(r))
     r_max = r.amax()

@@ -930,3 +930,30 @@ def test_amax_reduce_sets_the_tensor_scale():
     assert float(qt.tensor_scale) == expected["g"]
     assert torch.equal(lib_codes(qt), expected["codes"][:16])
     assert torch.equal(qt.block_scales.double(), expected["scales"][:16])
+
+
+def test_pairwise_sum_is_the_adjacent_pair_tree_in_float32():
+    """The EDEN factor's sums (our choice of order, shared with the Triton kernel): a tree of adjacent
+    pairs, every add rounded to FP32. Checked against the tree built from numpy float32 scalars, and
+    shown to matter: a left-to-right FP32 sum of the same values differs."""
+    import numpy as np
+
+    def tree(v):
+        v = [np.float32(t) for t in v]
+        while len(v) > 1:
+            v = [np.float32(v[i] + v[i + 1]) for i in range(0, len(v), 2)]
+        return v[0]
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 128, generator=g) * torch.exp2(torch.randint(-30, 30, (6, 128), generator=g).float())
+    got = Q.pairwise_sum(x, 1)
+    for r in range(6):
+        assert got[r].item() == float(tree(x[r].tolist()))
+    crafted = torch.tensor([1.0] + [2.0 ** -24] * 127)        # each tiny add is lost left to right
+    sequential = np.float32(0)
+    for t in crafted.tolist():
+        sequential = np.float32(sequential + np.float32(t))
+    assert Q.pairwise_sum(crafted, 0).item() == float(tree(crafted.tolist())) != float(sequential)
+    assert torch.equal(Q.pairwise_sum(x.t(), 0), got)                     # any dim
+    with pytest.raises(ValueError, match="power-of-two"):
+        Q.pairwise_sum(torch.ones(3, 12), 1)
