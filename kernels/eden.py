@@ -50,8 +50,8 @@ N_RHT = 128
 # chosen by instruction count, not yet timed on a GPU: bench_variants has the BAMAX=False row).
 # TREE=True: the EDEN factor's two sums in the twin's fixed pairwise order, so the scales are
 # bit-identical to quantizers.quantize_ms_eden on every device (with tl.sum's order, 5 of 4.2M scales
-# differed on the H200); it costs 54.6 -> 68.6 instructions per element in pass 2 (layout shuffles;
-# sass_stats), not yet timed: bench_variants has the TREE=False row.)
+# differed on the H200); it costs 54.6 -> 56.9 instructions per element in pass 2 (sass_stats), not
+# yet timed: bench_variants has the TREE=False row.)
 DEFAULTS = dict(FAST_DIV=True, FAST_RN=1, AMAX_MODE=1, TILES=4, BAMAX=True, TREE=True)
 SRC_DENSE, SRC_DENSE_T, SRC_PACKED_T = 0, 1, 2
 INV_SQRT_128 = float(np.float32(1.0 / math.sqrt(N_RHT)))   # the entries of hadamard_matrix(128)
@@ -159,22 +159,24 @@ def _eden_kernel(src_ptr, ssc_ptr, stride_s, R, C, h_ptr, INV_SQRT, amax_bits_pt
 
 @triton.jit
 def _pairwise_sum_128(x, BR: tl.constexpr):
-    """[BR, 8, 16] -> [BR]: the sum over each row's 128 values as a tree of adjacent pairs in index
-    order (x0 + x1, x2 + x3, ...; then the pairs of those), the order of quantizers.pairwise_sum. Each
-    step is one IEEE add of two operands, which no reduction order or compiler can change (the kernel
-    runs with FP contraction off), so the EDEN factor is bit-identical to the twin's on any device;
-    tl.sum's order is the compiler's and differed from torch's in ~1 of 10^6 SR'd scales on the H200."""
-    a, b = tl.split(tl.reshape(x, (BR, 8, 8, 2)))
+    """[BR, 8, 16] -> [BR]: the sum over each row's 128 values as a halving tree (x[c] + x[c + 64],
+    then c + 32, ..., c + 1), the order of quantizers.pairwise_sum. Each step is one IEEE add of two
+    operands, which no reduction order or compiler can change (the kernel runs with FP contraction
+    off), so the EDEN factor is bit-identical to the twin's on any device; tl.sum's order is the
+    compiler's and differed from torch's in ~1 of 10^6 SR'd scales on the H200. (Halving rather than
+    adjacent pairs: 56.9 instead of 68.6 instructions per element in pass 2, fewer layout shuffles.)"""
+    x = tl.reshape(x, (BR, 128))
+    a, b = tl.split(tl.permute(tl.reshape(x, (BR, 2, 64)), (0, 2, 1)))
     x = a + b
-    a, b = tl.split(tl.reshape(x, (BR, 8, 4, 2)))
+    a, b = tl.split(tl.permute(tl.reshape(x, (BR, 2, 32)), (0, 2, 1)))
     x = a + b
-    a, b = tl.split(tl.reshape(x, (BR, 8, 2, 2)))
+    a, b = tl.split(tl.permute(tl.reshape(x, (BR, 2, 16)), (0, 2, 1)))
     x = a + b
-    a, b = tl.split(x)
-    x = a + b                                                    # [BR, 8]: the 16-block sums
-    a, b = tl.split(tl.reshape(x, (BR, 4, 2)))
+    a, b = tl.split(tl.permute(tl.reshape(x, (BR, 2, 8)), (0, 2, 1)))
     x = a + b
-    a, b = tl.split(tl.reshape(x, (BR, 2, 2)))
+    a, b = tl.split(tl.permute(tl.reshape(x, (BR, 2, 4)), (0, 2, 1)))
+    x = a + b
+    a, b = tl.split(tl.permute(tl.reshape(x, (BR, 2, 2)), (0, 2, 1)))
     x = a + b
     a, b = tl.split(x)
     return a + b

@@ -266,17 +266,19 @@ def _scale_uniforms(stream: RandomStream, rows: int, cols: int, device) -> torch
 
 
 def pairwise_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sum over `dim` (a power of two long) as a tree of adjacent pairs in index order:
-    ((x0 + x1) + (x2 + x3)) + ... Each step is one IEEE add of two operands, whose result no
-    implementation can change, so every implementation following this tree (the Triton kernels do)
-    gets the same bits; torch.sum's and tl.sum's orders are their libraries' own. Our choice for the
-    EDEN factor's sums, where the spec leaves the order open."""
+    """Sum over `dim` (n long, a power of two) as a halving tree: x[c] + x[c + n/2] for c < n/2, then
+    the same on the n/2 results, down to one. Each step is one IEEE add of two operands, whose result
+    no implementation can change, so every implementation following this tree (the MS-EDEN kernel
+    does) gets the same bits; torch.sum's and tl.sum's orders are their libraries' own. Our choice for
+    the EDEN factor's sums, where the spec leaves the order open (halving, because it is the cheaper
+    tree in the kernel's register layout)."""
     x = x.movedim(dim, -1)
     n = x.shape[-1]
     if n & (n - 1):
         raise ValueError(f"pairwise_sum needs a power-of-two length, got {n}")
-    while x.shape[-1] > 1:
-        x = x[..., 0::2] + x[..., 1::2]
+    while n > 1:
+        n //= 2
+        x = x[..., :n] + x[..., n:]
     return x[..., 0]
 
 

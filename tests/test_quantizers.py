@@ -932,16 +932,17 @@ def test_amax_reduce_sets_the_tensor_scale():
     assert torch.equal(qt.block_scales.double(), expected["scales"][:16])
 
 
-def test_pairwise_sum_is_the_adjacent_pair_tree_in_float32():
-    """The EDEN factor's sums (our choice of order, shared with the Triton kernel): a tree of adjacent
-    pairs, every add rounded to FP32. Checked against the tree built from numpy float32 scalars, and
-    shown to matter: a left-to-right FP32 sum of the same values differs."""
+def test_pairwise_sum_is_the_halving_tree_in_float32():
+    """The EDEN factor's sums (our choice of order, shared with the Triton kernel): a halving tree
+    (x[c] + x[c + n/2], ...), every add rounded to FP32. Checked against the tree built from numpy
+    float32 scalars, and shown to matter: a left-to-right FP32 sum of the same values differs."""
     import numpy as np
 
     def tree(v):
         v = [np.float32(t) for t in v]
         while len(v) > 1:
-            v = [np.float32(v[i] + v[i + 1]) for i in range(0, len(v), 2)]
+            h = len(v) // 2
+            v = [np.float32(v[i] + v[i + h]) for i in range(h)]
         return v[0]
 
     g = torch.Generator().manual_seed(3)
