@@ -97,11 +97,29 @@ def _candidate(xb, bamax, g, valid, target, inv_target, TIES_AWAY: tl.constexpr,
 
 
 @triton.jit
-def _sse(xg, vals, s, F64: tl.constexpr):
-    # errors are exact in FP32 (Sterbenz: x/g lies within half a step of its grid point)
+def _halving_sum_16(x, BR: tl.constexpr, NB: tl.constexpr):
+    """[BR, NB, 16] -> [BR, NB]: each block's 16 values summed as the halving tree of
+    quantizers.pairwise_sum (x[c] + x[c + 8], then + 4, + 2, + 1): one IEEE add per step, so the
+    result does not depend on the compiler's reduction order."""
+    a, b = tl.split(tl.permute(tl.reshape(x, (BR, NB, 2, 8)), (0, 1, 3, 2)))
+    x = a + b
+    a, b = tl.split(tl.permute(tl.reshape(x, (BR, NB, 2, 4)), (0, 1, 3, 2)))
+    x = a + b
+    a, b = tl.split(tl.permute(tl.reshape(x, (BR, NB, 2, 2)), (0, 1, 3, 2)))
+    x = a + b
+    a, b = tl.split(x)
+    return a + b
+
+
+@triton.jit
+def _sse(xg, vals, s, F64: tl.constexpr, BR: tl.constexpr, NB: tl.constexpr):
+    # errors are exact in FP32 (Sterbenz: x/g lies within half a step of its grid point). FP64: the
+    # deciding sums, squares exact and added in the reference's fixed order, so the 4/6 choice is the
+    # twin's bit for bit (near-ties included); FP32: only a screen for near-ties, any order will do.
     e = xg - vals * s[:, :, None]
     if F64:
         e = e.to(tl.float64)
+        return _halving_sum_16(e * e, BR, NB)
     return tl.sum(e * e, axis=2)
 
 
@@ -167,15 +185,15 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
         else:
             xg = tl.math.div_rn(xb, g)
         if SSE_MODE == 0:
-            use4 = _sse(xg, vals4, s4, True) < _sse(xg, vals, s, True)
+            use4 = _sse(xg, vals4, s4, True, BR, NB) < _sse(xg, vals, s, True, BR, NB)
         else:
-            sse4 = _sse(xg, vals4, s4, False)
-            sse6 = _sse(xg, vals, s, False)
+            sse4 = _sse(xg, vals4, s4, False, BR, NB)
+            sse6 = _sse(xg, vals, s, False, BR, NB)
             use4 = sse4 < sse6
             if SSE_MODE == 1:
                 close = tl.abs(sse4 - sse6) <= (sse4 + sse6) * (2.0 ** -14) + 2.0 ** -100
                 if tl.max(tl.max(close.to(tl.int32), axis=1), axis=0) > 0:
-                    use4 = _sse(xg, vals4, s4, True) < _sse(xg, vals, s, True)
+                    use4 = _sse(xg, vals4, s4, True, BR, NB) < _sse(xg, vals, s, True, BR, NB)
         s = tl.where(use4, s4, s)
         codes = tl.where(use4[:, :, None], codes4, codes)
         keep = tl.where(use4, keep4, keep)

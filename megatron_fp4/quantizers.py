@@ -137,9 +137,15 @@ def nvfp4_block_scales(block_amax: torch.Tensor, target: float, g: torch.Tensor,
 
 
 def four_over_six_sse(xg: torch.Tensor, candidate: torch.Tensor, dims=None) -> torch.Tensor:
-    """Squared errors of a 4/6 candidate (FP32 errors, FP64 squares); summed over `dims` if given."""
+    """Squared errors of a 4/6 candidate (FP32 errors, exact FP64 squares); summed over `dims`
+    (row dim, column dim of a block) if given, in a fixed order: the halving tree (pairwise_sum) over
+    the block's 16 columns, then over its rows. The RTN kernel adds in the same order, so both make the
+    same 4/6 choice even where the two candidates' sums are within FP64 rounding of each other."""
     err = (xg - candidate).double() ** 2
-    return err if dims is None else err.sum(dim=dims)
+    if dims is None:
+        return err
+    row_dim, col_dim = dims
+    return pairwise_sum(pairwise_sum(err, col_dim), row_dim)
 
 
 def double_block_scales(block_amax: torch.Tensor, outer_amax: torch.Tensor, v: float):
@@ -215,7 +221,7 @@ def quantize_nvfp4(
         # SSE in units of g (x / g), which avoids overflow for huge inputs. Exact ties are common
         # (s4 = 1.5 s6 puts both candidates on shared grid points) and must go to max->6, so the SSE
         # must see them exactly: each error is exact in FP32 (Sterbenz: x/g is within half a step of
-        # its grid point), its square exact in FP64, and the 16-term FP64 sum is exact in practice.
+        # its grid point), its square exact in FP64, and the FP64 sums run in the kernel's fixed order.
         xg = xb / g
         sse6 = four_over_six_sse(xg, fmt.decode_e2m1(codes) * _expand(scales.float()), dims=(1, 3))
         sse4 = four_over_six_sse(xg, fmt.decode_e2m1(codes4) * _expand(scales4.float()), dims=(1, 3))
