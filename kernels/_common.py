@@ -301,6 +301,19 @@ def e2m1_value(code):
 
 
 @triton.jit
+def halve(x, ROWS: tl.constexpr, N: tl.constexpr):
+    """One step of quantizers.pairwise_sum's halving tree: [ROWS, N] -> [ROWS, N // 2] holding
+    x[:, c] + x[:, c + N // 2] ([ROWS] when N == 2). One IEEE add of two operands per element, which
+    no reduction order or compiler can change (callers run with FP contraction off), so a sum built
+    from these steps has the twin's bits on every device, unlike tl.sum's compiler-chosen order."""
+    if N == 2:
+        a, b = tl.split(x)
+    else:
+        a, b = tl.split(tl.permute(tl.reshape(x, (ROWS, 2, N // 2)), (0, 2, 1)))
+    return a + b
+
+
+@triton.jit
 def unpack_codes(byte, ROWS: tl.constexpr, COLS: tl.constexpr):
     """[ROWS, COLS/2] packed bytes -> [ROWS, COLS] codes, element 2i from the low nibble (format.unpack_e2m1)."""
     return tl.reshape(tl.join(byte & 15, byte >> 4), (ROWS, COLS))

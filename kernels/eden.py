@@ -38,7 +38,7 @@ from megatron_fp4.tensor import BLOCK, NVFP4Tensor
 from .rtn import _amax_reduce_kernel
 from ._common import (FP32_MIN_NORMAL, INTERPRET, block_values, div_prep, div_scalar, e2m1_value, e4m3_value,
                       exact_div, fp32_reciprocal, hash_uniform, pack_codes, rn_e2m1, rn_e2m1_code, rn_e4m3,
-                      counter, dot_pm1, signed_hadamard, signed_key, sr_e4m3, tensor_scale, unpack_codes)
+                      counter, dot_pm1, halve, signed_hadamard, signed_key, sr_e4m3, tensor_scale, unpack_codes)
 
 N_RHT = 128
 # Variant switches (constexpr) for benchmarks/bench_variants.py; defaults = fastest bit-exact on H100
@@ -164,22 +164,12 @@ def _pairwise_sum_128(x, BR: tl.constexpr):
     operands, which no reduction order or compiler can change (the kernel runs with FP contraction
     off), so the EDEN factor is bit-identical to the twin's on any device; tl.sum's order is the
     compiler's and differed from torch's in ~1 of 10^6 SR'd scales on the H200. (Halving rather than
-    adjacent pairs: 56.9 instead of 68.6 instructions per element in pass 2, fewer layout shuffles.)"""
+    adjacent pairs: 56.9 instead of 68.6 instructions per element in pass 2, fewer layout shuffles.)
+    Steps: _common.halve."""
     x = tl.reshape(x, (BR, 128))
-    a, b = tl.split(tl.permute(tl.reshape(x, (BR, 2, 64)), (0, 2, 1)))
-    x = a + b
-    a, b = tl.split(tl.permute(tl.reshape(x, (BR, 2, 32)), (0, 2, 1)))
-    x = a + b
-    a, b = tl.split(tl.permute(tl.reshape(x, (BR, 2, 16)), (0, 2, 1)))
-    x = a + b
-    a, b = tl.split(tl.permute(tl.reshape(x, (BR, 2, 8)), (0, 2, 1)))
-    x = a + b
-    a, b = tl.split(tl.permute(tl.reshape(x, (BR, 2, 4)), (0, 2, 1)))
-    x = a + b
-    a, b = tl.split(tl.permute(tl.reshape(x, (BR, 2, 2)), (0, 2, 1)))
-    x = a + b
-    a, b = tl.split(x)
-    return a + b
+    x = halve(halve(halve(x, BR, 128), BR, 64), BR, 32)
+    x = halve(halve(halve(x, BR, 16), BR, 8), BR, 4)
+    return halve(x, BR, 2)
 
 
 @triton.jit

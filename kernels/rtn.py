@@ -24,7 +24,7 @@ from megatron_fp4.tensor import BLOCK, NVFP4Tensor
 from megatron_fp4.rng import RandomStream
 
 from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, div_scalar, e2m1_value, e4m3_bits, exact_div,
-                      counter, fp32_reciprocal, hash_uniform, pack_codes, rn_e2m1, rn_e2m1_code, rn_e4m3, signed_key,
+                      counter, fp32_reciprocal, halve, hash_uniform, pack_codes, rn_e2m1, rn_e2m1_code, rn_e4m3, signed_key,
                       sr_e2m1, tensor_scale)
 
 AMAX_BLOCK = 8192
@@ -101,14 +101,9 @@ def _halving_sum_16(x, BR: tl.constexpr, NB: tl.constexpr):
     """[BR, NB, 16] -> [BR, NB]: each block's 16 values summed as the halving tree of
     quantizers.pairwise_sum (x[c] + x[c + 8], then + 4, + 2, + 1): one IEEE add per step, so the
     result does not depend on the compiler's reduction order."""
-    a, b = tl.split(tl.permute(tl.reshape(x, (BR, NB, 2, 8)), (0, 1, 3, 2)))
-    x = a + b
-    a, b = tl.split(tl.permute(tl.reshape(x, (BR, NB, 2, 4)), (0, 1, 3, 2)))
-    x = a + b
-    a, b = tl.split(tl.permute(tl.reshape(x, (BR, NB, 2, 2)), (0, 1, 3, 2)))
-    x = a + b
-    a, b = tl.split(x)
-    return a + b
+    x = tl.reshape(x, (BR * NB, 16))
+    x = halve(halve(halve(halve(x, BR * NB, 16), BR * NB, 8), BR * NB, 4), BR * NB, 2)
+    return tl.reshape(x, (BR, NB))
 
 
 @triton.jit
