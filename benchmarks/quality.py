@@ -43,13 +43,19 @@ SEED2_RUNS = [(f"{name}-seed2", recipe, 1) for name, recipe, offset in RUNS if o
 ALL_RUNS = RUNS + SEED2_RUNS
 
 
+def first_seed_of(name: str) -> str:
+    """The seed-1 run of a second-seed FP4 run ("quartet2-seed2" -> "quartet2"); any other name itself
+    (bf16-seed2 is BF16's own second seed, the spread, not a paired run)."""
+    return name[:-len("-seed2")] if name.endswith("-seed2") and name != "bf16-seed2" else name
+
+
 def baseline_of(name: str) -> str:
     """The BF16 run a run's gap is paired with: the one with its seed."""
-    return "bf16-seed2" if name.endswith("-seed2") and name != "bf16-seed2" else "bf16"
+    return "bf16" if first_seed_of(name) == name else "bf16-seed2"
 
 
 def nvidia_of(name: str) -> str:
-    return "nvidia-seed2" if name.endswith("-seed2") and name != "bf16-seed2" else "nvidia"
+    return "nvidia" if first_seed_of(name) == name else "nvidia-seed2"
 
 
 def non_embedding_params(layers: int, hidden: int, ffn: int) -> int:
@@ -196,8 +202,8 @@ def _plot_gaps(out: str, summaries: dict) -> None:
         return
     fig, ax = plt.subplots(figsize=(8, 4.5))
     colors = {}
-    for name in sorted(series, key=lambda n: (n.endswith("-seed2") and n != "bf16-seed2", n)):
-        recipe = name[:-len("-seed2")] if name.endswith("-seed2") and name != "bf16-seed2" else name
+    for name in sorted(series, key=lambda n: (first_seed_of(n) != n, n)):
+        recipe = first_seed_of(name)
         second = recipe != name
         line, = ax.plot(*zip(*series[name]), marker="o", ms=3, ls="--" if second else "-",
                         color=colors.get(recipe), label=f"{recipe} (seed 2, vs bf16-seed2)" if second else name)

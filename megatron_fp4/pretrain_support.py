@@ -370,6 +370,8 @@ class TrainingHistory:
         self.valid: list = []          # (iteration, validation lm loss) from Megatron's evaluation
         self._last = None
         self._installed = False
+        # losses / validation points / segments of earlier segments that this one continues
+        self._prior = {"losses": [], "valid": [], "segments": []}
         # A run resumed from a checkpoint (--load) continues the summary that its earlier segments
         # left at summary_path: read now, kept up to where this segment starts (see _continue).
         self._earlier = None
@@ -427,7 +429,6 @@ class TrainingHistory:
         starts at iteration 1 is a fresh run: the earlier summary is dropped."""
         earlier, self._earlier = self._earlier, None
         if not earlier or first_iteration <= 1:
-            self._prior = {"losses": [], "valid": [], "segments": []}
             return
         keep = lambda points: [(int(i), v) for i, v in points if int(i) < first_iteration]
         segments = earlier.get("segments") or [{
@@ -465,7 +466,7 @@ class TrainingHistory:
         memory and device are this segment's; `segments` lists each segment's."""
         import statistics
         steps = [r["step_s"] for r in self.records[warmup:] if not math.isnan(r["step_s"])]
-        prior = getattr(self, "_prior", None) or {"losses": [], "valid": [], "segments": []}
+        prior = self._prior
         losses = prior["losses"] + [(r["iteration"], r["loss"]) for r in self.records if r["loss"] is not None]
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         median = statistics.median(steps) if steps else None
