@@ -8,7 +8,7 @@
 #   bash benchmarks/device_session.sh quality+tests  # quality runs + GPU tests alongside (one call)
 #   bash benchmarks/device_session.sh step+bench     # ~1B step, then the kernel benchmark (one call)
 #   bash benchmarks/device_session.sh variants  # leave-one-out kernel variants (BAMAX, FAST_RN, ...)
-#   bash benchmarks/device_session.sh multigpu-tp|multigpu-curves|multigpu-grads
+#   bash benchmarks/device_session.sh multigpu-tp|multigpu-curves|multigpu-grads|multigpu-single
 #                                   # the multi-GPU issue's runs, one stage per call (runs/multi_gpu stays
 #                                   # on the warm machine, so the table grows); on one GPU only the
 #                                   # one-rank runs of the stage (--single-gpu)
@@ -18,7 +18,7 @@
 # (megatron-core wheel) and .whl/ (pytest wheels) carried; see benchmarks/_device_env.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: device_session.sh check|quality|step|quality+tests|step+bench|quality-seed2|variants|multigpu-tp|multigpu-curves|multigpu-grads}
+STAGE=${1:?usage: device_session.sh check|quality|step|quality+tests|step+bench|quality-seed2|variants|multigpu-tp|multigpu-curves|multigpu-grads|multigpu-single}
 OUT=${OUT:-device_out}
 source benchmarks/_device_env.sh
 if ! $PY -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
@@ -86,11 +86,21 @@ case "$STAGE" in
     # each default against its slower alternative in one run (same bits required: "vs default" column)
     timeout 560 $PY benchmarks/bench_variants.py --out "$log/var" 2>&1 | tail -120 | tee "$log/variants_stdout.txt"
     ;;
-  multigpu-tp|multigpu-curves|multigpu-grads)
-    # on a one-GPU machine: the one-rank runs of the stage (references, controls); the rest later
+  multigpu-tp|multigpu-curves|multigpu-grads|multigpu-single)
+    # on a one-GPU machine: the one-rank runs of the stage (references, controls); the rest later.
+    # multigpu-single: every one-rank run of the three stages in one call: curves and grads side by
+    # side on the one GPU (losses and gradients only), then the timed TP=1 runs alone
     single=$([ "$(nvidia-smi -L | wc -l)" -lt 2 ] && echo --single-gpu)
-    timeout 590 $PY benchmarks/multi_gpu.py --out runs/multi_gpu --stage "${STAGE#multigpu-}" --timeout 420 $single \
-      2>&1 | tail -80 | tee "$log/multi_gpu_stdout.txt"
+    if [ "$STAGE" = multigpu-single ]; then
+      timeout 330 $PY benchmarks/multi_gpu.py --out runs/multi_gpu --stage curves,grads --share-gpu --single-gpu \
+        --timeout 320 2>&1 | tail -60 > "$log/multi_gpu_shared_stdout.txt"
+      tail -25 "$log/multi_gpu_shared_stdout.txt"
+      timeout $(( 590 - SECONDS )) $PY benchmarks/multi_gpu.py --out runs/multi_gpu --stage tp --single-gpu \
+        --timeout 240 2>&1 | tail -80 | tee "$log/multi_gpu_stdout.txt"
+    else
+      timeout 590 $PY benchmarks/multi_gpu.py --out runs/multi_gpu --stage "${STAGE#multigpu-}" --timeout 420 $single \
+        2>&1 | tail -80 | tee "$log/multi_gpu_stdout.txt"
+    fi
     cp runs/multi_gpu/table.md "$OUT/multi_gpu_table.md" 2>/dev/null
     for d in runs/multi_gpu/*/; do   # summaries and logs of every run so far (small)
       n=$(basename "$d"); mkdir -p "$log/$n"; cp "$d"summary.json "$d"log.txt "$log/$n/" 2>/dev/null

@@ -4,6 +4,8 @@
     python benchmarks/multi_gpu.py --out runs/mgpu --stage tp          # one stage (tp | curves | grads)
     python benchmarks/multi_gpu.py --out runs/mgpu_cpu --cpu            # the same runs, tiny, 2 CPU ranks (gloo)
     python benchmarks/multi_gpu.py --out runs/mgpu --single-gpu         # one GPU: the one-rank runs only
+    python benchmarks/multi_gpu.py --out runs/mgpu --single-gpu --stage curves,grads --share-gpu
+                                        # their one-rank runs side by side on one GPU (no timings taken)
 
 Every run is `python -m megatron_fp4.pretrain_gpt` under torchrun (Megatron's own loop and NCCL on
 GPUs; the megatron-core CPU driver and gloo on CPU), its output in <out>/<run>/log.txt and its summary
@@ -175,9 +177,11 @@ def execute(todo: list, a, gpus: int) -> dict:
             tail = open(os.path.join(a.out, job.name, "log.txt")).read().splitlines()[-15:]
             print("\n".join("    " + t for t in tail), flush=True)
 
-    # CPU ranks, or --serial: one run at a time; GPUs: as many as there are free GPUs for
+    # CPU ranks, or --serial: one run at a time; GPUs: as many as there are free GPUs for, or with
+    # --share-gpu every one-rank run at once on the GPUs all can see (no hand-out)
     slots = 1 if not gpus or a.serial else len(jobs) or 1
-    run_jobs(jobs, a.out, timeout=a.timeout, slots=slots, gpus=gpus, cwd=ROOT, on_done=done)
+    share = getattr(a, "share_gpu", False) and all(job.gpus <= 1 for job in jobs)
+    run_jobs(jobs, a.out, timeout=a.timeout, slots=slots, gpus=0 if share else gpus, cwd=ROOT, on_done=done)
     return status
 
 
@@ -400,6 +404,17 @@ def _size_text(stage, a) -> str:
             f"global batch {z['gbs']}, {z['steps']} steps")
 
 
+def parse_stages(text: str) -> tuple:
+    """'all' or a comma-separated list of stages, in the order of STAGES."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if names == ["all"]:
+        return STAGES
+    unknown = [n for n in names if n not in STAGES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown stage(s) {unknown or text!r}: choose all or from {', '.join(STAGES)}")
+    return tuple(n for n in STAGES if n in names)
+
+
 def _device_name() -> str:
     try:
         import torch
@@ -412,16 +427,22 @@ def _device_name() -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/multi_gpu")
-    p.add_argument("--stage", choices=("all",) + STAGES, default="all")
+    p.add_argument("--stage", type=parse_stages, default=STAGES, metavar="all|" + "|".join(STAGES) + "[,...]",
+                   help="the stages to run: all (the default) or a comma-separated list, e.g. curves,grads")
     p.add_argument("--cpu", action="store_true", help="2 CPU ranks with gloo and tiny sizes (exercises the code)")
     p.add_argument("--skip-tp1", action="store_true", help="no TP=1 reference runs in the tp stage")
     p.add_argument("--single-gpu", action="store_true",
                    help="only the one-rank runs (references and controls), on one GPU; the table marks the rest missing")
     p.add_argument("--serial", action="store_true", help="one run at a time even when GPUs are free")
+    p.add_argument("--share-gpu", action="store_true",
+                   help="one-rank runs side by side on the same GPU (curves and grads only: their losses and "
+                        "gradients do not depend on it; step times would, so the tp stage refuses it)")
     p.add_argument("--timeout", type=float, default=540, help="seconds per run; a run past it counts as hung")
     p.add_argument("--force", action="store_true", help="rerun finished runs")
     p.add_argument("--results-md", default=None, help="also put the table into this markdown file")
     a = p.parse_args(argv)
+    if a.share_gpu and "tp" in a.stage:
+        p.error("--share-gpu: the tp stage measures step times, which runs sharing a GPU would distort")
     os.makedirs(a.out, exist_ok=True)
     gpus = 0
     if not a.cpu:
@@ -430,7 +451,7 @@ def main(argv=None):
         if gpus < 1 or (gpus < 2 and not a.single_gpu):
             raise SystemExit(f"multi_gpu.py needs 2 GPUs (found {gpus}); --single-gpu makes the one-rank runs "
                              "on one GPU, --cpu runs everything on CPU ranks")
-    stages = STAGES if a.stage == "all" else (a.stage,)
+    stages = a.stage
     if "curves" in stages:
         from megatron_fp4.data import corpus
         corpus.ensure(os.path.join(a.out, "corpus"))

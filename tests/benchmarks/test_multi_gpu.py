@@ -62,6 +62,17 @@ def test_grads_stage_same_keys_and_split_within_last_bit_controls(tmp_path):
     assert "bf16: TP=2+SP vs TP=1" in table and "other random draws" in table
 
 
+def test_stage_list_and_share_gpu_refuses_the_timed_stage(capsys):
+    assert multi_gpu.parse_stages("all") == multi_gpu.STAGES
+    assert multi_gpu.parse_stages("grads,curves") == ("curves", "grads")      # STAGES order
+    for bad in ("curve", "tp,bogus", ","):
+        with pytest.raises(Exception, match="unknown stage"):
+            multi_gpu.parse_stages(bad)
+    with pytest.raises(SystemExit):
+        multi_gpu.main(["--out", "/nonexistent/x", "--cpu", "--stage", "tp,grads", "--share-gpu"])
+    assert "--share-gpu: the tp stage measures step times" in capsys.readouterr().err
+
+
 def _write(out, name, losses, valid=None, events=None):
     os.makedirs(os.path.join(out, name), exist_ok=True)
     with open(os.path.join(out, name, "summary.json"), "w") as fh:
