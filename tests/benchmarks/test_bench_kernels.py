@@ -1,0 +1,37 @@
+"""The kernel benchmark's own code paths (benchmarks/bench_kernels.py), run on CPU under the Triton
+interpreter at tiny shapes (BENCH_DRYRUN=1) before device time is spent on them: a section that
+fails is only logged on the device, so here every section checked must finish without an error."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+
+_PROGRAM = """
+import json, bench_kernels as B
+B.exactness(128, 256)
+B.host_overhead(128, [("tiny", 256, 256)], "tiny", host_tokens=128)
+print("RESULTS=" + json.dumps({k: B.RESULTS[k] for k in ("exact", "errors", "overhead")}))
+"""
+
+
+@pytest.mark.timeout(900)
+def test_exactness_and_host_overhead_sections_run_and_kernels_match_their_twins():
+    env = dict(os.environ, BENCH_DRYRUN="1", TRITON_INTERPRET="1", MEGATRON_FP4_KERNELS="interpret",
+               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "benchmarks")]))
+    proc = subprocess.run([sys.executable, "-c", _PROGRAM], capture_output=True, text=True, env=env,
+                          timeout=850, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS=")][-1]
+    results = json.loads(line[len("RESULTS="):])
+    assert results["errors"] == []
+    exact = {row["check"].split(" [")[0].split(" (")[0]: row for row in results["exact"]}
+    # the deterministic quantizers and MS-EDEN given the kernel's own rotation: bit-exact
+    for name in ("RTN 1x16", "RTN 1x16 + 4/6", "RHT+MS-EDEN dense: given kernel z",
+                 "RHT+MS-EDEN transposed: given kernel z", "re-quantize from packed: given kernel z"):
+        assert (exact[name]["codes"], exact[name]["scales"], exact[name]["g_equal"]) == (0, 0, True), name
+    assert [r["recipe"] for r in results["overhead"]] == ["bf16", "nvidia", "tetrajet2", "quartet2"]
+    assert all(r["host_ms"] > 0 and r["gpu_ms"] > 0 for r in results["overhead"])
