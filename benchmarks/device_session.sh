@@ -2,6 +2,8 @@
 # One device session's measurements, in stages that each fit one device call (10 minutes):
 #
 #   bash benchmarks/device_session.sh check     # GPU tests + kernel benchmark          (~8 min)
+#   bash benchmarks/device_session.sh check+multigpu  # GPU tests and the one-rank multi-GPU runs side by
+#                                   # side, then the kernel benchmark alone, then the timed TP=1 runs
 #   bash benchmarks/device_session.sh quality   # the quality runs still missing         (~9.5 min)
 #   bash benchmarks/device_session.sh quality-seed2  # second seeds of nvidia, tetrajet2, quartet2(-no46)
 #   bash benchmarks/device_session.sh step      # ~1B Megatron GPT step, bf16 / quartet2 (~5 min)
@@ -18,7 +20,7 @@
 # (megatron-core wheel) and .whl/ (pytest wheels) carried; see benchmarks/_device_env.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: device_session.sh check|quality|step|quality+tests|step+bench|quality-seed2|variants|multigpu-tp|multigpu-curves|multigpu-grads|multigpu-single}
+STAGE=${1:?usage: device_session.sh check|check+multigpu|quality|step|quality+tests|step+bench|quality-seed2|variants|multigpu-tp|multigpu-curves|multigpu-grads|multigpu-single}
 OUT=${OUT:-device_out}
 source benchmarks/_device_env.sh
 if ! $PY -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
@@ -63,6 +65,24 @@ step() {        # the ~1B Megatron GPT step, bf16 then quartet2
 
 case "$STAGE" in
   check)   gpu_tests 240; bench 330; cat "$log/gpu_tests.txt" "$log/bench_stdout.txt" | tail -60 ;;
+  check+multigpu)
+    # everything one call can hold when calls are scarce: what takes no timings shares the GPU first
+    # (the GPU tests and the one-rank curves/grads runs of the multi-GPU command), then the kernel
+    # benchmark alone (~70 s on the H200), then the timed TP=1 runs in the time left
+    gpu_tests 300 & tests_pid=$!
+    timeout 300 $PY benchmarks/multi_gpu.py --out runs/multi_gpu --stage curves,grads --share-gpu --single-gpu \
+      --timeout 290 2>&1 | tail -60 > "$log/multi_gpu_shared_stdout.txt"
+    wait $tests_pid
+    bench $(( 470 - SECONDS ))
+    timeout $(( 590 - SECONDS )) $PY benchmarks/multi_gpu.py --out runs/multi_gpu --stage tp --single-gpu \
+      --timeout 100 2>&1 | tail -60 > "$log/multi_gpu_stdout.txt"
+    cp runs/multi_gpu/table.md "$OUT/multi_gpu_table.md" 2>/dev/null
+    for d in runs/multi_gpu/*/; do
+      n=$(basename "$d"); [ "$n" = corpus ] && continue
+      mkdir -p "$log/mg/$n"; cp "$d"summary.json "$d"log.txt "$log/mg/$n/" 2>/dev/null
+    done
+    cat "$log/gpu_tests.txt" | tail -8; tail -45 "$log/bench_stdout.txt"; tail -12 "$log/multi_gpu_shared_stdout.txt"
+    tail -12 "$log/multi_gpu_stdout.txt" ;;
   quality) quality 585 555; cat "$log/quality_stdout.txt" ;;
   step)    step; cat "$log/step_stdout.txt" ;;
   quality+tests)
