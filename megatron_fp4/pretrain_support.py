@@ -192,8 +192,24 @@ def build_config(argv):
     tcfg.mfp4_recipe, tcfg.mfp4_overrides, tcfg.mfp4_bf16_modules = args.mfp4_recipe, overrides, bf16_modules
     model_cfg = gpt_config_from_args(args, config=tcfg)
     model_cfg.transformer_layer_spec = gpt_layer_spec
+    if args.use_cpu_initialization and not getattr(args, "use_torch_fsdp2", False):
+        model_cfg.pre_wrap_hooks.append(place_cpu_initialized_chunks_on_gpu)
     cfg = pretrain_cfg_container_from_args(args, model_cfg=model_cfg)
     return args, cfg
+
+
+def place_cpu_initialized_chunks_on_gpu(chunks):
+    """Pre-wrap hook for --use-cpu-initialization on GPUs. `training.get_model` moves CPU-initialized
+    weights to the GPU, but the config-container builder that `pretrain(cfg, ...)` uses in
+    megatron-core 0.19 (training/models/dist_utils.py) skips the move whenever use_cpu_initialization
+    is set, and the first forward fails with "index is on cuda:0, ... other tensors on cpu" (found by
+    the multi-GPU command's gradient runs on an H100). The weights are drawn on the CPU as before
+    (identical full masters at every TP size: what the flag is for) and moved before wrapping."""
+    import torch
+    if torch.cuda.is_available():
+        for chunk in chunks:
+            chunk.cuda(torch.cuda.current_device())
+    return chunks
 
 
 # --------------------------------------------------------------------------------------------------

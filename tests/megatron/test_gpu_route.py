@@ -71,6 +71,30 @@ def test_build_config_and_mock_datasets(megatron_globals):
     assert int(batch["tokens"].max()) < 256
 
 
+def test_cpu_initialization_moves_the_chunks_to_the_gpu_before_wrapping(megatron_globals, monkeypatch):
+    """megatron-core 0.19's config-container builder leaves --use-cpu-initialization weights on the
+    CPU (get_model would move them); the launcher's pre-wrap hook moves them."""
+    from megatron.training.global_vars import unset_global_variables
+
+    from megatron_fp4.pretrain_support import build_config, place_cpu_initialized_chunks_on_gpu
+    _, cfg = build_config(TINY + ["--mock-data", "--use-cpu-initialization"])
+    assert place_cpu_initialized_chunks_on_gpu in cfg.model.pre_wrap_hooks
+    unset_global_variables()
+    _, cfg = build_config(TINY + ["--mock-data"])
+    assert place_cpu_initialized_chunks_on_gpu not in cfg.model.pre_wrap_hooks
+
+    class Chunk:
+        device = None
+
+        def cuda(self, device):
+            self.device = device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    chunks = [Chunk(), Chunk()]
+    assert place_cpu_initialized_chunks_on_gpu(chunks) is chunks
+    assert [c.device for c in chunks] == [3, 3]
+
+
 def test_refusals_and_bad_input(megatron_globals):
     from megatron.training.global_vars import unset_global_variables
 

@@ -1,0 +1,87 @@
+"""Where the host time of one NVFP4 linear fwd+bwd goes, on the GPU (small T: the GPU never waits
+for the host's issue, so wall time is host time). Prints per-recipe host ms, cProfile's top functions,
+and the cost of one bare Triton launch against one torch launch.
+
+    python benchmarks/host_profile.py [--recipes quartet2,nvidia] [--tokens 256]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch  # noqa: E402
+
+from megatron_fp4.linear import nvfp4_linear  # noqa: E402
+from megatron_fp4.recipe import QuantContext  # noqa: E402
+from megatron_fp4.registry import load_recipe  # noqa: E402
+from megatron_fp4.rng import derive_key  # noqa: E402
+
+
+def host_ms(fn, calls=50, rounds=5):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t) * 1e3 / calls)
+        torch.cuda.synchronize()
+    return sorted(times)[rounds // 2]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--recipes", default="quartet2,nvidia,tetrajet2")
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--k", type=int, default=2048)
+    p.add_argument("--n", type=int, default=2048)
+    p.add_argument("--top", type=int, default=35)
+    a = p.parse_args()
+    from megatron_fp4.kernels.rtn import tensor_amax
+    x0 = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    y0 = torch.empty_like(x0)
+    print(f"device {torch.cuda.get_device_name()}")
+    print(f"one torch launch (copy_): {1e3 * host_ms(lambda: y0.copy_(x0), calls=200):.1f} us; "
+          f"torch.zeros(2): {1e3 * host_ms(lambda: torch.zeros(2, device='cuda'), calls=200):.1f} us; "
+          f"tensor_amax (1 zeros + 1 Triton launch): {1e3 * host_ms(lambda: tensor_amax(x0), calls=200):.1f} us")
+    for name in a.recipes.split(","):
+        rec = load_recipe(name)
+        x = torch.randn(a.tokens, a.k, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+        w = (torch.randn(a.n, a.k, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_(True)
+        dy = torch.randn(a.tokens, a.n, device="cuda", dtype=torch.bfloat16)
+        key = derive_key(1234, 0, 1, 0)
+
+        def step():
+            x.grad = None
+            w.grad = None
+            nvfp4_linear(x, w, None, rec, QuantContext(key=key, seed=rec.seed)).backward(dy)
+
+        def bf16():
+            x.grad = None
+            w.grad = None
+            torch.nn.functional.linear(x, w).backward(dy)
+        print(f"\n## {name}: host ms per fwd+bwd {host_ms(step):.3f} (bf16 {host_ms(bf16):.3f})")
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(20):
+            step()
+        prof.disable()
+        torch.cuda.synchronize()
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(a.top)
+        print(s.getvalue()[-9000:])
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("cumtime").print_stats(a.top)
+        print(s.getvalue()[-9000:])
+
+
+if __name__ == "__main__":
+    main()
