@@ -139,6 +139,18 @@ def variants(rows=16384, cols=4096):
         log(f"| {kname} | {vname} | {t:.1f} | {nbytes / t / 1e6 / copy_bw:.2f} | {cmp} |")
         return out
 
+    if os.environ.get("VARIANTS_ONLY") == "tree":
+        # the fixed-order EDEN sums' cost alone (one short call): default (TREE=True) vs tl.sum's order
+        sigma = random_signs(derive_key(7, 5), 128, "cuda")
+        st = RandomStream(derive_key(8, 3))
+        xq = Q.quantize_nvfp4(x, smax=256.0, four_over_six=True)
+        for label, kw, nbytes in (("EDEN dense", dict(a=x), floor), ("EDEN transposed", dict(a=x, transpose=True), floor),
+                                  ("EDEN from packed", dict(packed=xq), 2 * (n // 2 + n // 16))):
+            for _ in range(2):   # twice, interleaved: the spread of one row is visible
+                ref = row(label, "default (TREE=True)", lambda: rht_ms_eden(sigma=sigma, stream=st, **kw), nbytes)
+                row(label, "TREE=False", lambda: rht_ms_eden(sigma=sigma, stream=st, variant=dict(TREE=False), **kw),
+                    nbytes, ref)
+        return
     for m in (1, 0):
         row("tensor amax alone", f"AMAX_MODE={m} ({'partials + reduce' if m else 'atomics'})",
             lambda: tensor_amax(x, m), 2 * n)
@@ -211,7 +223,12 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     log(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}")
-    for f in ((div_check,) if os.environ.get("DIV_ONLY") else (div_check, variants, epilogue)):
+    sections = (div_check, variants, epilogue)
+    if os.environ.get("DIV_ONLY"):
+        sections = (div_check,)
+    elif os.environ.get("VARIANTS_ONLY"):
+        sections = (variants,)
+    for f in sections:
         try:
             f()
         except Exception as e:   # one failing section must not hide the others

@@ -20,7 +20,7 @@
 # (megatron-core wheel) and .whl/ (pytest wheels) carried; see benchmarks/_device_env.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: device_session.sh check|check+multigpu|quality|step|quality+tests|step+bench|quality-seed2|variants|multigpu-tp|multigpu-curves|multigpu-grads|multigpu-single}
+STAGE=${1:?usage: device_session.sh check|check+multigpu|grads+tree|quality|step|quality+tests|step+bench|quality-seed2|variants|multigpu-tp|multigpu-curves|multigpu-grads|multigpu-single}
 OUT=${OUT:-device_out}
 source benchmarks/_device_env.sh
 if ! $PY -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
@@ -106,6 +106,16 @@ case "$STAGE" in
     # each default against its slower alternative in one run (same bits required: "vs default" column)
     timeout 560 $PY benchmarks/bench_variants.py --out "$log/var" 2>&1 | tail -120 | tee "$log/variants_stdout.txt"
     ;;
+  grads+tree)
+    # short: the one-rank gradient runs side by side, then the fixed-order EDEN sums' cost
+    timeout 300 $PY benchmarks/multi_gpu.py --out runs/multi_gpu --stage grads --share-gpu --single-gpu \
+      --timeout 290 2>&1 | tail -40 | tee "$log/multi_gpu_stdout.txt"
+    cp runs/multi_gpu/table.md "$OUT/multi_gpu_table.md" 2>/dev/null
+    for d in runs/multi_gpu/grads*/; do
+      n=$(basename "$d"); mkdir -p "$log/mg/$n"; cp "$d"summary.json "$d"log.txt "$log/mg/$n/" 2>/dev/null
+    done
+    VARIANTS_ONLY=tree timeout $(( 590 - SECONDS )) $PY benchmarks/bench_variants.py --out "$log/var" 2>&1 \
+      | tail -30 | tee "$log/variants_stdout.txt" ;;
   multigpu-tp|multigpu-curves|multigpu-grads|multigpu-single)
     # on a one-GPU machine: the one-rank runs of the stage (references, controls); the rest later.
     # multigpu-single: every one-rank run of the three stages in one call: curves and grads side by
