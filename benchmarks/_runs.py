@@ -1,5 +1,6 @@
-"""What the run-launching benchmarks share (quality.py, multi_gpu.py): reading a run's summary and
-running launcher commands side by side under a time limit, each logging to <out>/<name>/log.txt."""
+"""What the benchmarks share: reading a run's summary, running launcher commands side by side under a
+time limit, each logging to <out>/<name>/log.txt (quality.py, multi_gpu.py), and putting a table into
+docs/RESULTS.md between markers (multi_gpu.py, bench_kernels.py)."""
 from __future__ import annotations
 
 import json
@@ -75,3 +76,18 @@ def run_jobs(jobs: list, out: str, *, timeout: float, slots: int, gpus: int = 0,
             free.extend(taken)
             del running[name]
             on_done(job, rc, time.time() - start)
+
+
+def put_marked_block(path: str, key: str, body: str, heading: str) -> None:
+    """Write `body` into the markdown file `path` between `<!-- key:begin -->` and `<!-- key:end -->`,
+    replacing what was there; when the markers are missing, append them under `heading` (a '## ...'
+    line). The rest of the file is left as it was."""
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
+    text = open(path).read() if os.path.exists(path) else ""
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text and text.index(begin) < text.index(end):
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n" + block + "\n"
+    with open(path, "w") as fh:
+        fh.write(text)

@@ -20,6 +20,7 @@ import traceback
 import torch
 import triton
 
+from _runs import put_marked_block
 from timing import median_ms
 
 from megatron_fp4 import quantizers as Q
@@ -442,7 +443,18 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
     ap.add_argument("--skip-linear", action="store_true")
+    ap.add_argument("--results-md", default=None, metavar="FILE",
+                    help="also put the whole table into FILE (e.g. docs/RESULTS.md) between "
+                         "<!-- bench-kernels:begin --> and <!-- bench-kernels:end -->")
+    ap.add_argument("--from-md", default=None, metavar="RESULTS_MD",
+                    help="run nothing: put an earlier run's <out>/results.md into --results-md (runs made "
+                         "on a lent device come back as files)")
     args = ap.parse_args()
+    if args.from_md:
+        if not args.results_md:
+            ap.error("--from-md needs --results-md")
+        publish(open(args.from_md).read(), args.results_md)
+        return
     os.makedirs(args.out, exist_ok=True)
     dev = "cpu (dry run)" if DRYRUN else torch.cuda.get_device_name()
     RESULTS["env"] = dict(device=dev, torch=torch.__version__, triton=triton.__version__,
@@ -485,7 +497,16 @@ def main():
         # the ~1B GPT step's micro-batch (2 x 2048 tokens): is its 2.13x bound by the host?
         host_overhead(128 if DRYRUN else 4096, LLAMA1B, "~1B GPT (hidden 2048, MLP 5632)")
         checkpoint()
+    if args.results_md:
+        publish("\n".join(LINES) + "\n", args.results_md)
     print("\n".join(LINES[-60:]))
+
+
+def publish(table: str, results_md: str) -> None:
+    """The benchmark's table into results_md between its markers (its first line names the device)."""
+    if not table.startswith("device: "):
+        raise ValueError("not a bench_kernels table: its first line must name the device")
+    put_marked_block(results_md, "bench-kernels", table, "## Fused kernels: the benchmark's table")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _runs import Job, load_summary, run_jobs  # noqa: E402
+from _runs import Job, load_summary, put_marked_block, run_jobs  # noqa: E402
 
 from megatron_fp4.testing.dist import free_port  # noqa: E402
 
@@ -384,15 +384,7 @@ def write_results(a, status: dict) -> str:
     with open(os.path.join(a.out, "table.md"), "w") as fh:
         fh.write(table + "\n")
     if a.results_md:
-        begin, end = "<!-- multi-gpu:begin -->", "<!-- multi-gpu:end -->"
-        text = open(a.results_md).read() if os.path.exists(a.results_md) else ""
-        block = f"{begin}\n{table}\n{end}"
-        if begin in text and end in text:
-            text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-        else:
-            text = text.rstrip("\n") + "\n\n## Multi-GPU runs (multi-GPU issue)\n\n" + block + "\n"
-        with open(a.results_md, "w") as fh:
-            fh.write(text)
+        put_marked_block(a.results_md, "multi-gpu", table, "## Multi-GPU runs (multi-GPU issue)")
     return table
 
 

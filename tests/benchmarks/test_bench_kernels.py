@@ -35,3 +35,28 @@ def test_exactness_and_host_overhead_sections_run_and_kernels_match_their_twins(
         assert (exact[name]["codes"], exact[name]["scales"], exact[name]["g_equal"]) == (0, 0, True), name
     assert [r["recipe"] for r in results["overhead"]] == ["bf16", "nvidia", "tetrajet2", "quartet2"]
     assert all(r["host_ms"] > 0 and r["gpu_ms"] > 0 for r in results["overhead"])
+
+
+def test_table_goes_into_results_md_between_markers(tmp_path):
+    """--from-md puts an earlier run's table into the results file between its markers, replacing
+    the previous block and nothing else; a file without markers gets them appended."""
+    table = tmp_path / "results.md"
+    table.write_text("device: NVIDIA H100; torch x\n\n| kernel | us |\n|---|---|\n| RTN | 312.5 |\n")
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("# Results\n\nbefore\n")
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_kernels.py"), "--from-md", str(table),
+           "--results-md", str(doc)]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    first = doc.read_text()
+    assert first.startswith("# Results\n\nbefore\n")
+    assert "<!-- bench-kernels:begin -->\ndevice: NVIDIA H100" in first and "| RTN | 312.5 |" in first
+    table.write_text("device: NVIDIA H200; torch y\n\n| kernel | us |\n|---|---|\n| RTN | 214.2 |\n")
+    doc.write_text(first + "\nafter\n")
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    second = doc.read_text()
+    assert "| RTN | 214.2 |" in second and "312.5" not in second and second.count("bench-kernels:begin") == 1
+    assert second.startswith("# Results\n\nbefore\n") and second.endswith("\nafter\n")
+    table.write_text("not a table\n")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "first line must name the device" in proc.stderr
