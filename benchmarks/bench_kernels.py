@@ -21,7 +21,7 @@ import torch
 import triton
 
 from _runs import put_marked_block
-from timing import median_ms
+from timing import host_issue_ms, median_ms
 
 from megatron_fp4 import quantizers as Q
 from megatron_fp4.hadamard import rht
@@ -332,20 +332,7 @@ def host_overhead(tokens, shapes, label, host_tokens=256):
                 if what == "gpu":
                     gpu += time_cuda(step, warmup=3, reps=20)
                     continue
-                warmup, rounds, calls = (1, 1, 1) if DRYRUN else (3, 5, 10)
-                for _ in range(warmup):
-                    step()
-                if not DRYRUN:
-                    torch.cuda.synchronize()
-                times = []
-                for _ in range(rounds):
-                    begin = time.perf_counter()
-                    for _ in range(calls):
-                        step()
-                    times.append((time.perf_counter() - begin) * 1e3 / calls)
-                    if not DRYRUN:
-                        torch.cuda.synchronize()
-                host += sorted(times)[len(times) // 2]
+                host += host_issue_ms(step, dryrun=DRYRUN)
                 if not DRYRUN:
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
                         step()

@@ -139,13 +139,14 @@ def variants(rows=16384, cols=4096):
         log(f"| {kname} | {vname} | {t:.1f} | {nbytes / t / 1e6 / copy_bw:.2f} | {cmp} |")
         return out
 
+    sigma = random_signs(derive_key(7, 5), 128, "cuda")
+    st = RandomStream(derive_key(8, 3))
+    xq = Q.quantize_nvfp4(x, smax=256.0, four_over_six=True)
+    eden_operands = (("EDEN dense", dict(a=x), floor), ("EDEN transposed", dict(a=x, transpose=True), floor),
+                     ("EDEN from packed", dict(packed=xq), 2 * (n // 2 + n // 16)))
     if os.environ.get("VARIANTS_ONLY") == "tree":
         # the fixed-order EDEN sums' cost alone (one short call): default (TREE=True) vs tl.sum's order
-        sigma = random_signs(derive_key(7, 5), 128, "cuda")
-        st = RandomStream(derive_key(8, 3))
-        xq = Q.quantize_nvfp4(x, smax=256.0, four_over_six=True)
-        for label, kw, nbytes in (("EDEN dense", dict(a=x), floor), ("EDEN transposed", dict(a=x, transpose=True), floor),
-                                  ("EDEN from packed", dict(packed=xq), 2 * (n // 2 + n // 16))):
+        for label, kw, nbytes in eden_operands:
             for _ in range(2):   # twice, interleaved: the spread of one row is visible
                 ref = row(label, "default (TREE=True)", lambda: rht_ms_eden(sigma=sigma, stream=st, **kw), nbytes)
                 row(label, "TREE=False", lambda: rht_ms_eden(sigma=sigma, stream=st, variant=dict(TREE=False), **kw),
@@ -171,12 +172,7 @@ def variants(rows=16384, cols=4096):
             row(kn, f"BR={br} BC={bc} warps={nw}",
                 lambda: quantize_nvfp4_rtn(x, smax=smax, four_over_six=four_six, block_r=br, block_c=bc,
                                            num_warps=nw), floor, ref)
-    sigma = random_signs(derive_key(7, 5), 128, "cuda")
-    st = RandomStream(derive_key(8, 3))
-    xq = Q.quantize_nvfp4(x, smax=256.0, four_over_six=True)
-    pbytes = n // 2 + n // 16
-    for label, kw, nbytes in (("EDEN dense", dict(a=x), floor), ("EDEN transposed", dict(a=x, transpose=True), floor),
-                              ("EDEN from packed", dict(packed=xq), 2 * pbytes)):
+    for label, kw, nbytes in eden_operands:
         ref = row(label, "default", lambda: rht_ms_eden(sigma=sigma, stream=st, **kw), nbytes)
         row(label, "pass 1 alone (rotate + amax)", lambda: rht_ms_eden(sigma=sigma, stream=st, amax_only=True, **kw),
             nbytes)

@@ -63,6 +63,21 @@ step() {        # the ~1B Megatron GPT step, bf16 then quartet2
     RUN_TIMEOUT=${RUN_TIMEOUT:-150} bash benchmarks/gpu_check.sh 2>&1 | tail -40 > "$log/step_stdout.txt"
 }
 
+multigpu() {     # $1: time limit for the command, $2: file for its output, then multi_gpu.py's flags
+  local limit=$1 file=$2; shift 2
+  timeout "$limit" $PY benchmarks/multi_gpu.py --out runs/multi_gpu "$@" 2>&1 | tail -80 > "$log/$file"
+}
+multigpu_shared() {   # $1: time limit, $2: stages; their one-rank runs side by side on the one GPU
+  multigpu "$1" multi_gpu_shared_stdout.txt --stage "$2" --share-gpu --single-gpu --timeout $(( $1 - 10 ))
+}
+collect_multigpu() {  # the table and every run's summary and log (small) so far
+  cp runs/multi_gpu/table.md "$OUT/multi_gpu_table.md" 2>/dev/null
+  for d in runs/multi_gpu/*/; do
+    n=$(basename "$d"); { [ -d "$d" ] && [ "$n" != corpus ]; } || continue
+    mkdir -p "$log/mg/$n"; cp "$d"summary.json "$d"log.txt "$log/mg/$n/" 2>/dev/null
+  done
+}
+
 case "$STAGE" in
   check)   gpu_tests 240; bench 330; cat "$log/gpu_tests.txt" "$log/bench_stdout.txt" | tail -60 ;;
   check+multigpu)
@@ -70,17 +85,11 @@ case "$STAGE" in
     # (the GPU tests and the one-rank curves/grads runs of the multi-GPU command), then the kernel
     # benchmark alone (~70 s on the H200), then the timed TP=1 runs in the time left
     gpu_tests 300 & tests_pid=$!
-    timeout 300 $PY benchmarks/multi_gpu.py --out runs/multi_gpu --stage curves,grads --share-gpu --single-gpu \
-      --timeout 290 2>&1 | tail -60 > "$log/multi_gpu_shared_stdout.txt"
+    multigpu_shared 300 curves,grads
     wait $tests_pid
     bench $(( 470 - SECONDS ))
-    timeout $(( 590 - SECONDS )) $PY benchmarks/multi_gpu.py --out runs/multi_gpu --stage tp --single-gpu \
-      --timeout 100 2>&1 | tail -60 > "$log/multi_gpu_stdout.txt"
-    cp runs/multi_gpu/table.md "$OUT/multi_gpu_table.md" 2>/dev/null
-    for d in runs/multi_gpu/*/; do
-      n=$(basename "$d"); [ "$n" = corpus ] && continue
-      mkdir -p "$log/mg/$n"; cp "$d"summary.json "$d"log.txt "$log/mg/$n/" 2>/dev/null
-    done
+    multigpu $(( 590 - SECONDS )) multi_gpu_stdout.txt --stage tp --single-gpu --timeout 100
+    collect_multigpu
     cat "$log/gpu_tests.txt" | tail -8; tail -45 "$log/bench_stdout.txt"; tail -12 "$log/multi_gpu_shared_stdout.txt"
     tail -12 "$log/multi_gpu_stdout.txt" ;;
   quality) quality 585 555; cat "$log/quality_stdout.txt" ;;
@@ -108,12 +117,9 @@ case "$STAGE" in
     ;;
   grads+tree)
     # short: the one-rank gradient runs side by side, then the fixed-order EDEN sums' cost
-    timeout 300 $PY benchmarks/multi_gpu.py --out runs/multi_gpu --stage grads --share-gpu --single-gpu \
-      --timeout 290 2>&1 | tail -40 | tee "$log/multi_gpu_stdout.txt"
-    cp runs/multi_gpu/table.md "$OUT/multi_gpu_table.md" 2>/dev/null
-    for d in runs/multi_gpu/grads*/; do
-      n=$(basename "$d"); mkdir -p "$log/mg/$n"; cp "$d"summary.json "$d"log.txt "$log/mg/$n/" 2>/dev/null
-    done
+    multigpu_shared 300 grads
+    tail -40 "$log/multi_gpu_shared_stdout.txt"
+    collect_multigpu
     VARIANTS_ONLY=tree timeout $(( 590 - SECONDS )) $PY benchmarks/bench_variants.py --out "$log/var" 2>&1 \
       | tail -30 | tee "$log/variants_stdout.txt" ;;
   multigpu-tp|multigpu-curves|multigpu-grads|multigpu-single)
@@ -122,19 +128,14 @@ case "$STAGE" in
     # side on the one GPU (losses and gradients only), then the timed TP=1 runs alone
     single=$([ "$(nvidia-smi -L | wc -l)" -lt 2 ] && echo --single-gpu)
     if [ "$STAGE" = multigpu-single ]; then
-      timeout 330 $PY benchmarks/multi_gpu.py --out runs/multi_gpu --stage curves,grads --share-gpu --single-gpu \
-        --timeout 320 2>&1 | tail -60 > "$log/multi_gpu_shared_stdout.txt"
+      multigpu_shared 330 curves,grads
       tail -25 "$log/multi_gpu_shared_stdout.txt"
-      timeout $(( 590 - SECONDS )) $PY benchmarks/multi_gpu.py --out runs/multi_gpu --stage tp --single-gpu \
-        --timeout 240 2>&1 | tail -80 | tee "$log/multi_gpu_stdout.txt"
+      multigpu $(( 590 - SECONDS )) multi_gpu_stdout.txt --stage tp --single-gpu --timeout 240
     else
-      timeout 590 $PY benchmarks/multi_gpu.py --out runs/multi_gpu --stage "${STAGE#multigpu-}" --timeout 420 $single \
-        2>&1 | tail -80 | tee "$log/multi_gpu_stdout.txt"
+      multigpu 590 multi_gpu_stdout.txt --stage "${STAGE#multigpu-}" --timeout 420 $single
     fi
-    cp runs/multi_gpu/table.md "$OUT/multi_gpu_table.md" 2>/dev/null
-    for d in runs/multi_gpu/*/; do   # summaries and logs of every run so far (small)
-      n=$(basename "$d"); mkdir -p "$log/$n"; cp "$d"summary.json "$d"log.txt "$log/$n/" 2>/dev/null
-    done
+    tail -80 "$log/multi_gpu_stdout.txt"
+    collect_multigpu
     ;;
   *)
     echo "unknown stage $STAGE"; exit 2 ;;

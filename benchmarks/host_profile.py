@@ -12,29 +12,15 @@ import io
 import os
 import pstats
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
+from timing import host_issue_ms  # noqa: E402
 
 from megatron_fp4.linear import nvfp4_linear  # noqa: E402
 from megatron_fp4.recipe import QuantContext  # noqa: E402
 from megatron_fp4.registry import load_recipe  # noqa: E402
 from megatron_fp4.rng import derive_key  # noqa: E402
-
-
-def host_ms(fn, calls=50, rounds=5):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t) * 1e3 / calls)
-        torch.cuda.synchronize()
-    return sorted(times)[rounds // 2]
 
 
 def main():
@@ -49,9 +35,9 @@ def main():
     x0 = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
     y0 = torch.empty_like(x0)
     print(f"device {torch.cuda.get_device_name()}")
-    print(f"one torch launch (copy_): {1e3 * host_ms(lambda: y0.copy_(x0), calls=200):.1f} us; "
-          f"torch.zeros(2): {1e3 * host_ms(lambda: torch.zeros(2, device='cuda'), calls=200):.1f} us; "
-          f"tensor_amax (1 zeros + 1 Triton launch): {1e3 * host_ms(lambda: tensor_amax(x0), calls=200):.1f} us")
+    print(f"one torch launch (copy_): {1e3 * host_issue_ms(lambda: y0.copy_(x0), calls=200):.1f} us; "
+          f"torch.zeros(2): {1e3 * host_issue_ms(lambda: torch.zeros(2, device='cuda'), calls=200):.1f} us; "
+          f"tensor_amax (1 zeros + 1 Triton launch): {1e3 * host_issue_ms(lambda: tensor_amax(x0), calls=200):.1f} us")
     for name in a.recipes.split(","):
         rec = load_recipe(name)
         x = torch.randn(a.tokens, a.k, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
@@ -68,7 +54,8 @@ def main():
             x.grad = None
             w.grad = None
             torch.nn.functional.linear(x, w).backward(dy)
-        print(f"\n## {name}: host ms per fwd+bwd {host_ms(step):.3f} (bf16 {host_ms(bf16):.3f})")
+        host, host_bf16 = host_issue_ms(step, calls=50), host_issue_ms(bf16, calls=50)
+        print(f"\n## {name}: host ms per fwd+bwd {host:.3f} (bf16 {host_bf16:.3f})")
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(20):

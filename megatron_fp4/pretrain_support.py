@@ -205,7 +205,6 @@ def place_cpu_initialized_chunks_on_gpu(chunks):
     is set, and the first forward fails with "index is on cuda:0, ... other tensors on cpu" (found by
     the multi-GPU command's gradient runs on an H100). The weights are drawn on the CPU as before
     (identical full masters at every TP size: what the flag is for) and moved before wrapping."""
-    import torch
     if torch.cuda.is_available():
         for chunk in chunks:
             chunk.cuda(torch.cuda.current_device())
