@@ -273,3 +273,40 @@ def with_env(rank, world, env, fn_name, *args):
     import os
     os.environ.update(env)
     return globals()[fn_name](rank, world, *args)
+
+
+def first_step_gradients(rank, world, runs):
+    """For each (settings kwargs, perturb) in `runs`, in turn on the same ranks: one forward-backward
+    (no optimizer step) of the driver's GPT from its initial weights; returns, on rank 0, per run the
+    loss, the reduced FP32 gradients at the TP=1 layout (`diagnostics.full_gradients`) and every
+    plugin layer's random-stream key. `perturb` scales every initial weight matrix by (1 + perturb):
+    the last-bit control."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_fp4.megatron import diagnostics, driver
+    from megatron_fp4.megatron.state import set_iteration
+    out = []
+    for settings_kwargs, perturb in runs:
+        s = driver.GPTSettings(**settings_kwargs)
+        driver.initialize_parallel(s)
+        chunks, config = driver.build_model(s)
+        optimizer, _ = driver.build_optimizer(s, chunks)
+        driver.setup_model_hooks(config, chunks, optimizer)
+        if perturb:
+            diagnostics.perturb_initial_weights(chunks, optimizer, perturb)
+        set_iteration(0)
+        for m in chunks:
+            m.zero_grad_buffer()
+        batches = driver.synthetic_batches(s, ps.get_data_parallel_rank(), s.seed)
+        losses = get_forward_backward_func()(
+            forward_step_func=driver.forward_step, data_iterator=batches, model=chunks[0],
+            num_microbatches=s.num_microbatches, seq_length=s.seq_length, micro_batch_size=s.micro_batch_size,
+            forward_only=False)
+        loss = torch.stack([x["lm loss"] for x in losses]).mean().item()
+        grads = diagnostics.full_gradients(chunks, s.swiglu)
+        keys = diagnostics.stream_keys(chunks)
+        # numpy: plain pickling (torch tensors would travel as shared-memory handles of an exited process)
+        out.append({"loss": loss, "grads": {k: v.numpy() for k, v in grads.items()}, "keys": keys})
+        ps.destroy_model_parallel()
+    return out if rank == 0 else None

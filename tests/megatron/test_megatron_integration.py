@@ -69,53 +69,63 @@ def _train(world, steps, **kw):
     return dist.run(w.gpt_train, world, dict(SMALL, **kw), steps, timeout=240)
 
 
-def _assert_same_training(ref, other, later_loss_tol):
-    """Step 1 sees identical weights: its loss and gradients differ by FP32 reduction order only (the
-    randomness does not depend on the split), which carries the claim. After an update the weights
-    differ in their last bits and FP4 rounding amplifies that: scaling every initial weight of the
-    TP=1 quartet2 run by (1 + 2^-22) moves its step-3 grad norm by 9e-4 relative and step 4 by 9e-3
-    (benchmarks/fp4_perturbation.py, docs/RESULTS.md), so later steps are held to that scale, not to
-    reduction order."""
-    assert math.isclose(ref["losses"][0], other["losses"][0], rel_tol=1e-6), (ref["losses"], other["losses"])
-    assert math.isclose(ref["grad_norms"][0], other["grad_norms"][0], rel_tol=1e-5), (
-        ref["grad_norms"], other["grad_norms"])
-    for a, b in zip(ref["losses"][1:], other["losses"][1:]):
-        assert math.isclose(a, b, rel_tol=later_loss_tol), (ref["losses"], other["losses"])
-    for a, b in zip(ref["grad_norms"][1:], other["grad_norms"][1:]):
-        assert math.isclose(a, b, rel_tol=1e-2), (ref["grad_norms"], other["grad_norms"])
+LAST_BIT = 2.0 ** -22      # FP32 reduction-order differences are of this relative size
+OTHER_DRAWS = {"seed": 4321}   # the recipe's random seed: every stochastic rounding redrawn
 
 
-def test_gpt_tp2_sp_matches_tp1_quartet2():
-    ref = _train(1, 3, recipe="quartet2")[0]
-    tp2 = _train(2, 3, recipe="quartet2", tp=2)[0]
-    sp = _train(2, 3, recipe="quartet2", tp=2, sequence_parallel=True)
-    for other in (tp2, sp[0], sp[1]):
-        _assert_same_training(ref, other, later_loss_tol=1e-4)
-    comm = sp[0]["comm"]
-    assert comm and all(q < 0.32 * b for q, b in comm.values()), comm
+def _relative_l2(a: dict, b: dict) -> tuple[float, dict]:
+    """Relative L2 distance of two {name: numpy gradient} dumps over all tensors, and per tensor."""
+    import numpy as np
+    assert set(a) == set(b), (sorted(set(a) ^ set(b)))
+    per, num, den = {}, 0.0, 0.0
+    for name in a:
+        x, y = a[name].astype(np.float64), b[name].astype(np.float64)
+        d2, r2 = float(((x - y) ** 2).sum()), float((x ** 2).sum())
+        per[name] = (d2 / r2) ** 0.5 if r2 > 0 else (0.0 if d2 == 0 else math.inf)
+        num, den = num + d2, den + r2
+    return (num / den) ** 0.5, per
 
 
+GRAD_LAYOUTS = {"dense-2layers": dict(SMALL), "swiglu-1layer": dict(SMALL, num_layers=1, swiglu=True)}
+
+
+@pytest.mark.parametrize("layout", sorted(GRAD_LAYOUTS))
 @pytest.mark.parametrize("recipe", ["quartet2", "tetrajet2", "nvidia"])
-def test_swiglu_fc1_tp2_draws_the_tp1_bits(recipe):
-    """SwiGLU's fc1 (partition stride 2) holds two strided shards per rank (gate, up); its random
-    counters follow them (rng.TwoPieces), so each TP=2 rank computes exactly its rows of the TP=1
-    result: forward bit-exact, dW bit-exact, dX to FP32 reduction order."""
-    for r in dist.run(w.swiglu_fc1_parity, 2, recipe, timeout=120):
-        assert r["fwd_bitexact"] and r["weights_match"], r
-        assert r["dw_maxdiff"] == 0.0, r
-        assert r["dx_maxdiff"] <= 1e-6 * r["dx_scale"], r
+def test_gpt_tp2_sp_first_step_gradients_match_tp1(recipe, layout):
+    """TP invariance of the whole GPT, independent of the machine's FP32 summation order.
 
-
-@pytest.mark.parametrize("recipe", ["quartet2", "tetrajet2", "nvidia"])
-def test_gpt_swiglu_tp2_matches_tp1(recipe):
-    """The SwiGLU GPT at TP=2 trains as at TP=1 (without the two-piece counters the grad norms differ by
-    ~1e-3 here). One layer: with more, the FP32 reduction order of the TP partial sums reaches the
-    next quantizer's amax, and a one-ulp amax change moves scales and SR thresholds, which the
-    comparison would then measure instead of the draws (seen: 8e-4 at 2 layers x 2 micro-batches)."""
-    one_layer = dict(num_layers=1, swiglu=True)
-    ref = _train(1, 3, recipe=recipe, **one_layer)[0]
-    tp2 = _train(2, 3, recipe=recipe, tp=2, sequence_parallel=True, **one_layer)[0]
-    _assert_same_training(ref, tp2, later_loss_tol=1e-3)
+    The randomness is a pure function of (stream key, global row, global column), so at TP=2 (with and
+    without SP) every plugin layer has the TP=1 stream key (checked exactly) and draws the TP=1 bits;
+    what remains is FP32 reduction order (the TP partial sums), which FP4 rounding decisions amplify by
+    a machine-dependent amount (BLAS blocking: 1.6e-7 on one CI machine, 2.3e-4 in the grad norm on
+    another). The first-step FP32 gradients (TP=1 layout, no optimizer step) are therefore compared
+    tensor by tensor against two controls measured in the same test:
+      * last-bit: TP=1 with every initial weight scaled by (1 +- 2^-22), the same draws; its distance is
+        what a reduction-order-sized difference does on this machine (the envelope);
+      * other draws: TP=1 with another recipe seed; a split that changed a layer's bits (local instead
+        of global coordinates, SwiGLU's two pieces mis-counted) moves that layer's gradient this far.
+    Bound, per tensor and over all: split <= max(2 x envelope, 0.25 x other draws). The redraw
+    distance is 0.24-0.38 here and the split 5e-5-3e-4, the envelope up to 1e-2 (nvidia +2^-22)."""
+    base = dict(GRAD_LAYOUTS[layout], recipe=recipe)
+    runs = [(base, 0.0), (base, LAST_BIT), (base, -LAST_BIT), (dict(base, recipe_overrides=OTHER_DRAWS), 0.0)]
+    ref, plus, minus, draws = dist.run(w.first_step_gradients, 1, runs, timeout=300)[0]
+    splits = dist.run(w.first_step_gradients, 2, [(dict(base, tp=2), 0.0),
+                                                  (dict(base, tp=2, sequence_parallel=True), 0.0)], timeout=300)[0]
+    assert ref["keys"] and len(ref["keys"]) == 4 * base["num_layers"], ref["keys"]
+    assert draws["keys"] != ref["keys"]
+    ulp = [_relative_l2(ref["grads"], c["grads"]) for c in (plus, minus)]
+    other_all, other = _relative_l2(ref["grads"], draws["grads"])
+    assert other_all > 0.05, other_all   # the redraw control must separate anything
+    envelope_all = max(u[0] for u in ulp)
+    for name_split, split in zip(("tp2", "tp2+sp"), splits):
+        assert split["keys"] == ref["keys"], (name_split, split["keys"], ref["keys"])
+        split_all, per = _relative_l2(ref["grads"], split["grads"])
+        bound_all = max(2 * envelope_all, 0.25 * other_all)
+        assert split_all <= bound_all, (name_split, split_all, envelope_all, other_all)
+        for name, d in per.items():
+            envelope = max(u[1][name] for u in ulp)
+            bound = max(2 * envelope, 0.25 * other[name])
+            assert d <= bound, (name_split, name, d, envelope, other[name])
 
 
 @pytest.mark.parametrize("recipe", w.RECIPES)
@@ -125,6 +135,13 @@ def test_gpt_trains_tp2_sp(recipe):
     assert all(math.isfinite(x) for x in losses), losses
     assert losses[-1] < losses[0] - 0.2, losses
     assert res[0]["losses"] == res[1]["losses"]
+    comm = res[0]["comm"]   # the plugin's sequence-parallel gathers: FP4 codes + E4M3 scales, not BF16
+    if recipe == "bf16":
+        assert not comm, comm
+    elif recipe in ("quartet2", "tetrajet2"):   # wgrad re-quantizes from the gathered FP4 forward operand
+        assert comm and all(q < 0.32 * b for q, b in comm.values()), comm
+    else:   # nvidia: wgrad needs the original X (RHT-16 of X^T), so backward gathers it in high precision
+        assert comm, comm
 
 
 @pytest.mark.parametrize("recipe", w.RECIPES)
