@@ -107,14 +107,19 @@ def _halving_sum_16(x, BR: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
-def _sse(xg, vals, s, F64: tl.constexpr, BR: tl.constexpr, NB: tl.constexpr):
-    # errors are exact in FP32 (Sterbenz: x/g lies within half a step of its grid point). FP64: the
-    # deciding sums, squares exact and added in the reference's fixed order, so the 4/6 choice is the
-    # twin's bit for bit (near-ties included); FP32: only a screen for near-ties, any order will do.
+def _sse64(x64, vals, s, g64, BR: tl.constexpr, NB: tl.constexpr):
+    # the deciding sums, quantizers.four_over_six_sse: errors against the original values,
+    # x - (e2m1 * e4m3) * g, every step exact in FP64 (the product has <= 30 significant bits, the
+    # difference <= ~33), so any device gets the same errors; the squares round once and are added in
+    # the twin's fixed order (FP contraction off: no DFMA), so the 4/6 choice is the twin's bit for bit
+    e = x64 - (vals * s[:, :, None]).to(tl.float64) * g64
+    return _halving_sum_16(e * e, BR, NB)
+
+
+@triton.jit
+def _sse32(xg, vals, s):
+    # the FP32 screen, in units of g (x / g <= 1536: no overflow), any order: see the bound at its use
     e = xg - vals * s[:, :, None]
-    if F64:
-        e = e.to(tl.float64)
-        return _halving_sum_16(e * e, BR, NB)
     return tl.sum(e * e, axis=2)
 
 
@@ -166,29 +171,41 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
         if EMIT:
             vals = e2m1_value(codes)
     if FOUR_SIX:
-        # "max->4" candidate; keep the lower SSE measured in units of g (x/g), ties to "max->6".
-        # Exact ties are common (s4 == 1.5*s6 puts both candidates on shared grid points), so the
-        # decision needs the exact SSE: FP32 errors are exact, their FP64 squares too, and so (in
-        # practice) is the 16-term FP64 sum, as in the reference. SSE_MODE 1 first compares FP32
-        # sums (relative error < 2^-19) and redoes in FP64 only tiles holding a block whose two
-        # sums are within 2^-14 relative (or tiny): the decision is the FP64 one, at FP32 cost.
+        # "max->4" candidate; keep the lower SSE against the original values, ties to "max->6".
+        # Exact ties are common (s4 == 1.5*s6 puts both candidates on shared grid points): identical
+        # candidates have identical exact errors, hence identical FP64 sums (_sse64, the twin's).
+        # SSE_MODE 1 first compares FP32 sums S' in units of g and redoes in FP64 only tiles holding
+        # a block where they are close. Not close means |S4' - S6'| > C with
+        #   C = 2^-18 (S4' + S6') + 2^-21 A' + 2^-100,   A' = FP32 sum of (x/g)^2 over the block,
+        # and then the FP64 choice is the screen's: with u = 2^-24, x/g is within one ulp (2u) and
+        # its difference with the grid value, the square and each of the 15 adds (any order) round
+        # once, so per candidate |S' - T| <= 20.2 u S' + 2.03 u sum (x/g)^2 + 2^-103 for the exact
+        # T = sum t^2, t = x/g - q s (the cross term 4 u |t| |x/g| <= 2 u (t^2 + (x/g)^2)); the
+        # 2^-126 absolute terms (subnormal or flushed results) stay below 2^-103; and the FP64 sums
+        # are within 2^-48 of g^2 T. C is about twice the two candidates' bounds together.
+        # SSE_MODE 0: always FP64; 2: the FP32 screen alone (not bit-exact, for timing only).
         s4, keep4, codes4, vals4, _ = _candidate(xb, bamax, g, valid, 4.0, 0.25, TIES_AWAY, SCALAR_RECIP,
                                               FAST_DIV, FAST_RN, INTERP)
-        if FAST_DIV:
-            gdn, gp, grc = div_prep(g)
-            xg = exact_div(xb, gdn, gp, grc, INTERP)
-        else:
-            xg = tl.math.div_rn(xb, g)
         if SSE_MODE == 0:
-            use4 = _sse(xg, vals4, s4, True, BR, NB) < _sse(xg, vals, s, True, BR, NB)
+            x64 = xb.to(tl.float64)
+            g64 = g.to(tl.float64)
+            use4 = _sse64(x64, vals4, s4, g64, BR, NB) < _sse64(x64, vals, s, g64, BR, NB)
         else:
-            sse4 = _sse(xg, vals4, s4, False, BR, NB)
-            sse6 = _sse(xg, vals, s, False, BR, NB)
+            if FAST_DIV:
+                gdn, gp, grc = div_prep(g)
+                xg = exact_div(xb, gdn, gp, grc, INTERP)
+            else:
+                xg = tl.math.div_rn(xb, g)
+            sse4 = _sse32(xg, vals4, s4)
+            sse6 = _sse32(xg, vals, s)
             use4 = sse4 < sse6
             if SSE_MODE == 1:
-                close = tl.abs(sse4 - sse6) <= (sse4 + sse6) * (2.0 ** -14) + 2.0 ** -100
+                a2 = tl.sum(xg * xg, axis=2)
+                close = tl.abs(sse4 - sse6) <= (sse4 + sse6) * (2.0 ** -18) + a2 * (2.0 ** -21) + 2.0 ** -100
                 if tl.max(tl.max(close.to(tl.int32), axis=1), axis=0) > 0:
-                    use4 = _sse(xg, vals4, s4, True, BR, NB) < _sse(xg, vals, s, True, BR, NB)
+                    x64 = xb.to(tl.float64)
+                    g64 = g.to(tl.float64)
+                    use4 = _sse64(x64, vals4, s4, g64, BR, NB) < _sse64(x64, vals, s, g64, BR, NB)
         s = tl.where(use4, s4, s)
         codes = tl.where(use4[:, :, None], codes4, codes)
         keep = tl.where(use4, keep4, keep)

@@ -166,10 +166,9 @@ class ShardedMasterQuantizer:
         if not recipe.four_over_six:
             return q6 * g, scale6[unit] * g
         q4, scale4 = candidate(4.0)
-        xg = x / g
         sse = torch.zeros(2, stat.numel(), dtype=torch.float64, device=x.device)
-        sse[0].index_add_(0, unit, Q.four_over_six_sse(xg, q6))
-        sse[1].index_add_(0, unit, Q.four_over_six_sse(xg, q4))
+        sse[0].index_add_(0, unit, Q.four_over_six_sse(x, q6, g))
+        sse[1].index_add_(0, unit, Q.four_over_six_sse(x, q4, g))
         self._all_reduce(sse, dist.ReduceOp.SUM)
         use4 = (sse[1] < sse[0])[unit]
         q = torch.where(use4, q4, q6)

@@ -136,12 +136,21 @@ def nvfp4_block_scales(block_amax: torch.Tensor, target: float, g: torch.Tensor,
             torch.where(keep, divisor, torch.ones_like(divisor)), keep)
 
 
-def four_over_six_sse(xg: torch.Tensor, candidate: torch.Tensor, dims=None) -> torch.Tensor:
-    """Squared errors of a 4/6 candidate (FP32 errors, exact FP64 squares); summed over `dims`
-    (row dim, column dim of a block) if given, in a fixed order: the halving tree (pairwise_sum) over
-    the block's 16 columns, then over its rows. The RTN kernel adds in the same order, so both make the
-    same 4/6 choice even where the two candidates' sums are within FP64 rounding of each other."""
-    err = (xg - candidate).double() ** 2
+def four_over_six_sse(x: torch.Tensor, candidate: torch.Tensor, g: torch.Tensor, dims=None) -> torch.Tensor:
+    """Squared errors of a 4/6 candidate against the original values (§3.2): (x - candidate * g)^2 in
+    FP64, `candidate` the block's unscaled dequantized values e2m1(q) * e4m3(s) (FP32, exact) and g
+    the FP32 tensor scale. Every step before the square is exact, so the error is that of the real
+    numbers: candidate * g has at most 6 + 24 significant bits, and x - candidate * g needs at most
+    ~33 of FP64's 53, because its two terms are within a factor 2 of each other unless one is 0 (once
+    q != 0, RN to E2M1 keeps q * s * g within about [2/3 |x|, 2 |x|], saturation included). Only the
+    square rounds (once, IEEE). Summed over `dims` (row dim, column dim of a block) if given, in a
+    fixed order: the halving tree (pairwise_sum) over the block's 16 columns, then over its rows. The
+    RTN kernel forms the same exact errors and adds in the same order, so both make the same 4/6
+    choice even where the two candidates' sums are within FP64 rounding of each other.
+    Working in units of g instead (fl32(x / g) - candidate) rounds x / g first, which misorders
+    candidates whose SSEs differ by less than that rounding when g is not a power of two."""
+    err = x.double() - candidate.double() * g.double()
+    err = err * err
     if dims is None:
         return err
     row_dim, col_dim = dims
@@ -218,13 +227,12 @@ def quantize_nvfp4(
     scales, codes, keep = scale_and_codes(v)
     if four_over_six:
         scales4, codes4, keep4 = scale_and_codes(4.0)
-        # SSE in units of g (x / g), which avoids overflow for huge inputs. Exact ties are common
-        # (s4 = 1.5 s6 puts both candidates on shared grid points) and must go to max->6, so the SSE
-        # must see them exactly: each error is exact in FP32 (Sterbenz: x/g is within half a step of
-        # its grid point), its square exact in FP64, and the FP64 sums run in the kernel's fixed order.
-        xg = xb / g
-        sse6 = four_over_six_sse(xg, fmt.decode_e2m1(codes) * _expand(scales.float()), dims=(1, 3))
-        sse4 = four_over_six_sse(xg, fmt.decode_e2m1(codes4) * _expand(scales4.float()), dims=(1, 3))
+        # SSE against the original block values in FP64 (no overflow: |x| < 2^128, squares < 2^257).
+        # Exact ties are common (s4 = 1.5 s6 puts both candidates on shared grid points) and must go
+        # to max->6: identical candidates give identical exact errors, so identical sums. Each error
+        # is exact, its square rounds once, and the FP64 sums run in the kernel's fixed order.
+        sse6 = four_over_six_sse(xb, fmt.decode_e2m1(codes) * _expand(scales.float()), g, dims=(1, 3))
+        sse4 = four_over_six_sse(xb, fmt.decode_e2m1(codes4) * _expand(scales4.float()), g, dims=(1, 3))
         use4 = sse4 < sse6
         scales = torch.where(use4, scales4.float(), scales.float()).to(torch.float8_e4m3fn)
         codes = torch.where(_expand(use4), codes4, codes)

@@ -199,33 +199,66 @@ def dequant_per_tensor(codes, scales, g, block_rows=1):
     return decode_codes(codes) * s * g
 
 
-def ref_q16_four_over_six(x: torch.Tensor, ties: str = "even", block_rows: int = 1,
-                          smax: float = 256.0, near_tie_rtol: float = 1e-4):
-    """§3.2: candidates max->6 and max->4 with RN4, keep the lower SSE (float64), ties to max->6.
+FOUR_OVER_SIX_FP64_RTOL = 2.0 ** -49
+FOUR_OVER_SIX_FP32_RTOL = 2.0 ** -20
 
-    Returns the chosen reference plus `ambiguous` [R/br, C/16]: blocks whose two SSEs agree to
-    `near_tie_rtol` without the candidates being identical, where an FP32 SSE evaluation may
-    legitimately choose either candidate; and `exact_tie`: blocks both candidates represent by the
-    same values (they must go to max->6).
+
+def exact_units(v: float) -> int:
+    """A finite float64 times 2^1074 as a Python int, exactly (every float64 is a multiple of 2^-1074)."""
+    p, q = float(v).as_integer_ratio()
+    return p << (1074 - (q.bit_length() - 1))
+
+
+def exact_block_sse(x64: torch.Tensor, deq: torch.Tensor, block_rows: int = 1) -> list:
+    """Exact sum of (x - deq)^2 over each block (16 columns x block_rows rows), as Python ints in
+    units of 2^-2148, blocks in row-major order of the [R/br, C/16] block grid. No rounding at all."""
+    def per_block(t):
+        b = _blocks(t, block_rows)
+        return b.permute(0, 2, 1, 3).reshape(b.shape[0] * b.shape[2], -1).tolist()
+    return [sum((exact_units(a) - exact_units(d)) ** 2 for a, d in zip(xr, dr))
+            for xr, dr in zip(per_block(x64), per_block(deq))]
+
+
+def ref_q16_four_over_six(x: torch.Tensor, ties: str = "even", block_rows: int = 1,
+                          smax: float = 256.0, near_tie_rtol: float = FOUR_OVER_SIX_FP64_RTOL):
+    """§3.2: candidates max->6 and max->4 with RN4, keep the lower SSE against the original values
+    (computed exactly: x and the dequantized candidate q * s * g are float64 values, their
+    differences and squares are summed as integers), ties to max->6.
+
+    The acceptance rule for an implementation that evaluates the SSEs in floating point: where the
+    exact SSEs S4, S6 satisfy |S4 - S6| <= rtol * (S4 + S6) either candidate is acceptable (the block
+    is `ambiguous`); elsewhere the lower exact SSE must win. rtol bounds how far the evaluation can
+    move S4 - S6: an evaluation with unit roundoff u whose n-term sums (n = 16 or 256) follow a halving
+    tree puts each term within (1 + u)^k - 1 of exact, k the roundings on its way (error, square,
+    log2(n) adds). FP64 from exact errors (this package): k <= 9, u = 2^-53, so 9.01 * 2^-53 < 2^-49
+    = FOUR_OVER_SIX_FP64_RTOL (the default). An FP32 evaluation (error, square and adds rounded to
+    FP32): k <= 11, u = 2^-24, 11.01 * 2^-24 < 2^-20 = FOUR_OVER_SIX_FP32_RTOL.
+
+    Returns the chosen reference plus `ambiguous` [R/br, C/16], `exact_tie` (blocks both candidates
+    represent by the same values: they must go to max->6), `rel_gap` (|S4 - S6| / (S4 + S6) as
+    float64, 0 where both are 0), `sse` (the exact SSEs as float64, [max->6, max->4]) and `use4`.
     """
     r6 = ref_q16(x, 6.0, smax, ties, block_rows)
     r4 = ref_q16(x, 6.0, smax, ties, block_rows, target=4.0)
     x64 = x.to(torch.float32).to(F64)
     rows, cols = x.shape
-    sse, deq = [], []
-    for r in (r6, r4):
-        deq.append(dequant_per_tensor(r["codes"], r["scales"], r6["g"], block_rows))
-        sse.append(_blocks((x64 - deq[-1]) ** 2, block_rows).sum(dim=(1, 3)))
-    use4 = sse[1] < sse[0]
-    # candidates representing the block by the same values are an exact tie (-> max->6); otherwise
-    # SSEs this close may be ordered either way by an FP32 evaluation
+    grid = (rows // block_rows, cols // 16)
+    deq = [dequant_per_tensor(r["codes"], r["scales"], r6["g"], block_rows) for r in (r6, r4)]
+    s6, s4 = (exact_block_sse(x64, d, block_rows) for d in deq)
+    use4 = torch.tensor([a < b for a, b in zip(s4, s6)]).reshape(grid)
+    rtol = Fraction(near_tie_rtol)
+    close = torch.tensor([abs(a - b) <= rtol * (a + b) for a, b in zip(s4, s6)]).reshape(grid)
+    rel_gap = torch.tensor([float(Fraction(abs(a - b), a + b)) if a + b else 0.0 for a, b in zip(s4, s6)],
+                           dtype=F64).reshape(grid)
+    sse = torch.tensor([[float(Fraction(a, 1 << 2148)) for a in s] for s in (s6, s4)],
+                       dtype=F64).reshape(2, *grid)
     same_values = (_blocks(deq[0], block_rows) == _blocks(deq[1], block_rows)).all(dim=3).all(dim=1)
-    ambiguous = ((sse[1] - sse[0]).abs() <= near_tie_rtol * (sse[0] + sse[1])) & ~same_values
+    ambiguous = close & ~same_values
     codes = torch.where(use4[:, None, :, None], _blocks(r4["codes"], block_rows),
                         _blocks(r6["codes"], block_rows)).reshape(rows, cols)
     scales = torch.where(use4, r4["scales"], r6["scales"])
     return dict(codes=codes, scales=scales, g=r6["g"], ambiguous=ambiguous, exact_tie=same_values,
-                r6=r6, r4=r4)
+                rel_gap=rel_gap, sse=sse, use4=use4, r6=r6, r4=r4)
 
 
 def ref_qdb(x: torch.Tensor, ties: str = "even", v: float = 6.0, tensor_outer: bool = False):
@@ -326,3 +359,73 @@ def gaussian(rows, cols, seed, scale=1.0, spread=0):
         e = torch.randint(-spread, spread + 1, (rows, cols // 16), generator=gen).to(F64)
         x = x * torch.exp2(e).repeat_interleave(16, dim=1)
     return (x * scale).float()
+
+
+def _per_block(t: torch.Tensor, block_rows: int = 1) -> torch.Tensor:
+    """[R, C] -> [blocks, 16 * block_rows], blocks in row-major order of the [R/br, C/16] grid."""
+    b = _blocks(t, block_rows)
+    return b.permute(0, 2, 1, 3).reshape(b.shape[0] * b.shape[2], -1)
+
+
+def four_over_six_near_ties(rows, cols, seed, amax=1728.0, block_rows=1, shifts=(-1, 12), density=1.0):
+    """An operand whose two 4/6 candidates have nearly equal exact SSEs in most blocks, with the
+    tensor scale g = fl32(amax / 1536) (1.125 for the default amax: not a power of two).
+
+    Gaussian blocks (|x| <= amax / 2; x[0, 0] = amax). In each block one element x_j (not the block
+    maximum, with different max->6 and max->4 values a6 != a4) moves to the float32 nearest the
+    point where the exact SSEs tie, x = (a4 + a6) / 2 - D / (2 (a6 - a4)) with D the rest of the
+    block's S4 - S6, then by +-2^k float32 steps, k uniform in `shifts` (-1: no step), so the
+    relative SSE gaps spread from float32 resolution (~2^-22 with k = -1) up to ~2^(k - 22), of
+    both signs. An element is used only if it keeps its block's amax and both of its roundings
+    (a6, a4); blocks without one keep their Gaussian values. density < 1 keeps each element with
+    that probability and zeroes the rest (zeros err equally in both candidates), so that one element
+    can balance a 16x16 tile.
+    """
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = (gaussian(rows, cols, seed, spread=2).double() * (amax / 64)).clamp(-amax / 2, amax / 2)
+    if density < 1:
+        x = torch.where(torch.rand(rows, cols, generator=gen) < density, x, torch.zeros_like(x))
+    x[0, 0] = amax
+    x = f32(x)
+    r = ref_q16_four_over_six(x.float(), block_rows=block_rows)
+    g = r["g"]
+    cands = []
+    for name in ("r6", "r4"):
+        c = r[name]
+        deq = _per_block(dequant_per_tensor(c["codes"], c["scales"], g, block_rows), block_rows)
+        cands.append((deq, c["scales"].reshape(-1)))
+    xb = _per_block(x, block_rows).clone()
+
+    def value(v, s):      # the candidate's dequantized value of one element, from the pseudocode
+        if s == 0:
+            return 0.0
+        y = f32(torch.tensor([v], dtype=F64) / float(f32(torch.tensor(s * g, dtype=F64))))
+        return float(decode_codes(rn4_codes(y))[0] * s * g)
+
+    for b in range(xb.shape[0]):
+        vals = xb[b].tolist()
+        d6, s6 = cands[0][0][b].tolist(), float(cands[0][1][b])
+        d4, s4 = cands[1][0][b].tolist(), float(cands[1][1][b])
+        big = max(range(len(vals)), key=lambda i: abs(vals[i]))
+        diff = sum((exact_units(v) - exact_units(a)) ** 2 - (exact_units(v) - exact_units(c)) ** 2
+                   for v, a, c in zip(vals, d4, d6))
+        for j in torch.randperm(len(vals), generator=gen).tolist():
+            a4, a6 = d4[j], d6[j]
+            if j == big or a4 == a6:
+                continue
+            xj = vals[j]
+            rest = diff - ((exact_units(xj) - exact_units(a4)) ** 2 - (exact_units(xj) - exact_units(a6)) ** 2)
+            tie = (Fraction(a4) + Fraction(a6)) / 2 - Fraction(rest, 1 << 2148) / (2 * (Fraction(a6) - Fraction(a4)))
+            t32 = torch.tensor([float(tie)], dtype=F64).float()
+            k = int(torch.randint(shifts[0], shifts[1] + 1, (1,), generator=gen))
+            if k >= 0:
+                step = (1 << k) * (1 if torch.rand(1, generator=gen) < 0.5 else -1)
+                bits = t32.abs().view(torch.int32) + step
+                t32 = torch.where(t32 < 0, -1.0, 1.0) * bits.clamp(min=0).view(torch.float32)
+            new = float(t32)
+            if abs(new) < abs(vals[big]) and value(new, s6) == a6 and value(new, s4) == a4:
+                xb[b, j] = new
+                break
+    nbr, nbc = rows // block_rows, cols // 16
+    out = xb.reshape(nbr, nbc, block_rows, 16).permute(0, 2, 1, 3).reshape(rows, cols)
+    return out.float()

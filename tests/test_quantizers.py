@@ -341,13 +341,16 @@ def test_four_over_six_matches_pseudocode(block_rows, ties, seed, spread):
 
 
 @pytest.mark.parametrize("block_rows", [1, 16])
-def test_four_over_six_identical_candidates_go_to_max6(block_rows):
+@pytest.mark.parametrize("amax", [1536.0, 1728.0])
+def test_four_over_six_identical_candidates_go_to_max6(block_rows, amax):
     """Blocks on the grid points both candidates share (max->6 values 0, 1.5, 3, 6 times s6 equal
-    max->4 values 0, 1, 2, 4 times s4 = 1.5 s6) are exact SSE ties; mixed with Gaussian blocks."""
+    max->4 values 0, 1, 2, 4 times s4 = 1.5 s6) are exact SSE ties; mixed with Gaussian blocks.
+    g = amax / 1536: 1, and 1.125 (not a power of two; y * s6 * g is still exact in FP32)."""
     rows, cols = 32, 256
     gen = torch.Generator().manual_seed(71)
     x = gaussian(rows, cols, seed=72).double()
-    x[0, 0] = 1536.0                                              # g = 1536 / (256 * 6) = 1
+    x[0, 0] = amax
+    g = amax / 1536.0
     exps = torch.randint(-6, 6, (rows // block_rows, cols // 16), generator=gen).to(F64)
     mant = torch.tensor([1.0, 1.25, 1.5], dtype=F64)[torch.randint(0, 3, exps.shape, generator=gen)]
     s6 = (mant * torch.exp2(exps)).repeat_interleave(block_rows, 0).repeat_interleave(16, 1)
@@ -356,9 +359,10 @@ def test_four_over_six_identical_candidates_go_to_max6(block_rows):
     shared = (torch.rand(rows // block_rows, cols // 16, generator=gen) < 0.5)
     shared[0, 0] = False
     shared_e = shared.repeat_interleave(block_rows, 0).repeat_interleave(16, 1)
-    x = torch.where(shared_e, y * s6, x).float()
+    x = torch.where(shared_e, y * s6 * g, x).float()
+    assert torch.equal(x.double()[shared_e], (y * s6 * g)[shared_e])
     expected = ref.ref_q16_four_over_six(x, block_rows=block_rows)
-    assert expected["g"] == 1.0
+    assert expected["g"] == g
     assert expected["exact_tie"][shared].all()
     qt = Q.quantize_nvfp4(x, four_over_six=True, smax=256.0, block_rows=block_rows)
     scales = qt.block_scales.double()
@@ -384,6 +388,116 @@ def test_four_over_six_sse_ties_go_to_max6():
     assert float(qt.tensor_scale) == 1.0
     assert qt.block_scales.float().tolist() == [[256.0, 128.0, 0.125, 1.0]]
     assert torch.equal(qt.dequantize(), x)
+
+
+# The 4/6 choice is made against the original values (issue 15, item 7): with a tensor scale that is
+# not a power of two, deciding on fl32(x / g) instead picks the worse candidate in near-ties.
+REPRO_BLOCK = [6.75, 5.203127384185791, 0, 0, 0, 0, 0, 0, 4.148438453674316, 0, -0.21093739569187164,
+               0, 0, 0, 0, 0]
+
+
+def _reproducer_row():
+    x = torch.zeros(1, 32)
+    x[0, 0] = 1728.0                                   # g = 1728 / 1536 = 1.125
+    x[0, 16:] = torch.tensor(REPRO_BLOCK)
+    return x
+
+
+def _sse_in_units_of_g(x, expected, block_rows=1):
+    """The old (wrong) rule as a control: SSEs of fl32(x / g) against q * s, in float64."""
+    xg = ref.f32(x.double() / expected["g"])
+    sse = []
+    for r in (expected["r6"], expected["r4"]):
+        err = xg - ref.dequant_per_tensor(r["codes"], r["scales"], 1.0, block_rows)
+        sse.append(ref._blocks(err ** 2, block_rows).sum(dim=(1, 3)))
+    return sse
+
+
+def test_four_over_six_reproducer_decides_on_original_values():
+    x = _reproducer_row()
+    expected = ref.ref_q16_four_over_six(x)
+    assert expected["g"] == 1.125
+    # the issue's exact SSEs against the original values: max->4 is lower by 5.4e-7 (4e-7 relative)
+    assert abs(float(expected["sse"][0, 0, 1]) - 0.662478224) < 1e-9
+    assert abs(float(expected["sse"][1, 0, 1]) - 0.662477688) < 1e-9
+    assert bool(expected["use4"][0, 1]) and not bool(expected["ambiguous"][0, 1])
+    old6, old4 = _sse_in_units_of_g(x, expected)
+    assert not bool(old4[0, 1] < old6[0, 1])           # the old rule picks max->6 here
+    qt = Q.quantize_nvfp4(x, four_over_six=True, smax=256.0)
+    assert qt.block_scales.float().tolist() == [[256.0, 1.5]]
+    want = torch.zeros(16, dtype=F64)
+    want[[0, 1, 8]] = torch.tensor([6.75, 5.0625, 3.375], dtype=F64)
+    assert torch.equal(qt.dequantize()[0, 16:].double(), want)
+    assert torch.equal(lib_codes(qt), expected["codes"])
+
+
+def _assert_four_over_six_choice(qt, expected, block_rows):
+    """Codes and scales of every block: the lower exact SSE where the two SSEs are further apart
+    than the package's FP64 evaluation can misorder (ref.FOUR_OVER_SIX_FP64_RTOL), one of the two
+    candidates entirely inside that band, max->6 where the candidates are identical."""
+    amb = expected["ambiguous"]
+    scales = qt.block_scales.double()
+    codes = ref._blocks(lib_codes(qt), block_rows)
+    assert torch.equal(scales[~amb], expected["scales"][~amb])
+    keep = ~amb[:, None, :, None].expand_as(codes)
+    assert torch.equal(codes[keep], ref._blocks(expected["codes"], block_rows)[keep])
+    c6 = ref._blocks(expected["r6"]["codes"], block_rows)
+    c4 = ref._blocks(expected["r4"]["codes"], block_rows)
+    is6 = (codes == c6).all(dim=3).all(dim=1) & (scales == expected["r6"]["scales"])
+    is4 = (codes == c4).all(dim=3).all(dim=1) & (scales == expected["r4"]["scales"])
+    assert (is6 | is4).all()
+    assert is6[expected["exact_tie"]].all()
+
+
+@pytest.mark.parametrize("block_rows", [1, 16])
+@pytest.mark.parametrize("amax", [1728.0, 1000.0])
+def test_four_over_six_near_ties_follow_the_exact_sse(block_rows, amax):
+    """Blocks built so that the two candidates' exact SSEs nearly tie (relative gaps from ~2^-22,
+    inside what an FP32 evaluation can resolve, up to ~2^-10), at g = 1.125 and at a g with a full
+    24-bit mantissa (1000 / 1536): the twin decides exactly like the exact reference."""
+    rows = 32 if block_rows == 1 else 128
+    x = ref.four_over_six_near_ties(rows, 128, seed=3, amax=amax, block_rows=block_rows,
+                                    density=1.0 if block_rows == 1 else 1 / 32)
+    expected = ref.ref_q16_four_over_six(x, block_rows=block_rows)
+    assert expected["g"] == float(torch.tensor(amax / 1536.0).float())
+    gap = expected["rel_gap"]
+    inside_fp32 = gap <= ref.FOUR_OVER_SIX_FP32_RTOL
+    assert int(inside_fp32.sum()) >= gap.numel() // 8     # the data is rich in near-ties
+    assert int(expected["ambiguous"].sum()) <= 4           # and almost all of them decidable
+    use4 = expected["use4"]
+    assert 0.2 < float(use4[inside_fp32].double().mean()) < 0.8      # near-ties of both signs
+    # control: the rule in units of g gets some of these blocks wrong (the test has teeth)
+    old6, old4 = _sse_in_units_of_g(x, expected, block_rows)
+    assert ((old4 < old6) != use4)[~expected["ambiguous"]].any()
+    qt = Q.quantize_nvfp4(x, four_over_six=True, smax=256.0, block_rows=block_rows)
+    assert float(qt.tensor_scale) == expected["g"]
+    _assert_four_over_six_choice(qt, expected, block_rows)
+
+
+def _exact_square(e):
+    """float64 nearest to the exact square of a rational (Python's float(Fraction) rounds correctly)."""
+    return float(e * e)
+
+
+@pytest.mark.parametrize("case", ["near-ties", "spread", "huge", "tiny"])
+def test_four_over_six_sse_is_the_exact_error_squared_once(case):
+    """four_over_six_sse(x, q * s, g): (x - q s g)^2 with the error exact and the square rounded once,
+    element by element against rational arithmetic, for both candidates (max->6: v = 6 at Smax 256;
+    max->4: v = 4 at Smax 384, the same g and block scales RN8(amax_b / 4 / g))."""
+    from fractions import Fraction
+    x = {"near-ties": lambda: ref.four_over_six_near_ties(16, 64, seed=8, amax=1000.0),
+         "spread": lambda: gaussian(16, 64, seed=9, spread=6),
+         "huge": lambda: gaussian(16, 64, seed=10, scale=1e36, spread=2),
+         "tiny": lambda: gaussian(16, 64, seed=11, scale=1e-30, spread=2)}[case]()
+    for v, smax in ((6.0, 256.0), (4.0, 384.0)):
+        q = Q.quantize_nvfp4(x, v=v, smax=smax)
+        cand, g = q.dequantize_unscaled(), q.tensor_scale
+        got = Q.four_over_six_sse(x, cand, g)
+        assert got.dtype == F64
+        gf = Fraction(float(g))
+        want = [_exact_square(Fraction(a) - Fraction(c) * gf)
+                for a, c in zip(x.double().reshape(-1).tolist(), cand.double().reshape(-1).tolist())]
+        assert got.reshape(-1).tolist() == want
 
 
 def test_four_over_six_rejects_sr():

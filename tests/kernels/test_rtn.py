@@ -1,4 +1,7 @@
 """RTN / 4/6 kernel vs quantizers.quantize_nvfp4(mode="rn"): bit-exact codes, scales, tensor scale."""
+import pathlib
+import sys
+
 import pytest
 import torch
 
@@ -8,6 +11,9 @@ from megatron_fp4.kernels import _common
 from megatron_fp4.kernels.rtn import quantize_nvfp4_rtn
 
 from kernel_test_util import INTERPRET, assert_same_operand, cpu_interp, data, gpu, needs_cuda
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # tests/: the float64 oracle
+import fp4_reference as ref  # noqa: E402
 
 
 def test_interpreter_set_before_jit():
@@ -34,32 +40,120 @@ def test_rtn_matches_reference(rows, cols, dtype, four_over_six, ties):
     x = data(rows, cols, seed=rows + cols, dtype=dtype)
     ref, smax = _ref(x, four_over_six, ties)
     got = quantize_nvfp4_rtn(x, smax=smax, ties=ties, four_over_six=four_over_six)
-    # 4/6 too: both twins add the exact FP64 squared errors in one fixed order, so even near-ties
-    # decide the same way
+    # 4/6 too: both twins add the FP64 squared errors (exact errors against the original values) in
+    # one fixed order, so even near-ties decide the same way
     assert_same_operand(got, ref)
 
 
-def _candidate_sse(x, v, smax):
-    """Per-block FP64 SSE (units of g) of one 4/6 candidate: v = 6 at Smax 256, or v = 4 at Smax 384,
-    which has the same tensor scale g = amax / 1536 and block scales RN8(amax_b / 4 / g)."""
-    q = Q.quantize_nvfp4(x, v=v, smax=smax)
-    vals = fmt.decode_e2m1(q.codes()).reshape(x.shape[0], -1, 16) * q.block_scales.float()[..., None]
-    xg = x.float().reshape(x.shape[0], -1, 16) / q.tensor_scale
-    return ((xg - vals).double() ** 2).sum(dim=2), q
+def _shared_grid_blocks(rows, cols, seed, amax):
+    """bf16 Gaussian data at g = amax / 1536 in which about half of the blocks lie on the grid points
+    both candidates share (max->6 values 0, +-1.5, +-3, +-6 times s6 equal max->4 values 0, +-1,
+    +-2, +-4 times s4 = 1.5 s6): identical candidates, exact SSE ties that must go to max->6."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=gen).to(torch.bfloat16).double()
+    x[0, 0] = amax
+    g = amax / 1536.0
+    exps = torch.randint(-6, 6, (rows, cols // 16), generator=gen).double()
+    mant = torch.tensor([1.0, 1.25, 1.5], dtype=torch.float64)[torch.randint(0, 3, exps.shape, generator=gen)]
+    s6 = mant * torch.exp2(exps)
+    y = torch.tensor([0.0, 1.5, 3.0, 6.0, -1.5, -3.0, -6.0], dtype=torch.float64)[
+        torch.randint(0, 7, (rows, cols), generator=gen)]
+    y[:, ::16] = 6.0
+    shared = torch.rand(rows, cols // 16, generator=gen) < 0.5
+    shared[0, 0] = False
+    x = torch.where(shared.repeat_interleave(16, 1), y * s6.repeat_interleave(16, 1) * g, x).float()
+    return x, shared, s6
 
 
 @cpu_interp
-def test_46_exact_ties_go_to_max6():
-    # bf16 Gaussian data without spread: exact SSE ties between the candidates occur (~1/2000
-    # blocks); the kernel must resolve every one to "max->6" and match the reference everywhere
-    x = torch.randn(128, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+@pytest.mark.parametrize("amax", [1536.0, 1728.0])
+def test_46_exact_ties_go_to_max6(amax):
+    # identical candidates (exact ties) at g = 1 and at g = 1.125 (not a power of two) among bf16
+    # Gaussian blocks: the kernel resolves every one to "max->6" and matches the twin everywhere
+    x, shared, s6 = _shared_grid_blocks(64, 256, seed=1, amax=amax)
     got = quantize_nvfp4_rtn(x, smax=256.0, four_over_six=True)
     assert_same_operand(got, Q.quantize_nvfp4(x, smax=256.0, four_over_six=True))
-    sse6, q6 = _candidate_sse(x, 6.0, 256.0)
-    sse4, _ = _candidate_sse(x, 4.0, 384.0)
-    tie = sse4 == sse6
-    assert tie.sum() > 0                                     # the data holds exact ties
-    assert torch.equal(got.block_scales.view(torch.uint8)[tie], q6.block_scales.view(torch.uint8)[tie])
+    assert torch.equal(got.block_scales.double()[shared], s6[shared])
+    assert ref.ref_q16_four_over_six(x)["exact_tie"][shared].all()      # the oracle agrees: ties
+
+
+def _reproducer_row():
+    # issue 15, item 7: g = 1728 / 1536 = 1.125; against the original values max->4 wins by 5.4e-7
+    x = torch.zeros(1, 32)
+    x[0, 0] = 1728.0
+    x[0, 16:] = torch.tensor([6.75, 5.203127384185791, 0, 0, 0, 0, 0, 0, 4.148438453674316, 0,
+                              -0.21093739569187164, 0, 0, 0, 0, 0])
+    return x
+
+
+@cpu_interp
+@pytest.mark.parametrize("variant", [None, {"SSE_MODE": 0}])
+def test_46_reproducer_decides_on_original_values(variant):
+    x = _reproducer_row()
+    got = quantize_nvfp4_rtn(x, smax=256.0, four_over_six=True, variant=variant)
+    assert got.block_scales.float().tolist() == [[256.0, 1.5]]
+    want = torch.zeros(16)
+    want[[0, 1, 8]] = torch.tensor([6.75, 5.0625, 3.375])
+    assert torch.equal(got.dequantize()[0, 16:], want)
+    assert_same_operand(got, Q.quantize_nvfp4(x, smax=256.0, four_over_six=True))
+
+
+def _scales_match_exact_choice(got, expected):
+    """Scales of the lower exact SSE wherever the reference's FP64 band does not make it ambiguous."""
+    amb = expected["ambiguous"]
+    return torch.equal(got.block_scales.double()[~amb], expected["scales"][~amb])
+
+
+@cpu_interp
+@pytest.mark.parametrize("amax", [1728.0, 1000.0])
+def test_46_near_ties_bit_exact_to_twin(amax):
+    """Near-ties at a tensor scale that is not a power of two (relative SSE gaps from ~2^-22 up):
+    the kernel (FP32 screen + FP64 recheck, and FP64 only) is the twin bit for bit and takes the
+    lower exact SSE. Control: the FP32 screen alone (SSE_MODE 2) decides some of them differently,
+    so these near-ties are beyond what an FP32 evaluation resolves."""
+    x = ref.four_over_six_near_ties(32, 256, seed=4, amax=amax)
+    twin = Q.quantize_nvfp4(x, smax=256.0, four_over_six=True)
+    expected = ref.ref_q16_four_over_six(x)
+    assert int((expected["rel_gap"] <= ref.FOUR_OVER_SIX_FP32_RTOL).sum()) >= 64
+    for variant in (None, {"SSE_MODE": 0}):
+        got = quantize_nvfp4_rtn(x, smax=256.0, four_over_six=True, variant=variant)
+        assert_same_operand(got, twin)
+        assert _scales_match_exact_choice(got, expected)
+    fp32_only = quantize_nvfp4_rtn(x, smax=256.0, four_over_six=True, variant={"SSE_MODE": 2})
+    assert (fp32_only.block_scales.view(torch.uint8) != twin.block_scales.view(torch.uint8)).any()
+
+
+def _screen_flags(x, expected, block_r, block_c):
+    """Per block: does its program redo the 4/6 sums in FP64? The kernel's screen (SSE_MODE 1),
+    |S4' - S6'| <= 2^-18 (S4' + S6') + 2^-21 A' + 2^-100 for any block of the program, emulated in
+    torch FP32 (its sum order differs from tl.sum's: used only to count covered blocks)."""
+    rows, cols = x.shape
+    xg = (x / torch.tensor(expected["g"], dtype=torch.float32)).reshape(rows, cols // 16, 16)
+    sse = []
+    for c in (expected["r6"], expected["r4"]):
+        m = ref.decode_codes(c["codes"]).float().reshape(rows, cols // 16, 16) * c["scales"].float()[:, :, None]
+        sse.append(((xg - m) ** 2).sum(dim=2))
+    a2 = (xg * xg).sum(dim=2)
+    close = (sse[1] - sse[0]).abs() <= (sse[0] + sse[1]) * 2.0 ** -18 + a2 * 2.0 ** -21 + 2.0 ** -100
+    prog = close.reshape(rows // block_r, block_r, cols // block_c, block_c // 16).any(dim=3).any(dim=1)
+    return prog.repeat_interleave(block_r, 0).repeat_interleave(block_c // 16, 1)
+
+
+@cpu_interp
+@pytest.mark.parametrize("shifts,block_r,block_c", [((8, 12), 2, 32), ((-1, 12), 1, 16)])
+def test_46_screen_decides_near_ties_in_small_programs(shifts, block_r, block_c):
+    """Near-ties in small programs (2 x 32: 4 blocks; 1 x 16: one), so that the screen decides them
+    on their own: relative SSE gaps ~2^-14..2^-10 (many decided by the FP32 screen without the FP64
+    recheck), and ~2^-22..2^-10 one block per program (the closest must be rechecked, the others
+    not): still the twin's, and the exact, choice."""
+    x = ref.four_over_six_near_ties(8, 128, seed=21, amax=1000.0, shifts=shifts)
+    expected = ref.ref_q16_four_over_six(x)
+    screened = ~_screen_flags(x, expected, block_r, block_c)
+    assert int((screened & (expected["rel_gap"] < 2.0 ** -12)).sum()) >= 6
+    assert int((expected["rel_gap"] <= ref.FOUR_OVER_SIX_FP32_RTOL).sum()) >= (0 if shifts[0] > 0 else 8)
+    got = quantize_nvfp4_rtn(x, smax=256.0, four_over_six=True, block_r=block_r, block_c=block_c)
+    assert_same_operand(got, Q.quantize_nvfp4(x, smax=256.0, four_over_six=True))
+    assert _scales_match_exact_choice(got, expected)
 
 
 @cpu_interp
