@@ -2,9 +2,11 @@
 
 Builds Megatron's local spec (`get_gpt_layer_local_spec`) with the model's options and swaps
 linear_qkv / linear_proj / linear_fc1 / linear_fc2 for the plugin's Column/Row classes (bound to the
-run's recipe). Embeddings, the LM head, core attention and norms stay BF16. The layer class becomes
-NVFP4TransformerLayer, which tags each linear with its global layer number, so the first/last-N
-BF16 layers (Megatron's first_last_layers_bf16 fields) and module-name patterns
+run's recipe). Embeddings, the LM head, core attention and norms stay BF16. Core attention is
+torch's scaled_dot_product_attention (megatron/attention.py; flash / memory-efficient kernels) unless
+config.mfp4_attention (`--mfp4-attention`) is `megatron` (Megatron's unfused DotProductAttention).
+The layer class becomes NVFP4TransformerLayer, which tags each linear with its global layer number,
+so the first/last-N BF16 layers (Megatron's first_last_layers_bf16 fields) and module-name patterns
 (config.mfp4_bf16_modules) apply at build, along with the recipe's per-TP-rank shape rules.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from megatron.core.transformer import transformer_block as _block
 from megatron.core.transformer.spec_utils import ModuleSpec, get_submodules
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+from .megatron.attention import attention_choice, build_core_attention
 from .megatron.config import check_supported, resolve_recipe
 from .megatron.layers import NVFP4ColumnParallelLinear, NVFP4RowParallelLinear
 from .megatron.transformer import NVFP4TransformerLayer, TorchNorm
@@ -53,6 +56,8 @@ def gpt_layer_spec(config, vp_stage: Optional[int] = None, recipe=None):
     row = functools.partial(NVFP4RowParallelLinear, recipe=recipe)
     attn = spec.submodules.self_attention.submodules
     attn.linear_qkv, attn.linear_proj = column, row
+    if attention_choice(tcfg) == "sdpa":
+        attn.core_attention = build_core_attention
     mlp = get_submodules(spec.submodules.mlp)
     mlp.linear_fc1, mlp.linear_fc2 = column, row
     spec.module = NVFP4TransformerLayer
