@@ -8,12 +8,14 @@ from typing import Any, Optional, Sequence, Union
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..errors import UsageError
 from ..recipe import Recipe
 from ..registry import RecipeError, load_recipe
 
 
-class UnsupportedConfigError(ValueError):
-    """A Megatron option megatron_fp4 cannot honour together with a plugin recipe."""
+class UnsupportedConfigError(UsageError):
+    """A Megatron option megatron_fp4 cannot honour together with a plugin recipe (reported in one
+    line by the launcher and install(); megatron_fp4/errors.py)."""
 
 
 @dataclass
@@ -25,11 +27,14 @@ class NVFP4TransformerConfig(TransformerConfig):
     mfp4_bf16_modules: fnmatch patterns of linears kept in BF16, matched against canonical names
         `decoder.layers.<global 0-based layer>.<self_attention.linear_qkv|...|mlp.linear_fc2>`.
     Megatron's own first_last_layers_bf16 / num_layers_at_{start,end}_in_bf16 are honoured too.
+    mfp4_attention: core attention of the plugin spec, `sdpa` (torch scaled_dot_product_attention,
+        the default) or `megatron` (Megatron's unfused DotProductAttention); megatron/attention.py.
     """
 
     mfp4_recipe: Optional[Any] = None
     mfp4_overrides: dict = field(default_factory=dict)
     mfp4_bf16_modules: Sequence[str] = ()
+    mfp4_attention: str = "sdpa"
 
 
 _cache: dict = {}
@@ -45,7 +50,6 @@ def resolve_recipe(config, recipe: Union[None, str, Recipe] = None) -> Recipe:
         args = _megatron_args()
         if args is not None and getattr(args, "mfp4_recipe", None):
             recipe = args.mfp4_recipe
-            from ..pretrain_gpt import parse_overrides
             overrides = parse_overrides(getattr(args, "mfp4_override", None))
     if recipe is None:
         raise RecipeError("no NVFP4 recipe configured: pass recipe=... or set config.mfp4_recipe "
@@ -58,6 +62,26 @@ def resolve_recipe(config, recipe: Union[None, str, Recipe] = None) -> Recipe:
     return _cache[cache_key]
 
 
+def parse_overrides(items) -> dict:
+    """--mfp4-override KEY=VALUE items (VALUE parsed as YAML) as a dict; errors name the item."""
+    import yaml
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"--mfp4-override expects KEY=VALUE, got {item!r} (e.g. --mfp4-override eden_group=16)")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise UsageError(f"--mfp4-override: empty key in {item!r} (e.g. --mfp4-override eden_group=16)")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise UsageError(f"--mfp4-override {item!r}: VALUE is not valid YAML ({problem}); write a number, "
+                             f"true/false, a list like [a, b], or quote text: {key}='...'") from None
+    return out
+
+
 def _megatron_args():
     try:
         from megatron.training.global_vars import _GLOBAL_ARGS
@@ -66,29 +90,34 @@ def _megatron_args():
     return _GLOBAL_ARGS
 
 
+def _refuse(problems) -> None:
+    if problems:
+        raise UnsupportedConfigError("unsupported configuration: " + "; ".join(problems))
+
+
 def check_supported(config, *, is_expert: bool = False) -> None:
-    """Refuse, with a message naming the flag, combinations the plugin layers cannot honour."""
+    """Refuse, with a message naming the flag and the fix, combinations the plugin layers cannot honour."""
     problems = []
     if is_expert:
         problems.append("MoE expert linears (is_expert=True): megatron_fp4 v1 quantizes dense "
                         "layers only; drop --num-experts or keep experts out of the plugin spec")
     if getattr(config, "fp8", None):
         problems.append(f"--fp8-format {config.fp8}: Transformer Engine FP8 cannot be combined with "
-                        "a megatron_fp4 recipe")
+                        "a megatron_fp4 recipe; drop --fp8-format")
     if getattr(config, "fp4", None):
         problems.append(f"--fp4-format {config.fp4}: Transformer Engine FP4 cannot be combined with "
-                        "a megatron_fp4 recipe (use --mfp4-recipe only)")
+                        "a megatron_fp4 recipe; drop --fp4-format (use --mfp4-recipe only)")
     for flag, attr in (("--fp8-param-gather", "fp8_param"), ("--fp4-param-gather", "fp4_param")):
         if getattr(config, attr, False):
-            problems.append(f"{flag}: quantized parameter all-gather is not supported")
+            problems.append(f"{flag}: quantized parameter all-gather is not supported; drop it")
     if getattr(config, "delay_wgrad_compute", False):
-        problems.append("--delay-wgrad-compute: megatron_fp4 computes wgrad in the main backward")
+        problems.append("--delay-wgrad-compute: megatron_fp4 computes wgrad in the main backward; drop it")
     if getattr(config, "defer_embedding_wgrad_compute", False):
         pass  # affects only the LM head (a stock layer); refused in _forward_impl if it ever reaches us
     if getattr(config, "use_megatron_fsdp", False) or getattr(config, "use_torch_fsdp2", False):
-        problems.append("FSDP (--use-megatron-fsdp / --use-torch-fsdp2) is not supported")
-    if problems:
-        raise UnsupportedConfigError("megatron_fp4: unsupported configuration:\n  - " + "\n  - ".join(problems))
+        problems.append("FSDP (--use-megatron-fsdp / --use-torch-fsdp2) is not supported; use DDP "
+                        "(optionally --use-distributed-optimizer)")
+    _refuse(problems)
 
 
 def check_supported_args(args) -> None:
@@ -96,24 +125,30 @@ def check_supported_args(args) -> None:
     problems = []
     if getattr(args, "use_precision_aware_optimizer", False):
         problems.append("--use-precision-aware-optimizer: master weights inside TE FusedAdam are "
-                        "not supported")
+                        "not supported; drop it")
     if getattr(args, "use_megatron_fsdp", False) or getattr(args, "use_torch_fsdp2", False):
-        problems.append("FSDP (--use-megatron-fsdp / --use-torch-fsdp2) is not supported")
+        problems.append("FSDP (--use-megatron-fsdp / --use-torch-fsdp2) is not supported; use DDP "
+                        "(optionally --use-distributed-optimizer)")
     if getattr(args, "num_experts", None):
-        problems.append("--num-experts: MoE experts are not supported by megatron_fp4 v1")
+        problems.append(f"--num-experts {args.num_experts}: MoE experts are not supported by megatron_fp4 v1; "
+                        "drop it (dense GPT only)")
     if getattr(args, "fp8", None):
-        problems.append("--fp8-format cannot be combined with --mfp4-recipe")
+        problems.append(f"--fp8-format {args.fp8} cannot be combined with --mfp4-recipe; drop --fp8-format")
     if getattr(args, "fp4", None):
-        problems.append("--fp4-format cannot be combined with --mfp4-recipe")
+        problems.append(f"--fp4-format {args.fp4} cannot be combined with --mfp4-recipe; drop --fp4-format")
     if getattr(args, "fp8_param_gather", False) or getattr(args, "fp4_param_gather", False):
-        problems.append("--fp8-param-gather / --fp4-param-gather are not supported")
+        problems.append("--fp8-param-gather / --fp4-param-gather are not supported; drop them")
     if getattr(args, "delay_wgrad_compute", False):
-        problems.append("--delay-wgrad-compute is not supported")
+        problems.append("--delay-wgrad-compute is not supported (wgrad runs in the main backward); drop it")
+    if getattr(args, "mtp_num_layers", None):
+        problems.append(f"--mtp-num-layers {args.mtp_num_layers}: multi-token-prediction layers are built "
+                        "from Megatron's stock spec and would not run the recipe; drop it")
+    if getattr(args, "multi_latent_attention", False):
+        problems.append("--multi-latent-attention is not supported by the plugin spec in v1; drop it")
     if getattr(args, "transformer_impl", "local") != "local":
         problems.append(f"--transformer-impl {args.transformer_impl}: megatron_fp4 needs "
                         "--transformer-impl local (its own linears, no TE modules)")
-    if problems:
-        raise UnsupportedConfigError("megatron_fp4: unsupported configuration:\n  - " + "\n  - ".join(problems))
+    _refuse(problems)
 
 
 def layer_in_bf16(config, layer_number: int) -> bool:
@@ -125,11 +160,28 @@ def layer_in_bf16(config, layer_number: int) -> bool:
     return layer_number <= start or layer_number > config.num_layers - end
 
 
-def module_in_bf16(config, name: str) -> bool:
-    patterns = getattr(config, "mfp4_bf16_modules", None) or ()
+def split_patterns(patterns) -> tuple:
+    """--mfp4-bf16-modules text (comma-separated) or a sequence of fnmatch patterns, as a tuple."""
+    if not patterns:
+        return ()
     if isinstance(patterns, str):
-        patterns = [p for p in patterns.split(",") if p]
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        patterns = patterns.split(",")
+    return tuple(p.strip() for p in patterns if p and p.strip())
+
+
+def bf16_module_patterns(config) -> tuple:
+    """config.mfp4_bf16_modules, or, for a plain TransformerConfig built by a stock Megatron entry
+    point (install()), the --mfp4-bf16-modules flag from Megatron's global args."""
+    if hasattr(config, "mfp4_bf16_modules"):
+        return split_patterns(config.mfp4_bf16_modules)
+    args = _megatron_args()
+    if args is not None and getattr(args, "mfp4_recipe", None):
+        return split_patterns(getattr(args, "mfp4_bf16_modules", None))
+    return ()
+
+
+def module_in_bf16(config, name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in bf16_module_patterns(config))
 
 
 def config_from(base: TransformerConfig, **plugin_fields) -> NVFP4TransformerConfig:
