@@ -23,6 +23,7 @@ import triton
 from _runs import put_marked_block
 from timing import host_issue_ms, median_ms
 
+from megatron_fp4 import backend
 from megatron_fp4 import quantizers as Q
 from megatron_fp4.hadamard import rht
 from megatron_fp4.linear import nvfp4_linear
@@ -205,30 +206,16 @@ LLAMA1B = [("qkv", 2048, 3 * 2048), ("o", 2048, 2048), ("gate+up", 2048, 2 * 563
 QUALITY = [("qkv", 256, 768), ("o", 256, 256), ("gate+up", 256, 1536), ("down", 768, 256)]
 RECIPES = ("bf16", "nvidia", "tetrajet2", "quartet2")
 # The linear table's columns: every recipe on its default GPU path, plus the alternatives the dispatch
-# offers (MEGATRON_FP4_EMIT_OPERANDS=0: backward quantizers do not write the BF16 GEMM operand, a
-# dequant pass runs instead; MEGATRON_FP4_GEMM=triton: the packed-operand Triton GEMM for per-tensor-scaled
+# offers (backend emit_operands=False: backward quantizers do not write the BF16 GEMM operand, a
+# dequant pass runs instead; backend gemm="triton": the packed-operand Triton GEMM for per-tensor-scaled
 # recipes; TetraJet-v2 with gemm_emulation=exact, which runs that GEMM per 128-slab, against its
-# default "bf16" folding + cuBLAS). (label, recipe name or None for BF16, overrides, env)
+# default "bf16" folding + cuBLAS). (label, recipe name or None for BF16, overrides, backend changes)
 VARIANTS = [("bf16", None, {}, {}), ("nvidia", "nvidia", {}, {}), ("tetrajet2", "tetrajet2", {}, {}),
             ("tetrajet2 exact-gemm", "tetrajet2", {"gemm_emulation": "exact"}, {}),
             ("quartet2", "quartet2", {}, {}),
-            ("quartet2 no-emit", "quartet2", {}, {"MEGATRON_FP4_EMIT_OPERANDS": "0"}),
-            ("quartet2 triton-gemm", "quartet2", {}, {"MEGATRON_FP4_GEMM": "triton"}),
-            ("nvidia triton-gemm", "nvidia", {}, {"MEGATRON_FP4_GEMM": "triton"})]
-
-
-@contextlib.contextmanager
-def env(values):
-    previous = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in previous.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
+            ("quartet2 no-emit", "quartet2", {}, {"emit_operands": False}),
+            ("quartet2 triton-gemm", "quartet2", {}, {"gemm": "triton"}),
+            ("nvidia triton-gemm", "nvidia", {}, {"gemm": "triton"})]
 
 
 @guarded("linear")
@@ -249,7 +236,7 @@ def linear_block(tokens, reps, shapes, label):
         times = {}
         for r, recipe_name, overrides, variables in VARIANTS:
             recipe = None if recipe_name is None else load_recipe(recipe_name, overrides)
-            with env(variables):
+            with backend.use(**variables):
                 times[r] = time_cuda(_linear_step(recipe, x, w, dy, key), warmup=3, reps=reps)
             totals[r] += times[r]
             empty_cache()
@@ -288,7 +275,7 @@ def gemm_backends(tokens, shapes, label):
             a, b = randn(m_, k_, 30), randn(n_, k_, 31)
             aq, bq = quantize_nvfp4_rtn(a), quantize_nvfp4_rtn(b)
             t_bf16 = time_cuda(lambda: torch.mm(a, b.t()))
-            with env({"MEGATRON_FP4_GEMM": "cublas"}):
+            with backend.use(gemm="cublas"):
                 t_cublas = time_cuda(lambda: D.matmul(aq, bq, out_dtype=torch.bfloat16))
             t_triton = {c: time_cuda(lambda c=c: nvfp4_matmul(aq, bq, out_dtype=torch.bfloat16, config=c))
                         for c in cfgs}

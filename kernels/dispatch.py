@@ -1,68 +1,55 @@
-"""One entry point per quantizer: the Triton kernel on CUDA tensors, the torch reference elsewhere.
+"""One entry point per quantizer and GEMM: the Triton kernel where the backend config asks for it and
+one covers the call, the torch twin otherwise (megatron_fp4/backend.py).
 
-Set MEGATRON_FP4_KERNELS=0 to force the reference everywhere (read at each call, so tests and
-benchmarks can flip it). Anything the kernels do not cover (SR with 4/6, 4/6 on 16x16 tiles, eden_group=16, RHT sizes other than 128 for MS-EDEN and 16 for the double block,
-outer_block="tensor", rotated dims that are not multiples of 128) silently takes the reference
-path, so every call here returns exactly what the reference would (up to FP32 summation order in
-the rotation and the EDEN / 4/6 sums, see the kernel modules).
+Every entry takes `backend` (a BackendConfig; None: backend.current()) and `site` ((recipe name,
+operand), for fallback messages). Under kernels="auto" CUDA tensors run the kernels and other tensors
+the twins; "reference" runs the twins everywhere; "interpret" runs the kernels on every tensor (CPU
+ones in Triton's interpreter). A call that wants a kernel but is not covered by one (SR with 4/6, 4/6
+on 16x16 tiles, eden_group=16, RHT sizes other than 128 for MS-EDEN and 16 for the double block,
+outer_block="tensor", rotated dims that are not multiples of 128, gemm_emulation="fp32") takes the twin
+and is reported by backend.fallback (logged once per site, or raised under on_fallback="error"). Every
+call returns exactly what the twin would (up to FP32 summation order in the rotation and the EDEN /
+4/6 sums, see the kernel modules).
 """
 from __future__ import annotations
 
 import collections
-import contextlib
-import os
 from typing import Callable, Optional
 
 import torch
 
 from megatron_fp4 import format as fmt
 from megatron_fp4 import quantizers as Q
+from megatron_fp4.backend import BackendConfig, current, fallback, reference_only, wants_kernel  # noqa: F401
 from megatron_fp4.gemm import matmul as _reference_matmul
 from megatron_fp4.hadamard import rht
 from megatron_fp4.rng import RandomStream, random_signs
-from megatron_fp4.tensor import NVFP4Tensor
+from megatron_fp4.tensor import NVFP4Tensor, pad_cols
+from megatron_fp4.tensor import transpose_tiles as _reference_transpose_tiles
 
 AmaxReduce = Optional[Callable[[torch.Tensor], torch.Tensor]]
-
-
-@contextlib.contextmanager
-def reference_only():
-    """Inside this block every call here runs the torch reference twin, also on CUDA tensors
-    (what MEGATRON_FP4_KERNELS=0 does for a whole process); benchmarks time both paths this way."""
-    previous = os.environ.get("MEGATRON_FP4_KERNELS")
-    os.environ["MEGATRON_FP4_KERNELS"] = "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("MEGATRON_FP4_KERNELS")
-        else:
-            os.environ["MEGATRON_FP4_KERNELS"] = previous
+Site = Optional[tuple]
 
 
 def _reference_rht(a: torch.Tensor, sigma: torch.Tensor, transpose: bool, pad_multiple: int) -> torch.Tensor:
     """The torch composition every rotating entry point falls back to: rht(pad_cols(A, pad_multiple),
     sigma) with A = a or a.t()."""
-    src = a.t() if transpose else a
-    extra = (-src.shape[1]) % pad_multiple
-    if extra:
-        src = torch.nn.functional.pad(src, (0, extra))
-    return rht(src, sigma)
+    return rht(pad_cols(a.t() if transpose else a, pad_multiple), sigma)
 
 
-def kernels_enabled(*tensors: torch.Tensor) -> bool:
-    """True when every tensor is on CUDA and MEGATRON_FP4_KERNELS is not '0'. With
-    MEGATRON_FP4_KERNELS=interpret under TRITON_INTERPRET=1, the kernels also run on CPU tensors (in
-    Triton's interpreter): tests drive whole recipes through the kernel path without a GPU."""
-    flag = os.environ.get("MEGATRON_FP4_KERNELS", "1")
-    if flag == "0":
-        return False
-    if flag == "interpret":
-        from ._common import INTERPRET
-        if not INTERPRET:
-            raise RuntimeError("MEGATRON_FP4_KERNELS=interpret needs TRITON_INTERPRET=1 set before import")
-        return True
+def _on_gpu(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors)
+
+
+def kernels_enabled(*tensors: torch.Tensor, backend: Optional[BackendConfig] = None) -> bool:
+    """Whether calls on these tensors want the kernels under `backend` (backend.wants_kernel): every
+    tensor on CUDA under "auto", always under "interpret", never under "reference"."""
+    return wants_kernel(backend or current(), _on_gpu(*tensors))
+
+
+def _first(*checks) -> str:
+    """The first reason whose condition holds: checks are (condition, reason) pairs."""
+    return next((reason for bad, reason in checks if bad), "arguments outside the kernel's cases")
 
 
 _SIGNS_CACHE: "collections.OrderedDict" = collections.OrderedDict()
@@ -89,58 +76,76 @@ def rht_signs(key: int, n: int, device) -> torch.Tensor:
     return sigma
 
 
-def quantize_nvfp4(x: torch.Tensor, **kw) -> NVFP4Tensor:
+def quantize_nvfp4(x: torch.Tensor, *, backend: Optional[BackendConfig] = None, site: Site = None,
+                   for_gemm: bool = False, **kw) -> NVFP4Tensor:
     """Same signature and result as quantizers.quantize_nvfp4; 1x16 RN (+4/6), 1x16 SR (with a
     stream, without 4/6) and 16x16-tile RN (without 4/6) run the kernel. for_gemm=True (an operand
     that goes straight into D.matmul and is not kept): the kernel also writes its BF16 GEMM operand."""
-    for_gemm = kw.pop("for_gemm", False)
-    mode = kw.get("mode", Q.ROUND_NEAREST)
-    stream, four_over_six = kw.get("stream"), kw.get("four_over_six", False)
-    block_rows = kw.get("block_rows", 1)
-    sr_ok = mode == Q.ROUND_STOCHASTIC and stream is not None and not four_over_six and block_rows == 1
-    tiles_ok = block_rows == 1 or (block_rows == 16 and mode == Q.ROUND_NEAREST and not four_over_six
-                                   and x.dim() == 2 and x.shape[0] % 16 == 0)
-    if (kernels_enabled(x) and (mode == Q.ROUND_NEAREST or sr_ok) and tiles_ok
-            and x.dim() == 2 and x.shape[1] % 16 == 0 and x.numel() > 0):
-        from .rtn import quantize_nvfp4_rtn
-        return quantize_nvfp4_rtn(x, v=kw.get("v", 6.0), smax=kw.get("smax", 448.0),
-                                  ties=kw.get("ties", fmt.TIES_EVEN), four_over_six=four_over_six,
-                                  amax_reduce=kw.get("amax_reduce"), mode=mode, stream=stream,
-                                  block_rows=block_rows, emit_operand=_emit_for_gemm(for_gemm) and block_rows == 1)
+    be = backend or current()
+    if wants_kernel(be, x.is_cuda):
+        mode = kw.get("mode", Q.ROUND_NEAREST)
+        stream, four_over_six = kw.get("stream"), kw.get("four_over_six", False)
+        block_rows = kw.get("block_rows", 1)
+        sr_ok = mode == Q.ROUND_STOCHASTIC and stream is not None and not four_over_six and block_rows == 1
+        tiles_ok = block_rows == 1 or (block_rows == 16 and mode == Q.ROUND_NEAREST and not four_over_six
+                                       and x.dim() == 2 and x.shape[0] % 16 == 0)
+        if ((mode == Q.ROUND_NEAREST or sr_ok) and tiles_ok and x.dim() == 2 and x.shape[1] % 16 == 0
+                and x.numel() > 0):
+            from .rtn import quantize_nvfp4_rtn
+            return quantize_nvfp4_rtn(x, v=kw.get("v", 6.0), smax=kw.get("smax", 448.0),
+                                      ties=kw.get("ties", fmt.TIES_EVEN), four_over_six=four_over_six,
+                                      amax_reduce=kw.get("amax_reduce"), mode=mode, stream=stream,
+                                      block_rows=block_rows,
+                                      emit_operand=_emit_for_gemm(for_gemm, be) and block_rows == 1)
+        fallback(be, site, _first(
+            (x.dim() != 2, f"a {x.dim()}-D tensor"), (x.numel() == 0, "an empty tensor"),
+            (x.shape[-1] % 16 != 0, f"{x.shape[-1]} columns, not a multiple of 16"),
+            (mode not in (Q.ROUND_NEAREST, Q.ROUND_STOCHASTIC), f"rounding mode {mode!r}"),
+            (mode == Q.ROUND_STOCHASTIC and stream is None, "stochastic rounding without a random stream"),
+            (mode == Q.ROUND_STOCHASTIC and four_over_six, "stochastic rounding with Four Over Six"),
+            (mode == Q.ROUND_STOCHASTIC and block_rows != 1, "stochastic rounding on 16x16 tiles"),
+            (block_rows == 16 and four_over_six, "Four Over Six on 16x16 tiles"),
+            (block_rows == 16 and x.shape[0] % 16 != 0, f"{x.shape[0]} rows, not a multiple of 16 (16x16 tiles)"),
+            (block_rows not in (1, 16), f"block_rows={block_rows}")))
     return Q.quantize_nvfp4(x, **kw)
 
 
-def _eden_ok(sigma, eden_group, *tensors) -> bool:
-    return kernels_enabled(*tensors) and eden_group == 128 and sigma.numel() == 128
+def _eden_reason(sigma, eden_group) -> str:
+    return _first((eden_group != 128, f"eden_group={eden_group} (the MS-EDEN kernel corrects per 128)"),
+                  (sigma.numel() != 128, f"RHT size {sigma.numel()} (the MS-EDEN kernel rotates by 128)"))
 
 
-def _emit_for_gemm(for_gemm: bool) -> bool:
+def _emit_for_gemm(for_gemm: bool, be: BackendConfig) -> bool:
     """The quantizer kernel also writes the BF16 GEMM operand when the next GEMM is dequant + cuBLAS
     (the Triton GEMM reads packed operands itself): one dequant pass fewer per operand."""
-    return _emit_double_block(for_gemm) and gemm_backend() == "cublas"
+    return _emit_double_block(for_gemm, be) and be.gemm == "cublas"
 
 
 def rht_ms_eden(a: torch.Tensor, sigma: torch.Tensor, stream: RandomStream, *, transpose: bool = False,
                 eden_group: int = 128, v: float = Q.EDEN_V, smax: float = 255.99,
                 ties: str = fmt.TIES_EVEN, amax_reduce: AmaxReduce = None,
-                pad_multiple: int = 1, for_gemm: bool = False) -> NVFP4Tensor:
+                pad_multiple: int = 1, for_gemm: bool = False, backend: Optional[BackendConfig] = None,
+                site: Site = None) -> NVFP4Tensor:
     """MS-EDEN of A = a (or a.t()) after RHT with `sigma`, A's last dim zero-padded to pad_multiple.
 
     Reference: quantize_ms_eden(rht(pad_cols(A, pad_multiple), sigma), ...). for_gemm: the result goes
     straight into D.matmul and is not kept; the kernel then also writes its BF16 GEMM operand.
     """
-    if _eden_ok(sigma, eden_group, a) and a.dim() == 2:
-        from .eden import rht_ms_eden as kernel
-        if transpose:
-            extra = (-a.shape[0]) % max(pad_multiple, 128)   # pad rows of a == columns of a.t()
-            if extra:
-                a = torch.nn.functional.pad(a, (0, 0, 0, extra))
-        else:
-            extra = (-a.shape[1]) % max(pad_multiple, 128)
-            if extra:
-                a = torch.nn.functional.pad(a, (0, extra))
-        return kernel(a, sigma, stream, transpose=transpose, v=v, smax=smax, ties=ties,
-                      amax_reduce=amax_reduce, emit_operand=_emit_for_gemm(for_gemm))
+    be = backend or current()
+    if wants_kernel(be, a.is_cuda):
+        if eden_group == 128 and sigma.numel() == 128 and a.dim() == 2:
+            from .eden import rht_ms_eden as kernel
+            if transpose:
+                extra = (-a.shape[0]) % max(pad_multiple, 128)   # pad rows of a == columns of a.t()
+                if extra:
+                    a = torch.nn.functional.pad(a, (0, 0, 0, extra))
+            else:
+                extra = (-a.shape[1]) % max(pad_multiple, 128)
+                if extra:
+                    a = torch.nn.functional.pad(a, (0, extra))
+            return kernel(a, sigma, stream, transpose=transpose, v=v, smax=smax, ties=ties,
+                          amax_reduce=amax_reduce, emit_operand=_emit_for_gemm(for_gemm, be))
+        fallback(be, site, _first((a.dim() != 2, f"a {a.dim()}-D tensor"), (True, _eden_reason(sigma, eden_group))))
     return Q.quantize_ms_eden(_reference_rht(a, sigma, transpose, pad_multiple), stream=stream,
                               eden_group=eden_group, v=v, smax=smax, ties=ties, amax_reduce=amax_reduce)
 
@@ -148,66 +153,95 @@ def rht_ms_eden(a: torch.Tensor, sigma: torch.Tensor, stream: RandomStream, *, t
 def requant_ms_eden(q: NVFP4Tensor, sigma: torch.Tensor, stream: RandomStream, *,
                     eden_group: int = 128, v: float = Q.EDEN_V, smax: float = 255.99,
                     ties: str = fmt.TIES_EVEN, amax_reduce: AmaxReduce = None,
-                    pad_multiple: int = 1, for_gemm: bool = False) -> NVFP4Tensor:
+                    pad_multiple: int = 1, for_gemm: bool = False, backend: Optional[BackendConfig] = None,
+                    site: Site = None) -> NVFP4Tensor:
     """Re-quantize a packed forward operand transposed: MS-EDEN(rht(dequantize_unscaled(q)^T, sigma)).
 
     The kernel reads packed codes and scales directly (unpack, transpose, rotate, quantize).
     for_gemm: as in rht_ms_eden.
     """
-    rows = q.shape[0]
-    if (_eden_ok(sigma, eden_group, q.packed) and q.block_rows == 1 and q.outer_scales is None
-            and rows % 128 == 0):
-        from .eden import rht_ms_eden as kernel
-        return kernel(None, sigma, stream, packed=q, v=v, smax=smax, ties=ties, amax_reduce=amax_reduce,
-                      emit_operand=_emit_for_gemm(for_gemm))
+    be = backend or current()
+    if wants_kernel(be, q.packed.is_cuda):
+        rows = q.shape[0]
+        if (eden_group == 128 and sigma.numel() == 128 and q.block_rows == 1 and q.outer_scales is None
+                and rows % 128 == 0):
+            from .eden import rht_ms_eden as kernel
+            return kernel(None, sigma, stream, packed=q, v=v, smax=smax, ties=ties, amax_reduce=amax_reduce,
+                          emit_operand=_emit_for_gemm(for_gemm, be))
+        fallback(be, site, _first((q.block_rows != 1, "a 16x16-tile operand"),
+                                  (q.outer_scales is not None, "a double-block operand"),
+                                  (rows % 128 != 0, f"{rows} rows, not a multiple of 128"),
+                                  (True, _eden_reason(sigma, eden_group))))
     return Q.quantize_ms_eden(_reference_rht(q.dequantize_unscaled(), sigma, True, pad_multiple),
                               stream=stream, eden_group=eden_group, v=v, smax=smax, ties=ties,
                               amax_reduce=amax_reduce)
 
 
-def _double_block_ok(mode, stream, outer_block, *tensors) -> bool:
-    return (kernels_enabled(*tensors) and outer_block in (128, "128") and mode in (Q.ROUND_NEAREST, Q.ROUND_STOCHASTIC)
+def _double_block_args_ok(mode, stream, outer_block) -> bool:
+    return (outer_block in (128, "128") and mode in (Q.ROUND_NEAREST, Q.ROUND_STOCHASTIC)
             and (mode == Q.ROUND_NEAREST or stream is not None))
 
 
-def _emit_double_block(for_gemm: bool) -> bool:
+def _double_block_reason(mode, stream, outer_block, sigma=None) -> str:
+    return _first((outer_block not in (128, "128"), f"outer_block={outer_block!r}"),
+                  (mode not in (Q.ROUND_NEAREST, Q.ROUND_STOCHASTIC), f"rounding mode {mode!r}"),
+                  (mode == Q.ROUND_STOCHASTIC and stream is None, "stochastic rounding without a random stream"),
+                  (sigma is not None and sigma.numel() != 16,
+                   f"RHT size {sigma.numel() if sigma is not None else 0} (the double-block kernel rotates by 16)"))
+
+
+def _emit_double_block(for_gemm: bool, be: BackendConfig) -> bool:
     """for_gemm on a double-block operand means: the next GEMM is the "bf16" emulation (dequant +
-    cuBLAS), so the kernel also writes dequantize().to(bf16) for it. MEGATRON_FP4_EMIT_OPERANDS=0
-    turns writing operands off everywhere (benchmarks time both)."""
-    return for_gemm and os.environ.get("MEGATRON_FP4_EMIT_OPERANDS", "1") != "0"
+    cuBLAS), so the kernel also writes dequantize().to(bf16) for it. emit_operands=False
+    (MEGATRON_FP4_EMIT_OPERANDS=0) turns writing operands off everywhere (benchmarks time both)."""
+    return for_gemm and be.emit_operands
 
 
-def quantize_double_block(x: torch.Tensor, **kw) -> NVFP4Tensor:
+def quantize_double_block(x: torch.Tensor, *, backend: Optional[BackendConfig] = None, site: Site = None,
+                          for_gemm: bool = False, **kw) -> NVFP4Tensor:
     """Same signature and result as quantizers.quantize_double_block; outer_block=128 (RN or SR)
     runs the kernel (amax_reduce only concerns outer_block="tensor", which takes the reference).
     for_gemm=True: the operand goes straight into a "bf16"-mode GEMM (see _emit_double_block)."""
-    for_gemm = kw.pop("for_gemm", False)
-    mode, stream = kw.get("mode", Q.ROUND_NEAREST), kw.get("stream")
-    if (_double_block_ok(mode, stream, kw.get("outer_block", 128), x) and x.dim() == 2
-            and x.numel() > 0 and x.shape[1] % 128 == 0):
-        from .double_block import quantize_double_block as kernel
-        return kernel(x, mode=mode, ties=kw.get("ties", fmt.TIES_EVEN), stream=stream,
-                      sr_headroom=kw.get("sr_headroom", 1.0), emit_operand=_emit_double_block(for_gemm))
+    be = backend or current()
+    if wants_kernel(be, x.is_cuda):
+        mode, stream, outer_block = kw.get("mode", Q.ROUND_NEAREST), kw.get("stream"), kw.get("outer_block", 128)
+        if (_double_block_args_ok(mode, stream, outer_block) and x.dim() == 2 and x.numel() > 0
+                and x.shape[1] % 128 == 0):
+            from .double_block import quantize_double_block as kernel
+            return kernel(x, mode=mode, ties=kw.get("ties", fmt.TIES_EVEN), stream=stream,
+                          sr_headroom=kw.get("sr_headroom", 1.0), emit_operand=_emit_double_block(for_gemm, be))
+        fallback(be, site, _first((x.dim() != 2, f"a {x.dim()}-D tensor"), (x.numel() == 0, "an empty tensor"),
+                                  (x.shape[-1] % 128 != 0, f"{x.shape[-1]} columns, not a multiple of 128"),
+                                  (True, _double_block_reason(mode, stream, outer_block))))
     return Q.quantize_double_block(x, **kw)
 
 
 def rht_double_block(a: torch.Tensor, sigma: torch.Tensor, stream: Optional[RandomStream], *,
                      transpose: bool = False, mode: str = Q.ROUND_STOCHASTIC, ties: str = fmt.TIES_EVEN,
                      sr_headroom: float = 1.0, pad_multiple: int = 1, outer_block=128,
-                     amax_reduce: AmaxReduce = None, for_gemm: bool = False) -> NVFP4Tensor:
+                     amax_reduce: AmaxReduce = None, for_gemm: bool = False,
+                     backend: Optional[BackendConfig] = None, site: Site = None) -> NVFP4Tensor:
     """QDB of A = a (or a.t()) after RHT with `sigma`, A's last dim zero-padded to pad_multiple.
 
     Reference: quantize_double_block(rht(pad_cols(A, pad_multiple), sigma), mode, ties, stream,
     sr_headroom, outer_block, amax_reduce). The kernel (RHT-16, outer_block=128) reads a once,
     transposed in registers and padded by masking, and writes codes and both scale levels.
     """
-    if (_double_block_ok(mode, stream, outer_block, a) and sigma.numel() == 16 and a.dim() == 2
-            and a.numel() > 0):
-        cols = a.shape[0] if transpose else a.shape[1]
-        if (cols + (-cols) % max(pad_multiple, 1)) % 128 == 0:
-            from .double_block import quantize_double_block as kernel
-            return kernel(a, mode=mode, ties=ties, stream=stream, sr_headroom=sr_headroom, sigma=sigma,
-                          transpose=transpose, pad_multiple=pad_multiple, emit_operand=_emit_double_block(for_gemm))
+    be = backend or current()
+    if wants_kernel(be, a.is_cuda):
+        padded = None
+        if (_double_block_args_ok(mode, stream, outer_block) and sigma.numel() == 16 and a.dim() == 2
+                and a.numel() > 0):
+            cols = a.shape[0] if transpose else a.shape[1]
+            padded = cols + (-cols) % max(pad_multiple, 1)
+            if padded % 128 == 0:
+                from .double_block import quantize_double_block as kernel
+                return kernel(a, mode=mode, ties=ties, stream=stream, sr_headroom=sr_headroom, sigma=sigma,
+                              transpose=transpose, pad_multiple=pad_multiple,
+                              emit_operand=_emit_double_block(for_gemm, be))
+        fallback(be, site, _first((a.dim() != 2, f"a {a.dim()}-D tensor"), (a.numel() == 0, "an empty tensor"),
+                                  (padded is not None, f"rotated dim padded to {padded}, not a multiple of 128"),
+                                  (True, _double_block_reason(mode, stream, outer_block, sigma))))
     return Q.quantize_double_block(_reference_rht(a, sigma, transpose, pad_multiple), mode=mode, ties=ties,
                                    stream=stream, sr_headroom=sr_headroom, outer_block=outer_block,
                                    amax_reduce=amax_reduce)
@@ -216,70 +250,99 @@ def rht_double_block(a: torch.Tensor, sigma: torch.Tensor, stream: Optional[Rand
 def requant_double_block(q: NVFP4Tensor, sigma: torch.Tensor, stream: Optional[RandomStream], *,
                          mode: str = Q.ROUND_STOCHASTIC, ties: str = fmt.TIES_EVEN, sr_headroom: float = 1.0,
                          pad_multiple: int = 1, outer_block=128, amax_reduce: AmaxReduce = None,
-                         for_gemm: bool = False) -> NVFP4Tensor:
+                         for_gemm: bool = False, backend: Optional[BackendConfig] = None,
+                         site: Site = None) -> NVFP4Tensor:
     """QDB of rht(pad_cols(q.dequantize().t(), pad_multiple), sigma): TetraJet-v2's W^T / X^T from the
     saved forward operand. The kernel reads q packed (codes, inner and outer scales) instead of an
     FP32 dequantization written and read back; elsewhere the reference composition."""
-    if (_double_block_ok(mode, stream, outer_block, q.packed) and sigma.numel() == 16
-            and _double_block_kernel_ok(q) and q.shape[1] % 128 == 0):
+    be = backend or current()
+    if wants_kernel(be, q.packed.is_cuda):
         rows = q.shape[0]
-        if (rows + (-rows) % max(pad_multiple, 1)) % 128 == 0:
+        padded = rows + (-rows) % max(pad_multiple, 1)
+        if (_double_block_args_ok(mode, stream, outer_block) and sigma.numel() == 16
+                and _double_block_operand_ok(q) and padded % 128 == 0):
             from .double_block import quantize_double_block as kernel
             return kernel(None, mode=mode, ties=ties, stream=stream, sr_headroom=sr_headroom, sigma=sigma,
                           transpose=True, pad_multiple=pad_multiple, packed_source=q,
-                          emit_operand=_emit_double_block(for_gemm))
+                          emit_operand=_emit_double_block(for_gemm, be))
+        fallback(be, site, _first((not _double_block_operand_ok(q), _double_block_operand_reason(q)),
+                                  (padded % 128 != 0, f"rotated dim padded to {padded}, not a multiple of 128"),
+                                  (True, _double_block_reason(mode, stream, outer_block, sigma))))
     return Q.quantize_double_block(_reference_rht(q.dequantize(), sigma, True, pad_multiple), mode=mode, ties=ties,
                                    stream=stream, sr_headroom=sr_headroom, outer_block=outer_block,
                                    amax_reduce=amax_reduce)
 
 
 def rht_of(a: torch.Tensor, sigma: torch.Tensor, *, transpose: bool = False,
-           pad_multiple: int = 1) -> torch.Tensor:
-    """FP32 rht(pad_cols(A, pad_multiple), sigma) with A = a or a.t(). On CUDA with 16 signs and a
-    padded rotated dim that is a multiple of 128, the double-block module's fused kernel reads `a`
-    once (transposed and padded in registers) instead of a transposed copy, a pad and a small-K GEMM;
+           pad_multiple: int = 1, backend: Optional[BackendConfig] = None, site: Site = None) -> torch.Tensor:
+    """FP32 rht(pad_cols(A, pad_multiple), sigma) with A = a or a.t(). With 16 signs and a padded
+    rotated dim that is a multiple of 128, the double-block module's fused kernel reads `a` once
+    (transposed and padded in registers) instead of a transposed copy, a pad and a small-K GEMM;
     equal to the reference up to FP32 summation order in the rotation (relative error < 1e-6)."""
-    cols = a.shape[0] if transpose else a.shape[-1]
-    padded = cols + (-cols) % max(pad_multiple, 1)
-    if kernels_enabled(a) and sigma.numel() == 16 and a.dim() == 2 and a.numel() > 0 and padded % 128 == 0:
-        from .double_block import rht16
-        return rht16(a, sigma, transpose=transpose, pad_multiple=pad_multiple)
+    be = backend or current()
+    if wants_kernel(be, a.is_cuda):
+        cols = a.shape[0] if transpose else a.shape[-1]
+        padded = cols + (-cols) % max(pad_multiple, 1)
+        if sigma.numel() == 16 and a.dim() == 2 and a.numel() > 0 and padded % 128 == 0:
+            from .double_block import rht16
+            return rht16(a, sigma, transpose=transpose, pad_multiple=pad_multiple)
+        fallback(be, site, _first((a.dim() != 2, f"a {a.dim()}-D tensor"), (a.numel() == 0, "an empty tensor"),
+                                  (sigma.numel() != 16, f"RHT size {sigma.numel()} (the fused rotation is RHT-16)"),
+                                  (True, f"rotated dim padded to {padded}, not a multiple of 128")))
     return _reference_rht(a, sigma, transpose, pad_multiple)
 
 
-def dequantize_unscaled(q: NVFP4Tensor) -> torch.Tensor:
-    """e2m1*e4m3 values: BF16 from the kernel on CUDA (exact), FP32 from the reference elsewhere;
-    the operand a quantizer kernel already wrote (q.operand) where there is one."""
+def dequantize_unscaled(q: NVFP4Tensor, *, backend: Optional[BackendConfig] = None,
+                        site: Site = None) -> torch.Tensor:
+    """e2m1*e4m3 values: BF16 from the kernel (exact), FP32 from the reference elsewhere; the operand
+    a quantizer kernel already wrote (q.operand) where there is one."""
     if q.operand is not None and q.outer_scales is None:
         return q.operand
-    if kernels_enabled(q.packed) and q.block_rows in (1, 16) and q.shape[0] % q.block_rows == 0:
-        from .dequant import dequantize_unscaled_bf16
-        return dequantize_unscaled_bf16(q)
+    be = backend or current()
+    if wants_kernel(be, q.packed.is_cuda):
+        if q.block_rows in (1, 16) and q.shape[0] % q.block_rows == 0:
+            from .dequant import dequantize_unscaled_bf16
+            return dequantize_unscaled_bf16(q)
+        fallback(be, site, f"block_rows={q.block_rows} with {q.shape[0]} rows")
     return q.dequantize_unscaled()
 
 
-def _double_block_kernel_ok(q: NVFP4Tensor) -> bool:
-    return (kernels_enabled(q.packed) and q.outer_scales is not None and q.block_rows == 1
-            and q.tensor_scale is None and q.shape[1] % 128 == 0)
+def _double_block_operand_ok(q: NVFP4Tensor) -> bool:
+    return (q.outer_scales is not None and q.block_rows == 1 and q.tensor_scale is None
+            and q.shape[1] % 128 == 0)
 
 
-def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """q.dequantize().to(dtype), the same bits; one kernel pass for double-block operands on CUDA."""
-    if _double_block_kernel_ok(q) and dtype in (torch.float32, torch.bfloat16):
-        from .dequant import dequantize_double_block
-        return dequantize_double_block(q, dtype)
+def _double_block_operand_reason(q: NVFP4Tensor) -> str:
+    return _first((q.outer_scales is None, "a per-tensor-scaled operand (the kernel reads double blocks)"),
+                  (q.block_rows != 1, "a 16x16-tile operand"),
+                  (q.tensor_scale is not None, "a double-block operand with a tensor scale"),
+                  (q.shape[1] % 128 != 0, f"{q.shape[1]} columns, not a multiple of 128"))
+
+
+def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32, *, backend: Optional[BackendConfig] = None,
+               site: Site = None) -> torch.Tensor:
+    """q.dequantize().to(dtype), the same bits; one kernel pass for double-block operands."""
+    be = backend or current()
+    if wants_kernel(be, q.packed.is_cuda):
+        if _double_block_operand_ok(q) and dtype in (torch.float32, torch.bfloat16):
+            from .dequant import dequantize_double_block
+            return dequantize_double_block(q, dtype)
+        fallback(be, site, _first((not _double_block_operand_ok(q), _double_block_operand_reason(q)),
+                                  (True, f"output dtype {dtype}")))
     out = q.dequantize()
     return out if dtype == torch.float32 else out.to(dtype)
 
 
-def transpose_tiles(t: NVFP4Tensor) -> NVFP4Tensor:
-    """recipe.transpose_tiles (a 16x16-tile operand transposed, same values): one kernel pass over the
-    packed codes on CUDA."""
-    if kernels_enabled(t.packed) and t.block_rows == 16 and t.shape[0] % 16 == 0 and t.shape[1] % 16 == 0:
-        from .dequant import transpose_tiles as kernel
-        return kernel(t)
-    from megatron_fp4.recipe import transpose_tiles as reference
-    return reference(t)
+def transpose_tiles(t: NVFP4Tensor, *, backend: Optional[BackendConfig] = None, site: Site = None) -> NVFP4Tensor:
+    """tensor.transpose_tiles (a 16x16-tile operand transposed, same values): one kernel pass over the
+    packed codes."""
+    be = backend or current()
+    if wants_kernel(be, t.packed.is_cuda) and t.block_rows == 16:
+        if t.shape[0] % 16 == 0 and t.shape[1] % 16 == 0:
+            from .dequant import transpose_tiles as kernel
+            return kernel(t)
+        fallback(be, site, f"shape {tuple(t.shape)}, not a multiple of 16 on both dims")
+    return _reference_transpose_tiles(t)   # raises for operands that are not 16x16 tiles
 
 
 def _mm_fp32_out(a16: torch.Tensor, b16: torch.Tensor) -> torch.Tensor:
@@ -294,8 +357,9 @@ def _mm_fp32_out(a16: torch.Tensor, b16: torch.Tensor) -> torch.Tensor:
 GEMM_BACKENDS = ("cublas", "triton")
 
 
-def gemm_backend() -> str:
-    """MEGATRON_FP4_GEMM (read at each call): how per-tensor-scaled NVFP4 GEMMs run on CUDA.
+def gemm_backend(backend: Optional[BackendConfig] = None) -> str:
+    """How per-tensor-scaled NVFP4 GEMMs run on the kernel path (BackendConfig.gemm,
+    MEGATRON_FP4_GEMM):
 
     - "cublas" (default): the dequant kernel writes both operands as exact BF16, cuBLAS multiplies
       them with FP32 output, one epilogue pass applies the scales and the output cast;
@@ -305,61 +369,67 @@ def gemm_backend() -> str:
     The default stays cuBLAS until the benchmark (benchmarks/bench_kernels.py, which times both per
     shape) has shown the Triton kernel faster on the GPU; double-block "exact" GEMMs always use the
     Triton kernel (the alternative is one cuBLAS call and two FP32 passes per 128-slab)."""
-    name = os.environ.get("MEGATRON_FP4_GEMM", "cublas")
-    if name not in GEMM_BACKENDS:
-        raise ValueError(f"MEGATRON_FP4_GEMM must be one of {GEMM_BACKENDS}, got {name!r}")
-    return name
+    return (backend or current()).gemm
 
 
 def matmul(a: NVFP4Tensor, b: NVFP4Tensor, mode: str = "exact", *, scale: Optional[torch.Tensor] = None,
-           out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """gemm.matmul on CUDA through the kernels; everything else goes to gemm.matmul.
+           out_dtype: Optional[torch.dtype] = None, backend: Optional[BackendConfig] = None,
+           site: Site = None) -> torch.Tensor:
+    """gemm.matmul through the kernels where the backend asks for them; everything else goes to
+    gemm.matmul.
 
     `scale` (an extra FP32 tensor scale, e.g. the forward g of a re-quantized operand) and `out_dtype`
     fold what callers do next into the one epilogue: the result equals
     (gemm.matmul(a, b, mode) * scale).to(out_dtype) — bit for bit wherever the FP32 sums are exact,
     and up to FP32 summation order otherwise.
 
-    - per-tensor-scaled 1x16 / 16x16 operands: gemm_backend() picks dequant + cuBLAS or the Triton
+    - per-tensor-scaled 1x16 / 16x16 operands: BackendConfig.gemm picks dequant + cuBLAS or the Triton
       GEMM on packed operands;
     - double-block, mode "exact": the Triton GEMM (per-slab partials scaled by the outer scales);
     - double-block, mode "bf16": the double-block dequant kernel (outer scales folded into BF16
       operands) + cuBLAS.
     """
-    tiles_ok = all(t.block_rows in (1, 16) and t.shape[0] % t.block_rows == 0 for t in (a, b))
-    per_tensor = a.outer_scales is None and b.outer_scales is None
-    if kernels_enabled(a.packed, b.packed) and per_tensor and tiles_ok and a.shape[1] == b.shape[1]:
-        if gemm_backend() == "triton":
+    be = backend or current()
+    same_kind = (a.outer_scales is None) == (b.outer_scales is None) and a.shape[1] == b.shape[1]
+    if same_kind and wants_kernel(be, a.packed.is_cuda and b.packed.is_cuda):
+        tiles_ok = all(t.block_rows in (1, 16) and t.shape[0] % t.block_rows == 0 for t in (a, b))
+        if a.outer_scales is None and tiles_ok:
+            if be.gemm == "triton":
+                from .gemm import nvfp4_matmul
+                return nvfp4_matmul(a, b, scale=scale, out_dtype=out_dtype or torch.float32)
+            from .dequant import scale_cast
+            a16, b16 = dequantize_unscaled(a, backend=be, site=site), dequantize_unscaled(b, backend=be, site=site)
+            a.operand = b.operand = None   # single use: a saved forward operand must not keep its BF16 copy
+            return scale_cast(_mm_fp32_out(a16, b16), a.tensor_scale, b.tensor_scale, scale,
+                              out_dtype or torch.float32)
+        both_double_block = _double_block_operand_ok(a) and _double_block_operand_ok(b)
+        if mode == "exact" and both_double_block:
             from .gemm import nvfp4_matmul
             return nvfp4_matmul(a, b, scale=scale, out_dtype=out_dtype or torch.float32)
-        from .dequant import scale_cast
-        a16, b16 = dequantize_unscaled(a), dequantize_unscaled(b)
-        a.operand = b.operand = None   # single use: a saved forward operand must not keep its BF16 copy
-        return scale_cast(_mm_fp32_out(a16, b16), a.tensor_scale, b.tensor_scale, scale, out_dtype or torch.float32)
-    both_double_block = (_double_block_kernel_ok(a) and _double_block_kernel_ok(b) and a.shape[1] == b.shape[1])
-    if mode == "exact" and both_double_block:
-        from .gemm import nvfp4_matmul
-        return nvfp4_matmul(a, b, scale=scale, out_dtype=out_dtype or torch.float32)
-    if mode == "bf16" and both_double_block:
-        # gemm.matmul's "bf16" mode for double-block operands: outer scales folded into BF16 operands
-        # (dequantize().to(bf16)), BF16 GEMM with FP32 output. Each operand comes from its quantizer
-        # (with the non-finite poison its outer scales carry) or from the dequant kernel; one
-        # epilogue pass multiplies by the poisons (exact: 1 or NaN) and the scale and casts
-        from .dequant import scale_cast
-        one = fmt.device_constant(1.0, device=a.packed.device)
-        operands, poisons = [], []
-        for q in (a, b):
-            if q.operand is not None:
-                operands.append(q.operand)
-                poisons.append(q.operand_poison if q.operand_poison is not None else one)
-            else:
-                operands.append(dequantize(q, torch.bfloat16))
-                poisons.append(one)
-            q.operand = q.operand_poison = None   # single use
-        return scale_cast(_mm_fp32_out(operands[0], operands[1]), poisons[0], poisons[1], scale,
-                          out_dtype or torch.float32)
-    else:
-        out = _reference_matmul(a, b, mode)
+        if mode == "bf16" and both_double_block:
+            # gemm.matmul's "bf16" mode for double-block operands: outer scales folded into BF16 operands
+            # (dequantize().to(bf16)), BF16 GEMM with FP32 output. Each operand comes from its quantizer
+            # (with the non-finite poison its outer scales carry) or from the dequant kernel; one
+            # epilogue pass multiplies by the poisons (exact: 1 or NaN) and the scale and casts
+            from .dequant import scale_cast
+            one = fmt.device_constant(1.0, device=a.packed.device)
+            operands, poisons = [], []
+            for q in (a, b):
+                if q.operand is not None:
+                    operands.append(q.operand)
+                    poisons.append(q.operand_poison if q.operand_poison is not None else one)
+                else:
+                    operands.append(dequantize(q, torch.bfloat16, backend=be, site=site))
+                    poisons.append(one)
+                q.operand = q.operand_poison = None   # single use
+            return scale_cast(_mm_fp32_out(operands[0], operands[1]), poisons[0], poisons[1], scale,
+                              out_dtype or torch.float32)
+        fallback(be, site, _first(
+            (a.outer_scales is None, "per-tensor operands with block_rows "
+                                     f"{a.block_rows}/{b.block_rows} and rows {a.shape[0]}/{b.shape[0]}"),
+            (not both_double_block, _double_block_operand_reason(a if not _double_block_operand_ok(a) else b)),
+            (True, f"gemm_emulation={mode!r} (kernels cover 'exact' and 'bf16')")))
+    out = _reference_matmul(a, b, mode)
     if scale is not None:
         out = out * scale
     return out if out_dtype is None else out.to(out_dtype)

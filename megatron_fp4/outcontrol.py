@@ -90,7 +90,7 @@ def split_context(ctx: QuantContext, split: ChannelSplit) -> QuantContext:
     return QuantContext(key=ctx.key, seed=ctx.seed, input_amax_reduce=ctx.input_amax_reduce,
                         weight_amax_reduce=ctx.weight_amax_reduce,
                         grad_output_amax_reduce=ctx.grad_output_amax_reduce,
-                        in_offset=split.fp4_offset, out_offset=ctx.out_offset)
+                        in_offset=split.fp4_offset, out_offset=ctx.out_offset, backend=ctx.backend)
 
 
 def check_recipe(recipe: Recipe):

@@ -10,7 +10,9 @@ dataclass default. Each family's methods are its row of the spec's per-recipe GE
     wgrad(dy, x_saved)                 dW = E^T X            (inner dim T, padded to token_multiple)
 
 All three GEMMs return FP32; the autograd linear casts. Randomness is drawn in backward only, from
-counter-based streams keyed by QuantContext.key (recompute-safe, layout-independent).
+counter-based streams keyed by QuantContext.key (recompute-safe, layout-independent). Every quantizer
+and GEMM goes through kernels/dispatch.py with the call's backend config (QuantContext.backend) and a
+site (recipe name, operand) that names the call in fallback messages.
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ import torch
 
 from . import format as fmt
 from . import quantizers as Q
+from .backend import BackendConfig
 from .kernels import dispatch as D
 from .rng import RandomStream, Role, derive_key
-from .tensor import NVFP4Tensor
+from .tensor import NVFP4Tensor, pad_cols, transpose_tiles  # noqa: F401  (re-exported: recipe.pad_cols, ...)
 
 AmaxReduce = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
@@ -38,6 +41,8 @@ class QuantContext:
     in_offset / out_offset: global index of this rank's first input / output feature, so random
     counters are global coordinates and do not depend on the TP split.
     seed: the recipe's base seed (for fixed RHT signs).
+    backend: the implementation choice (megatron_fp4.backend); None: backend.current() at each call.
+    The layers set it once per call, so forward and backward of a call run on the same backend.
     """
 
     key: int = 0
@@ -47,6 +52,7 @@ class QuantContext:
     grad_output_amax_reduce: AmaxReduce = None
     in_offset: int = 0
     out_offset: int = 0
+    backend: Optional[BackendConfig] = None
 
     def stream(self, role: Role, row_offset: int = 0, col_offset: int = 0) -> RandomStream:
         return RandomStream(derive_key(self.key, int(role)), row_offset, col_offset)
@@ -176,19 +182,14 @@ class Recipe:
 
     def fprop(self, xq: NVFP4Tensor, wq: NVFP4Tensor, ctx: QuantContext, out_dtype=None) -> torch.Tensor:
         """Y in `out_dtype` (FP32 by default); the cast happens in the GEMM's epilogue pass on GPU."""
-        return D.matmul(xq, wq, self.gemm_mode(xq.device), out_dtype=out_dtype)
+        return D.matmul(xq, wq, self.gemm_mode(xq.device), out_dtype=out_dtype, backend=ctx.backend,
+                        site=(self.name, "fprop GEMM"))
 
     def dgrad(self, dy: torch.Tensor, wq: NVFP4Tensor, ctx: QuantContext, out_dtype=None) -> torch.Tensor:
         raise NotImplementedError
 
     def wgrad(self, dy: torch.Tensor, x_saved, ctx: QuantContext) -> torch.Tensor:
         raise NotImplementedError
-
-
-def pad_cols(t: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad the last dim to a multiple (zeros change no amax and add nothing to products)."""
-    extra = (-t.shape[-1]) % multiple
-    return torch.nn.functional.pad(t, (0, extra)) if extra else t
 
 
 @dataclass
@@ -225,21 +226,26 @@ class NvidiaRecipe(Recipe):
     def quantize_input(self, x, ctx, for_gemm=False):
         return D.quantize_nvfp4(x, smax=self._forward_smax(), ties=self.rtn_ties,
                                 four_over_six=self.four_over_six, amax_reduce=ctx.input_amax_reduce,
-                                for_gemm=for_gemm)
+                                for_gemm=for_gemm, backend=ctx.backend, site=(self.name, "forward X"))
 
     def quantize_weight(self, w, ctx, for_gemm=False):
         return D.quantize_nvfp4(w, smax=self._forward_smax(), ties=self.rtn_ties,
                                 four_over_six=self.four_over_six, block_rows=16,
-                                amax_reduce=ctx.weight_amax_reduce)
+                                amax_reduce=ctx.weight_amax_reduce, backend=ctx.backend,
+                                site=(self.name, "forward W (16x16 tiles)"))
 
-    def _sr(self, t, stream, amax_reduce):
+    def _sr(self, t, stream, amax_reduce, ctx, operand):
         # backward operands (E, E^T): straight into their GEMM, never kept (for_gemm)
         return D.quantize_nvfp4(t, mode=Q.ROUND_STOCHASTIC, v=6.0 / self.sr_headroom, stream=stream,
-                                amax_reduce=amax_reduce, for_gemm=True)
+                                amax_reduce=amax_reduce, for_gemm=True, backend=ctx.backend,
+                                site=(self.name, operand))
 
     def dgrad(self, dy, wq, ctx, out_dtype=None):
-        eq = self._sr(dy, ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset), ctx.grad_output_amax_reduce)
-        return D.matmul(eq, D.transpose_tiles(wq), out_dtype=out_dtype)
+        eq = self._sr(dy, ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset), ctx.grad_output_amax_reduce,
+                      ctx, "dgrad E")
+        site = (self.name, "dgrad GEMM")
+        return D.matmul(eq, D.transpose_tiles(wq, backend=ctx.backend, site=(self.name, "dgrad W^T tiles")),
+                        out_dtype=out_dtype, backend=ctx.backend, site=site)
 
     def _signs(self, ctx, device):
         if self.rht_signs == "fixed":
@@ -248,20 +254,15 @@ class NvidiaRecipe(Recipe):
 
     def wgrad(self, dy, x, ctx):
         sigma = self._signs(ctx, dy.device)
-        et = D.rht_of(dy, sigma, transpose=True, pad_multiple=self.token_padding)
-        xt = D.rht_of(x, sigma, transpose=True, pad_multiple=self.token_padding)
-        etq = self._sr(et, ctx.stream(Role.WGRAD_GRAD_OUTPUT, ctx.out_offset, 0), ctx.grad_output_amax_reduce)
-        xtq = D.quantize_nvfp4(xt, ties=self.rtn_ties, amax_reduce=ctx.input_amax_reduce, for_gemm=True)
-        return D.matmul(etq, xtq)
-
-
-def transpose_tiles(t: NVFP4Tensor) -> NVFP4Tensor:
-    """Transpose a 16x16-tile operand: codes and tile scales transpose, values are identical."""
-    if t.block_rows != 16:
-        raise ValueError("only 16x16-tile operands can be transposed without re-quantization")
-    codes = t.codes().t().contiguous()
-    return NVFP4Tensor(packed=fmt.pack_e2m1(codes), block_scales=t.block_scales.t().contiguous(),
-                       tensor_scale=t.tensor_scale, block_rows=16)
+        et = D.rht_of(dy, sigma, transpose=True, pad_multiple=self.token_padding, backend=ctx.backend,
+                      site=(self.name, "wgrad RHT of E^T"))
+        xt = D.rht_of(x, sigma, transpose=True, pad_multiple=self.token_padding, backend=ctx.backend,
+                      site=(self.name, "wgrad RHT of X^T"))
+        etq = self._sr(et, ctx.stream(Role.WGRAD_GRAD_OUTPUT, ctx.out_offset, 0), ctx.grad_output_amax_reduce,
+                       ctx, "wgrad E^T")
+        xtq = D.quantize_nvfp4(xt, ties=self.rtn_ties, amax_reduce=ctx.input_amax_reduce, for_gemm=True,
+                               backend=ctx.backend, site=(self.name, "wgrad X^T"))
+        return D.matmul(etq, xtq, backend=ctx.backend, site=(self.name, "wgrad GEMM"))
 
 
 @dataclass
@@ -295,58 +296,64 @@ class TetraJet2Recipe(Recipe):
     def _bf16_gemm(self, t):
         return self.gemm_mode(t.device) == "bf16"
 
-    def _rn(self, t, amax_reduce, for_gemm=False):
+    def _rn(self, t, amax_reduce, ctx, operand, for_gemm=False):
         return D.quantize_double_block(t, ties=self.rtn_ties, outer_block=self.outer_block,
-                                       amax_reduce=amax_reduce, for_gemm=for_gemm and self._bf16_gemm(t))
+                                       amax_reduce=amax_reduce, for_gemm=for_gemm and self._bf16_gemm(t),
+                                       backend=ctx.backend, site=(self.name, operand))
 
-    def _rht_sr(self, a, sigma, stream, amax_reduce, transpose=False, pad_multiple=1):
+    def _rht_sr(self, a, sigma, stream, amax_reduce, ctx, operand, transpose=False, pad_multiple=1):
         """QDB SR of rht(pad_cols(A, pad_multiple), sigma), A = a or a.t()."""
         return D.rht_double_block(a, sigma, stream, transpose=transpose, mode=Q.ROUND_STOCHASTIC,
                                   sr_headroom=self.sr_headroom, pad_multiple=pad_multiple,
                                   outer_block=self.outer_block, amax_reduce=amax_reduce,
-                                  for_gemm=self._bf16_gemm(a))
+                                  for_gemm=self._bf16_gemm(a), backend=ctx.backend, site=(self.name, operand))
 
     def quantize_input(self, x, ctx, for_gemm=False):
-        return self._rn(x, ctx.input_amax_reduce, for_gemm)
+        return self._rn(x, ctx.input_amax_reduce, ctx, "forward X", for_gemm)
 
     def quantize_weight(self, w, ctx, for_gemm=False):
-        return self._rn(w, ctx.weight_amax_reduce, for_gemm)
+        return self._rn(w, ctx.weight_amax_reduce, ctx, "forward W", for_gemm)
 
     def _signs(self, ctx, role, device):
         key = derive_key(ctx.seed, int(role)) if self.rht_signs == "fixed" else derive_key(ctx.key, int(role))
         return D.rht_signs(key, self.rht_size, device)
 
-    def _requant_sr(self, q, sigma, stream, amax_reduce, pad_multiple=1):
+    def _requant_sr(self, q, sigma, stream, amax_reduce, ctx, operand, pad_multiple=1):
         """QDB SR of rht(pad_cols(q.dequantize().t(), pad_multiple), sigma), read from the packed q."""
         return D.requant_double_block(q, sigma, stream, mode=Q.ROUND_STOCHASTIC, sr_headroom=self.sr_headroom,
                                       pad_multiple=pad_multiple, outer_block=self.outer_block,
-                                      amax_reduce=amax_reduce, for_gemm=self._bf16_gemm(q.packed))
+                                      amax_reduce=amax_reduce, for_gemm=self._bf16_gemm(q.packed),
+                                      backend=ctx.backend, site=(self.name, operand))
 
     def _dgrad(self, dy, ctx, out_dtype, weight_operand):
         """Q3(E) x Q4(W^T) after RHT-16 (d1); weight_operand(d1, stream, amax_reduce) makes Q4(W^T)."""
         d1 = self._signs(ctx, Role.RHT_SIGNS_DGRAD, dy.device)
         eq = self._rht_sr(dy, d1, ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset),
-                          ctx.grad_output_amax_reduce)
+                          ctx.grad_output_amax_reduce, ctx, "dgrad E")
         wtq = weight_operand(d1, ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset),
                              ctx.weight_amax_reduce)
-        return D.matmul(eq, wtq, self.gemm_mode(dy.device), out_dtype=out_dtype)
+        return D.matmul(eq, wtq, self.gemm_mode(dy.device), out_dtype=out_dtype, backend=ctx.backend,
+                        site=(self.name, "dgrad GEMM"))
 
     def dgrad(self, dy, wq, ctx, out_dtype=None):
         # W^T re-quantized from the packed forward weight (the kernel never writes W_hat in FP32)
-        return self._dgrad(dy, ctx, out_dtype, lambda d1, st, red: self._requant_sr(wq, d1, st, red))
+        return self._dgrad(dy, ctx, out_dtype,
+                           lambda d1, st, red: self._requant_sr(wq, d1, st, red, ctx, "dgrad W^T"))
 
     def dgrad_dense(self, dy, w_hat, ctx, out_dtype=None):
         """dgrad from the dequantized forward weight W_hat [N, K] (FP32): Q3 x Q4 after RHT-16 (d1)."""
         return self._dgrad(dy, ctx, out_dtype,
-                           lambda d1, st, red: self._rht_sr(w_hat, d1, st, red, transpose=True))
+                           lambda d1, st, red: self._rht_sr(w_hat, d1, st, red, ctx, "dgrad W_hat^T",
+                                                            transpose=True))
 
     def wgrad(self, dy, xq, ctx):
         d2 = self._signs(ctx, Role.RHT_SIGNS_WGRAD, dy.device)
         etq = self._rht_sr(dy, d2, ctx.stream(Role.WGRAD_GRAD_OUTPUT, ctx.out_offset, 0),
-                           ctx.grad_output_amax_reduce, transpose=True, pad_multiple=self.token_padding)
+                           ctx.grad_output_amax_reduce, ctx, "wgrad E^T", transpose=True,
+                           pad_multiple=self.token_padding)
         xtq = self._requant_sr(xq, d2, ctx.stream(Role.WGRAD_INPUT, ctx.in_offset, 0), ctx.input_amax_reduce,
-                               pad_multiple=self.token_padding)
-        return D.matmul(etq, xtq, self.gemm_mode(dy.device))
+                               ctx, "wgrad X^T", pad_multiple=self.token_padding)
+        return D.matmul(etq, xtq, self.gemm_mode(dy.device), backend=ctx.backend, site=(self.name, "wgrad GEMM"))
 
 
 @dataclass
@@ -381,20 +388,21 @@ class Quartet2Recipe(Recipe):
     def eden_v(self) -> float:
         return 6.0 / (Q.SR_HEADROOM * self.eden_c)
 
-    def _forward(self, t, amax_reduce, for_gemm):
+    def _forward(self, t, amax_reduce, for_gemm, ctx, operand):
         smax = Q.FOUR_OVER_SIX_SMAX if self.four_over_six else fmt.E4M3_MAX
         return D.quantize_nvfp4(t, smax=smax, ties=self.rtn_ties, four_over_six=self.four_over_six,
-                                amax_reduce=amax_reduce, for_gemm=for_gemm)
+                                amax_reduce=amax_reduce, for_gemm=for_gemm, backend=ctx.backend,
+                                site=(self.name, operand))
 
     def quantize_input(self, x, ctx, for_gemm=False):
-        return self._forward(x, ctx.input_amax_reduce, for_gemm)
+        return self._forward(x, ctx.input_amax_reduce, for_gemm, ctx, "forward X")
 
     def quantize_weight(self, w, ctx, for_gemm=False):
-        return self._forward(w, ctx.weight_amax_reduce, for_gemm)
+        return self._forward(w, ctx.weight_amax_reduce, for_gemm, ctx, "forward W")
 
-    def _eden_knobs(self, amax_reduce):
+    def _eden_knobs(self, amax_reduce, ctx, operand):
         return dict(eden_group=self.eden_group, v=self.eden_v, smax=self.eden_smax, ties=self.rtn_ties,
-                    amax_reduce=amax_reduce)
+                    amax_reduce=amax_reduce, backend=ctx.backend, site=(self.name, operand))
 
     def _signs(self, ctx, device):
         key = derive_key(ctx.seed if self.rht_signs == "fixed" else ctx.key, int(Role.RHT_SIGNS))
@@ -407,33 +415,35 @@ class Quartet2Recipe(Recipe):
     # also write the BF16 GEMM operand (no dequant pass before cuBLAS)
     def _grad_output_dgrad(self, dy, sigma, ctx):
         return D.rht_ms_eden(dy, sigma, ctx.stream(Role.DGRAD_GRAD_OUTPUT, 0, ctx.out_offset), for_gemm=True,
-                             **self._eden_knobs(ctx.grad_output_amax_reduce))
+                             **self._eden_knobs(ctx.grad_output_amax_reduce, ctx, "dgrad E"))
 
     def dgrad(self, dy, wq, ctx, out_dtype=None):
         # W^T is rotated from the exact unscaled values q*s; the forward tensor scale goes on the output
         sigma = self._signs(ctx, dy.device)
         eq = self._grad_output_dgrad(dy, sigma, ctx)
         wtq = D.requant_ms_eden(wq, sigma, ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset),
-                                for_gemm=True, **self._eden_knobs(ctx.weight_amax_reduce))
-        return D.matmul(eq, wtq, scale=wq.tensor_scale, out_dtype=out_dtype)
+                                for_gemm=True, **self._eden_knobs(ctx.weight_amax_reduce, ctx, "dgrad W^T"))
+        return D.matmul(eq, wtq, scale=wq.tensor_scale, out_dtype=out_dtype, backend=ctx.backend,
+                        site=(self.name, "dgrad GEMM"))
 
     def dgrad_dense(self, dy, w_hat, ctx, out_dtype=None):
         """dgrad from a dequantized forward weight W_hat [N, K] (FP32): MS-EDEN x MS-EDEN after RHT."""
         sigma = self._signs(ctx, dy.device)
         eq = self._grad_output_dgrad(dy, sigma, ctx)
         wtq = D.rht_ms_eden(w_hat, sigma, ctx.stream(Role.DGRAD_WEIGHT, ctx.in_offset, ctx.out_offset),
-                            transpose=True, for_gemm=True, **self._eden_knobs(ctx.weight_amax_reduce))
-        return D.matmul(eq, wtq, out_dtype=out_dtype)
+                            transpose=True, for_gemm=True,
+                            **self._eden_knobs(ctx.weight_amax_reduce, ctx, "dgrad W_hat^T"))
+        return D.matmul(eq, wtq, out_dtype=out_dtype, backend=ctx.backend, site=(self.name, "dgrad GEMM"))
 
     def wgrad(self, dy, xq, ctx):
         sigma = self._signs(ctx, dy.device)
         etq = D.rht_ms_eden(dy, sigma, ctx.stream(Role.WGRAD_GRAD_OUTPUT, ctx.out_offset, 0), transpose=True,
                             pad_multiple=self.token_padding, for_gemm=True,
-                            **self._eden_knobs(ctx.grad_output_amax_reduce))
+                            **self._eden_knobs(ctx.grad_output_amax_reduce, ctx, "wgrad E^T"))
         xtq = D.requant_ms_eden(xq, sigma, ctx.stream(Role.WGRAD_INPUT, ctx.in_offset, 0),
                                 pad_multiple=self.token_padding, for_gemm=True,
-                                **self._eden_knobs(ctx.input_amax_reduce))
-        return D.matmul(etq, xtq, scale=xq.tensor_scale)
+                                **self._eden_knobs(ctx.input_amax_reduce, ctx, "wgrad X^T"))
+        return D.matmul(etq, xtq, scale=xq.tensor_scale, backend=ctx.backend, site=(self.name, "wgrad GEMM"))
 
 
 FAMILIES = {cls.family: cls for cls in (BF16Recipe, NvidiaRecipe, TetraJet2Recipe, Quartet2Recipe)}

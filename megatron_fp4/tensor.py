@@ -104,3 +104,18 @@ class MXFP8Tensor:
 
     def nbytes(self) -> int:
         return self.data.numel() + self.scale_exponents.numel()
+
+
+def pad_cols(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the last dim to a multiple (zeros change no amax and add nothing to products)."""
+    extra = (-t.shape[-1]) % multiple
+    return torch.nn.functional.pad(t, (0, extra)) if extra else t
+
+
+def transpose_tiles(t: NVFP4Tensor) -> NVFP4Tensor:
+    """Transpose a 16x16-tile operand: codes and tile scales transpose, values are identical."""
+    if t.block_rows != 16:
+        raise ValueError("only 16x16-tile operands can be transposed without re-quantization")
+    codes = t.codes().t().contiguous()
+    return NVFP4Tensor(packed=fmt.pack_e2m1(codes), block_scales=t.block_scales.t().contiguous(),
+                       tensor_scale=t.tensor_scale, block_rows=16)

@@ -1,8 +1,9 @@
 """NVFP4 tensor-parallel linears for Megatron-Core: Column/RowParallelLinear subclasses.
 
 Only `_forward_impl` (the GEMM + its communication) is replaced; init, TP attributes,
-`sharded_state_dict`, `_extra_state` and `main_grad` plumbing stay the parent's. The autograd
-function below reproduces Megatron's `LinearWithGradAccumulationAndAsyncCommunication`:
+`sharded_state_dict`, `_extra_state` and `main_grad` plumbing stay the parent's. The GEMMs run in
+the one autograd linear (megatron_fp4.linear.NVFP4LinearFunction) with this module's communication
+object, `TPComm`; together they reproduce Megatron's `LinearWithGradAccumulationAndAsyncCommunication`:
 
 - sequence parallel: the input is all-gathered along the sequence before the GEMM. Here each rank
   first quantizes its *own* rows (blocks run along K, the split is along tokens, and the tensor amax
@@ -25,8 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -34,7 +34,9 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import layers as mcore_layers
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+from .. import backend
 from .. import outcontrol as oc
+from ..linear import LinearCall, LinearComm, NVFP4LinearFunction
 from ..recipe import QuantContext, Recipe
 from ..rng import TwoPieces
 from ..tensor import MXFP8Tensor, NVFP4Tensor
@@ -95,168 +97,73 @@ def gather_mxfp8_rows(t: MXFP8Tensor, group, world: int) -> MXFP8Tensor:
                        scale_exponents=_gather_rows(t.scale_exponents, group, world))
 
 
-@dataclass
-class _Plan:
-    """The per-call, non-tensor arguments of the autograd function."""
+class TPComm(LinearComm):
+    """The communication of a tensor-parallel call (megatron_fp4.linear's autograd function runs it):
 
-    recipe: Optional[Recipe]      # None: high-precision GEMMs (BF16 layers without apex fusion)
-    qctx: Optional[QuantContext]
-    tp_group: Any
-    tp_size: int
-    sequence_parallel: bool
-    allreduce_dgrad: bool
-    fuse_wgrad: bool
-    name: str
-    split: Optional[oc.ChannelSplit] = None   # OutControl: FP4 / MXFP8 input channels
+    - sequence parallel: the GEMM input is the sequence all-gathered from the ranks' local rows, as
+      packed operands quantized per rank (forward) and re-gathered for wgrad (backward); every
+      gather is counted per layer (state.record_comm) against the BF16 bytes it replaces;
+    - dgrad: all-reduce over TP (column-parallel without SP) or reduce-scatter along the sequence
+      (SP), asynchronous, so it overlaps wgrad;
+    - amax: MAX all-reduce for the operands that are TP-sharded (reducers from the layer kind)."""
 
+    def __init__(self, group, world: int, sequence_parallel: bool, allreduce_dgrad: bool, name: str,
+                 reducers=(None, None, None)):
+        self.group, self.world, self.name = group, world, name
+        self.gathers_rows = sequence_parallel
+        self.allreduce_dgrad = allreduce_dgrad
+        self.input_amax_reduce, self.weight_amax_reduce, self.grad_output_amax_reduce = reducers
 
-def _record(plan: _Plan, kind: str, quantized_bytes: int, bf16_elements: int):
-    state.record_comm(plan.name, kind, quantized_bytes, 2 * bf16_elements)
+    def _record(self, kind: str, quantized_bytes: int, bf16_elements: int):
+        state.record_comm(self.name, kind, quantized_bytes, 2 * bf16_elements)
 
+    def output_lead(self, input_lead):
+        lead = list(input_lead)
+        if self.gathers_rows:
+            lead[0] *= self.world
+        return lead
 
-class NVFP4TPLinearFunction(torch.autograd.Function):
-    """apply(input [s, b, K] (s local under SP), weight [N, K], bias [N] or None, plan)."""
+    def gather_forward(self, xq, xm):
+        if not self.gathers_rows:
+            return xq, xm
+        if xm is not None:
+            xm = gather_mxfp8_rows(xm, self.group, self.world)
+        xq = gather_nvfp4_rows(xq, self.group, self.world)
+        bf16_elements, sent = xq.packed.numel() * 2, xq.nbytes()
+        if xm is not None:
+            bf16_elements += xm.data.numel()
+            sent += xm.nbytes()
+        self._record("fwd_x", sent, bf16_elements)
+        return xq, xm
 
-    @staticmethod
-    def forward(ctx, input, weight, bias, plan: _Plan):
-        k = weight.shape[1]
-        if input.shape[-1] != k:
-            raise ValueError(f"{plan.name}: input has {input.shape[-1]} features, weight expects {k}")
-        sp = plan.sequence_parallel
-        world = plan.tp_size
-        out_lead = list(input.shape[:-1])
-        if sp:
-            out_lead[0] *= world
-        ctx.main_grad = weight.main_grad if plan.fuse_wgrad and hasattr(weight, "main_grad") else None
-        ctx.plan, ctx.use_bias = plan, bias is not None
-        ctx.input_shape, ctx.input_dtype = input.shape, input.dtype
-        if plan.recipe is None:
-            total = _gather_rows(input, plan.tp_group, world) if sp else input
-            y = torch.matmul(total, weight.t())
-            ctx.x_saved, ctx.wq = input, None
-        else:
-            recipe, qctx = plan.recipe, plan.qctx
-            x_local = input.reshape(-1, k)
-            if x_local.shape[0] == 0:
-                raise ValueError(f"{plan.name}: empty input of shape {tuple(input.shape)}")
-            split = plan.split
-            if split is not None:
-                # OutControl: both column sets are quantized on the local rows, then gathered
-                xq_local, xm_local = oc.quantize_split_input(recipe, x_local, split, qctx)
-                xm = gather_mxfp8_rows(xm_local, plan.tp_group, world) if sp else xm_local
-            else:
-                # without SP the local rows are the GEMM operand (with SP the gathered codes are)
-                xq_local = recipe.quantize_input(x_local, qctx, for_gemm=not sp)
-            if sp:
-                xq = gather_nvfp4_rows(xq_local, plan.tp_group, world)
-                bf16_elements = xq.packed.numel() * 2
-                sent = xq.nbytes()
-                if split is not None:
-                    bf16_elements += xm.data.numel()
-                    sent += xm.nbytes()
-                _record(plan, "fwd_x", sent, bf16_elements)
-            else:
-                xq = xq_local
-            if split is not None:
-                wq_fp4, wm = oc.quantize_split_weight(recipe, weight, split, qctx)
-                wq = oc.SplitOperands(xq, xm, wq_fp4, wm)
-                y = oc.split_fprop(recipe, wq, split, qctx)
-                # save local rows of both parts; the saved weight part drops the gathered input
-                saved_x = (xq_local, xm_local)
-                wq = oc.SplitOperands(None, None, wq_fp4, wm)
-            else:
-                wq = recipe.quantize_weight(weight, qctx, for_gemm=True)
-                y = recipe.fprop(xq, wq, qctx, out_dtype=input.dtype)
-                saved_x = xq_local if sp else xq
-            if recipe.debug_checks and not torch.isfinite(y).all():
-                raise FloatingPointError(f"{plan.name}: non-finite forward output")
-            y = y.to(input.dtype).reshape(*out_lead, weight.shape[0])
-            # save local rows only: packed codes (or the original X for recipes whose wgrad needs it)
-            ctx.x_saved = x_local if recipe.wgrad_needs_original_input else saved_x
-            ctx.wq = wq
-        if bias is not None:
-            y = y + bias
-        ctx.save_for_backward(weight)
-        return y
+    def gather_input(self, x):
+        return _gather_rows(x, self.group, self.world) if self.gathers_rows else x
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        (weight,) = ctx.saved_tensors
-        plan: _Plan = ctx.plan
-        sp, world, group = plan.sequence_parallel, plan.tp_size, plan.tp_group
-        n, k = weight.shape
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dy = grad_output.reshape(-1, n)
-        recipe, qctx = plan.recipe, plan.qctx
+    def gather_saved(self, x, quantized: bool):
+        if not self.gathers_rows:
+            return x
+        if isinstance(x, NVFP4Tensor):
+            x_full = gather_nvfp4_rows(x, self.group, self.world)
+            self._record("bwd_x", x_full.nbytes(), x_full.packed.numel() * 2)
+            return x_full
+        if isinstance(x, tuple):   # OutControl: (NVFP4 FP4 columns, MXFP8 outlier columns)
+            xq_full = gather_nvfp4_rows(x[0], self.group, self.world)
+            xm_full = gather_mxfp8_rows(x[1], self.group, self.world)
+            self._record("bwd_x", xq_full.nbytes() + xm_full.nbytes(),
+                         xq_full.packed.numel() * 2 + xm_full.data.numel())
+            return xq_full, xm_full
+        x_full = _gather_rows(x, self.group, self.world)
+        if quantized:   # the original input of a recipe whose wgrad quantizes X^T itself
+            self._record("bwd_x_original", x_full.numel() * x_full.element_size(), x_full.numel())
+        return x_full
 
-        # wgrad operand: re-gather along the sequence (as the stock code re-gathers X)
-        x_full = None
-        if need_dw:
-            x = ctx.x_saved
-            if not sp:
-                x_full = x
-            elif isinstance(x, NVFP4Tensor):
-                x_full = gather_nvfp4_rows(x, group, world)
-                _record(plan, "bwd_x", x_full.nbytes(), x_full.packed.numel() * 2)
-            elif isinstance(x, tuple):   # OutControl: (NVFP4 FP4 columns, MXFP8 outlier columns)
-                xq_full, xm_full = gather_nvfp4_rows(x[0], group, world), gather_mxfp8_rows(x[1], group, world)
-                _record(plan, "bwd_x", xq_full.nbytes() + xm_full.nbytes(),
-                        xq_full.packed.numel() * 2 + xm_full.data.numel())
-                x_full = (xq_full, xm_full)
-            else:
-                x_full = _gather_rows(x, group, world)
-                if recipe is not None:
-                    _record(plan, "bwd_x_original", x_full.numel() * x_full.element_size(), x_full.numel())
-
-        handle = grad_input = None
-        if need_dx:
-            if recipe is None:
-                dx = dy.matmul(weight)
-            else:
-                if plan.split is not None:
-                    dx = oc.split_dgrad(recipe, dy, ctx.wq, plan.split, qctx)
-                else:
-                    dx = recipe.dgrad(dy, ctx.wq, qctx, out_dtype=ctx.input_dtype)
-                if recipe.debug_checks and not torch.isfinite(dx).all():
-                    raise FloatingPointError(f"{plan.name}: non-finite dgrad")
-            dx = dx.to(ctx.input_dtype).reshape(*grad_output.shape[:-1], k)
-            if plan.allreduce_dgrad:
-                handle = dist.all_reduce(dx, group=group, async_op=True)
-                grad_input = dx
-            elif sp:
-                grad_input = torch.empty(ctx.input_shape, dtype=dx.dtype, device=dx.device)
-                handle = dist.reduce_scatter_tensor(grad_input, dx, group=group, async_op=True)
-            else:
-                grad_input = dx
-
-        grad_weight = None
-        if need_dw:
-            if recipe is None:
-                x2d = x_full.reshape(-1, k)
-                dw = dy.float().t().matmul(x2d.float()) if ctx.main_grad is not None else dy.t().matmul(x2d)
-            else:
-                if plan.split is not None:
-                    xq_full, xm_full = x_full
-                    saved = oc.SplitOperands(xq_full, xm_full, ctx.wq.w_fp4, ctx.wq.w_outlier)
-                    dw = oc.split_wgrad(recipe, dy, saved, plan.split, qctx)
-                else:
-                    dw = recipe.wgrad(dy, x_full, qctx)
-                if recipe.debug_checks and not torch.isfinite(dw).all():
-                    raise FloatingPointError(f"{plan.name}: non-finite wgrad")
-            if ctx.main_grad is not None:
-                # gradient-accumulation fusion: FP32 dW straight into main_grad, placeholder grad
-                ctx.main_grad.add_(dw.to(ctx.main_grad.dtype))
-                if hasattr(weight, "grad_added_to_main_grad"):
-                    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
-                    grad_weight = make(ctx.main_grad.shape, dtype=ctx.input_dtype, device=dy.device)
-                    weight.grad_added_to_main_grad = True
-            else:
-                grad_weight = dw.to(weight.dtype)
-        grad_bias = dy.sum(dim=0).to(grad_output.dtype) if ctx.use_bias and ctx.needs_input_grad[2] else None
-        if handle is not None:
-            handle.wait()
-        ctx.x_saved = ctx.wq = ctx.main_grad = None
-        return grad_input, grad_weight, grad_bias, None
+    def reduce_dgrad(self, dx, input_shape):
+        if self.allreduce_dgrad:
+            return dx, dist.all_reduce(dx, group=self.group, async_op=True)
+        if self.gathers_rows:
+            grad_input = torch.empty(input_shape, dtype=dx.dtype, device=dx.device)
+            return grad_input, dist.reduce_scatter_tensor(grad_input, dx, group=self.group, async_op=True)
+        return dx, None
 
 
 _fallback_ids = itertools.count()
@@ -466,23 +373,24 @@ class _NVFP4LinearMixin:
             self._mfp4_check_shapes()
         world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
         sp = bool(kw.get("sequence_parallel", False))
+        reducers = self._mfp4_reducers(group, sp) if not hp and world > 1 and self.mfp4_recipe.tp_amax_reduce \
+            else (None, None, None)
+        comm = TPComm(group, world, sp, bool(kw.get("allreduce_dgrad", False)), self.mfp4_name, reducers)
         qctx = None
         if not hp:
             rank = dist.get_rank(group) if world > 1 else 0
             in_off, out_off = self._mfp4_offsets(rank)
-            reducers = self._mfp4_reducers(group, sp) if world > 1 and self.mfp4_recipe.tp_amax_reduce \
-                else (None, None, None)
             qctx = QuantContext(key=self._mfp4_next_key(), seed=self.mfp4_recipe.seed,
-                                input_amax_reduce=reducers[0], weight_amax_reduce=reducers[1],
-                                grad_output_amax_reduce=reducers[2], in_offset=in_off, out_offset=out_off)
+                                input_amax_reduce=comm.input_amax_reduce, weight_amax_reduce=comm.weight_amax_reduce,
+                                grad_output_amax_reduce=comm.grad_output_amax_reduce, in_offset=in_off,
+                                out_offset=out_off, backend=backend.current())
         split = None
         if not hp and self.mfp4_recipe.outcontrol:
             self._mfp4_outcontrol_step(input, group, world, sp)
             split = self.mfp4_channel_split()
-        plan = _Plan(recipe=None if hp else self.mfp4_recipe, qctx=qctx, tp_group=group, tp_size=world,
-                     sequence_parallel=sp, allreduce_dgrad=bool(kw.get("allreduce_dgrad", False)),
-                     fuse_wgrad=fuse, name=self.mfp4_name, split=split)
-        return NVFP4TPLinearFunction.apply(input, weight, kw.get("bias"), plan)
+        call = LinearCall(recipe=None if hp else self.mfp4_recipe, qctx=qctx, comm=comm, fuse_wgrad=fuse,
+                          name=self.mfp4_name, split=split)
+        return NVFP4LinearFunction.apply(input, weight, kw.get("bias"), call)
 
     def backward_dw(self) -> None:
         """Weight gradients are computed in the main backward (delay_wgrad_compute is refused)."""

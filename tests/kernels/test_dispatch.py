@@ -1,10 +1,11 @@
-"""Dispatch: kernels on CUDA tensors, references elsewhere, MEGATRON_FP4_KERNELS=0 forces references;
+"""Dispatch: kernels on CUDA tensors, references elsewhere, the backend's kernels="reference" forces references;
 plus the dequant kernel (twin of NVFP4Tensor.dequantize_unscaled)."""
 import contextlib
 
 import pytest
 import torch
 
+from megatron_fp4 import backend
 from megatron_fp4 import quantizers as Q
 from megatron_fp4.hadamard import rht
 from megatron_fp4.rng import RandomStream, derive_key, random_signs
@@ -40,11 +41,13 @@ def test_dequant_kernel_exact():
 
 @gpu
 @needs_cuda
-def test_env_var_forces_reference(monkeypatch):
+def test_reference_backend_forces_reference():
     x = data(256, 512, seed=4, device="cuda", dtype=torch.bfloat16)
-    assert D.kernels_enabled(x)
-    monkeypatch.setenv("MEGATRON_FP4_KERNELS", "0")
-    assert not D.kernels_enabled(x)
+    with backend.use(kernels="auto"):
+        assert D.kernels_enabled(x)
+    with backend.reference_only():
+        assert not D.kernels_enabled(x)
+    assert not D.kernels_enabled(x, backend=backend.BackendConfig.from_env({"MEGATRON_FP4_KERNELS": "0"}))
 
 
 @gpu
@@ -177,31 +180,27 @@ def test_packed_tile_transpose_kernel_matches_the_reference(rows, cols):
 @cpu_interp
 @pytest.mark.parametrize("name", ["nvidia", "tetrajet2", "tetrajet2-exact", "quartet2", "quartet2-triton-gemm",
                                   "quartet2-no46", "tetrajet2-full", "quartet2-plus"])
-def test_recipe_kernel_path_agrees_with_the_reference_path_in_the_interpreter(name, monkeypatch):
-    """The whole linear through the kernel path on CPU (MEGATRON_FP4_KERNELS=interpret: every kernel
+def test_recipe_kernel_path_agrees_with_the_reference_path_in_the_interpreter(name):
+    """The whole linear through the kernel path on CPU (backend kernels="interpret": every kernel
     in Triton's interpreter, with the operand hand-offs, packed re-quantization and GEMM epilogues of
     the GPU path) against the torch twins (exact-sum data is not needed for Y: both GEMMs run the same
     FP32 matmul on the same exact operands). The "-full" / "-plus" recipes run OutControl's split
     (every 10th input channel in MXFP8)."""
     from megatron_fp4.outcontrol import ChannelSplit
     from megatron_fp4.registry import load_recipe
-    recipe_name, overrides, env = {
+    recipe_name, overrides, changes = {
         "tetrajet2-exact": ("tetrajet2", {"gemm_emulation": "exact"}, {}),
         "tetrajet2": ("tetrajet2", {"gemm_emulation": "bf16"}, {}),   # the GPU default, forced here
         "tetrajet2-full": ("tetrajet2-full", {"gemm_emulation": "bf16"}, {}),
-        "quartet2-triton-gemm": ("quartet2", {}, {"MEGATRON_FP4_GEMM": "triton"}),
+        "quartet2-triton-gemm": ("quartet2", {}, {"gemm": "triton"}),
     }.get(name, (name, {}, {}))
     split = ChannelSplit.from_mask(torch.arange(256) % 10 == 3) if name.endswith(("-full", "-plus")) else None
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
     x = data(256, 256, seed=7, spread=False).to(torch.bfloat16)
     w = (data(128, 256, seed=8, spread=False) * 0.05).to(torch.bfloat16)
     dy = data(256, 128, seed=9, spread=False).to(torch.bfloat16)
 
-    @contextlib.contextmanager
     def kernels(on):
-        monkeypatch.setenv("MEGATRON_FP4_KERNELS", "interpret" if on else "0")
-        yield
+        return backend.use(kernels="interpret" if on else "reference", **changes)
 
     # the Triton GEMM sums in its own order
     _kernel_path_vs_torch_twins(load_recipe(recipe_name, overrides), x, w, dy, kernels, split=split,

@@ -7,6 +7,7 @@ independent of summation order; general data is checked against the FP32 accumul
 import pytest
 import torch
 
+from megatron_fp4 import backend as B
 from megatron_fp4 import format as fmt
 from megatron_fp4 import quantizers as Q
 from megatron_fp4.gemm import matmul as reference_matmul
@@ -143,22 +144,26 @@ def test_empty_and_bad_operands():
         nvfp4_matmul(a, no_scale)
 
 
-def test_dispatch_backend_choice_is_validated(monkeypatch):
-    monkeypatch.setenv("MEGATRON_FP4_GEMM", "fastest")
+def test_dispatch_backend_choice_is_validated():
     with pytest.raises(ValueError, match="MEGATRON_FP4_GEMM"):
-        D.gemm_backend()
+        B.BackendConfig.from_env({"MEGATRON_FP4_GEMM": "fastest"})
     for name in ("cublas", "triton"):
-        monkeypatch.setenv("MEGATRON_FP4_GEMM", name)
-        assert D.gemm_backend() == name
+        assert D.gemm_backend(B.BackendConfig.from_env({"MEGATRON_FP4_GEMM": name})) == name
+        with B.use(gemm=name):
+            assert D.gemm_backend() == name
 
 
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("backend", ["cublas", "triton"])
-def test_gemm_backends_on_gpu(monkeypatch, backend):
+def test_gemm_backends_on_gpu(backend):
     """Both GEMM paths of the dispatch: bit-exact on exact-sum operands (per-tensor, 16x16 tiles,
     double block against the exact mode), within the FP32 bound on quantized randn."""
-    monkeypatch.setenv("MEGATRON_FP4_GEMM", backend)
+    with B.use(gemm=backend):
+        _gemm_backend_checks()
+
+
+def _gemm_backend_checks():
     a, a64 = make_operand(1000, 2048, seed=21, tensor_scale=0.0371, scale_set=(1.0, 2.0), device="cuda")
     b, b64 = make_operand(700, 2048, seed=22, tensor_scale=3.3e-3, scale_set=(1.0, 2.0), device="cuda")
     # K=2048: a is a multiple of 0.5 below 12, products multiples of 2^-2 below 144, sums < 2^19: exact
@@ -185,11 +190,15 @@ def test_gemm_backends_on_gpu(monkeypatch, backend):
 
 @gpu
 @needs_cuda
-def test_emitted_operands_are_used_once_and_dropped(monkeypatch):
+def test_emitted_operands_are_used_once_and_dropped():
     """A quantizer asked for its GEMM operand (for_gemm=True) writes it; D.matmul uses it instead of a
     dequant pass, gives the same result as without it, and drops it (a forward operand is then saved
     for backward at 4.5 bits, not with a BF16 copy)."""
-    monkeypatch.setenv("MEGATRON_FP4_GEMM", "cublas")
+    with B.use(gemm="cublas"):
+        _emitted_operand_checks()
+
+
+def _emitted_operand_checks():
     x = data(1024, 2048, seed=31, device="cuda", dtype=torch.bfloat16)
     w = data(768, 2048, seed=32, spread=False, device="cuda", dtype=torch.bfloat16)
     xq = D.quantize_nvfp4(x, smax=256.0, four_over_six=True, for_gemm=True)
