@@ -145,7 +145,8 @@ def command(name: str, nproc: int, via_script: bool, flags: list, a) -> tuple:
     port = str(free_port())
     if via_script:
         # examples/multinode.sh in its single-node form: the multi-node launch users run
-        env.update(NNODES="1", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, GPUS_PER_NODE=str(nproc))
+        env.update(NNODES="1", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, GPUS_PER_NODE=str(nproc),
+                   RUN_DIR="")   # no script --save: these runs need no checkpoint (the CPU ones pass their own)
         return ["bash", os.path.join(ROOT, "examples", "multinode.sh"), *flags], env
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
             "127.0.0.1", "--master-port", port, "-m", "megatron_fp4.pretrain_gpt", *flags], env

@@ -14,3 +14,10 @@ TRAIN_FLAGS=(
 DATA_FLAGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size 32000)
 PLUGIN_FLAGS=(--mfp4-recipe "$RECIPE")
 export CUDA_DEVICE_MAX_CONNECTIONS=1
+# Each launch script writes into a run folder of its own (checkpoint, summary.json, loss.png):
+# runs/<script name>. RUN_DIR=DIR picks another; RUN_DIR= (empty) passes no --save (no checkpoint).
+# A folder that already holds a checkpoint is refused: add --load DIR to resume it, --overwrite to
+# start over.
+RUN_DIR=${RUN_DIR-runs/$(basename "${BASH_SOURCE[1]:-$0}" .sh)}
+SAVE_FLAGS=()
+if [[ -n "$RUN_DIR" ]]; then SAVE_FLAGS=(--save "$RUN_DIR"); fi

@@ -3,5 +3,5 @@
 set -euo pipefail
 source "$(dirname "$0")/_model_flags.sh"
 torchrun --nproc-per-node 2 -m megatron_fp4.pretrain_gpt \
-  "${MODEL_FLAGS[@]}" "${TRAIN_FLAGS[@]}" "${DATA_FLAGS[@]}" "${PLUGIN_FLAGS[@]}" \
+  "${MODEL_FLAGS[@]}" "${TRAIN_FLAGS[@]}" "${DATA_FLAGS[@]}" "${PLUGIN_FLAGS[@]}" "${SAVE_FLAGS[@]}" \
   --tensor-model-parallel-size 2 --sequence-parallel "$@"

@@ -118,12 +118,34 @@ def launcher_argv(argv) -> list:
     if _has(out, "--save") and not _has(argv, "--save-interval"):
         # megatron's end-of-training save computes iteration % save_interval
         out += ["--save-interval", _value(out, "--train-iters")]
+    if (_value(argv, "--mfp4-attention", "sdpa") == "sdpa" and not _has(argv, "--reset-attention-mask")
+            and not _has(argv, "--no-create-attention-mask-in-dataloader")):
+        # the dataloader's mask would only repeat causality; without it sdpa runs the flash kernel
+        out.append("--no-create-attention-mask-in-dataloader")
     return out + missing_kernel_flags(argv)
+
+
+def add_diagnostic_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Measurement flags of the launcher (both routes; megatron_fp4/megatron/diagnostics.py)."""
+    g = parser.add_argument_group("megatron_fp4 diagnostics")
+    g.add_argument("--mfp4-count-collectives", action="store_true",
+                   help="count the bytes of every torch.distributed collective per iteration and process-group "
+                        "role (tp/dp/pp) into the run summary")
+    g.add_argument("--mfp4-dump-grads", default=None, metavar="PATH",
+                   help="write the first optimizer step's reduced gradients, gathered to the TP=1 layout, "
+                        "and the plugin layers' random-stream keys to PATH (torch.save; pipeline-parallel size 1)")
+    g.add_argument("--mfp4-perturb-init", type=float, default=0.0, metavar="EPS",
+                   help="scale every initial weight matrix by (1 + EPS): a last-bit perturbation, to measure how "
+                        "far FP4 rounding amplifies reduction-order differences (FP32 parameters only)")
+    g.add_argument("--mfp4-data-seed", type=int, default=None, metavar="SEED",
+                   help="seed of the training data order (default: --seed, which also seeds the initialisation): "
+                        "runs that differ only in --seed then see the same data")
+    return parser
 
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The plugin flags plus the launcher's own (accepted by Megatron's parser)."""
-    from .pretrain_gpt import add_diagnostic_args, add_plugin_args
+    from .patches.megatron_args import add_plugin_args
     if not any(a.dest == "mfp4_recipe" for a in parser._actions):
         add_plugin_args(parser)
     if not any(a.dest == "mfp4_dump_grads" for a in parser._actions):
@@ -136,6 +158,12 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="write the run summary (JSON) here and the loss plot beside it "
                         "(default: <save>/summary.json when --save is given)")
     g.add_argument("--mfp4-cpu", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--overwrite", "--mfp4-overwrite", dest="mfp4_overwrite", action="store_true",
+                   help="start fresh in a --save folder that holds an earlier run's checkpoints (deletes them, its "
+                        "summary and plot); without it such a run is refused unless --load resumes it")
+    g.add_argument("--mfp4-time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop after this many seconds (Megatron's --exit-duration-in-mins, counted from the start "
+                        "of the program), save a checkpoint, say so and exit with status 3 (default: no budget)")
     g.add_argument("--mfp4-fp32", action="store_true",
                    help="FP32 parameters and activations (the launcher adds --bf16 when neither --bf16 nor --fp16 "
                         "is given)")
@@ -144,6 +172,29 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         g.add_argument("--null-tokenizer-eod-id", type=int, default=None,
                        help="end-of-document id of NullTokenizer (default vocab_size-1; the corpus uses 0)")
     return parser
+
+
+def _plot(history, path, title):
+    """The loss curve as a PNG, written atomically (a kill never leaves a cut file)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .megatron.checkpoint import replace_file
+    losses = [math.nan if v is None else v for v in history["losses"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(1, len(losses) + 1), losses, label="train loss", lw=1)
+    if history.get("valid"):
+        xs, ys = zip(*history["valid"])
+        ax.plot(xs, [math.nan if v is None else v for v in ys], "o-", label="validation loss")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (nats/byte)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    replace_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
 
 
 def single_process_env() -> None:
@@ -171,7 +222,7 @@ def build_config(argv):
     from megatron.training.arguments import parse_and_validate_args
 
     from .megatron.config import NVFP4TransformerConfig, check_supported_args
-    from .pretrain_gpt import parse_overrides, plugin_recipe
+    from .megatron.validate import parse_overrides, plugin_recipe
     from .spec import gpt_layer_spec
 
     full = launcher_argv(argv)
@@ -182,6 +233,12 @@ def build_config(argv):
     finally:
         sys.argv = saved
     check_supported_args(args)
+    if args.mfp4_time_budget is not None:
+        if not args.mfp4_time_budget > 0:
+            from .errors import UsageError
+            raise UsageError(f"--mfp4-time-budget must be a positive number of seconds, got {args.mfp4_time_budget}")
+        if not args.exit_duration_in_mins:
+            args.exit_duration_in_mins = args.mfp4_time_budget / 60.0   # Megatron saves, then exits
     if getattr(args, "spec", None):
         raise ValueError("megatron_fp4.pretrain_gpt sets the layer spec itself "
                          "(megatron_fp4.spec.gpt_layer_spec); drop --spec")
@@ -251,7 +308,8 @@ def gpt_dataset_config(args, tokenizer):
     if args.mock_data and (blend is not None or blend_per_split is not None):
         raise ValueError("--mock-data cannot be combined with --data-path / --*-data-path")
     return GPTDatasetConfig(
-        random_seed=args.seed,
+        # the data order: --mfp4-data-seed when given, so runs that differ only in --seed see the same data
+        random_seed=args.seed if getattr(args, "mfp4_data_seed", None) is None else args.mfp4_data_seed,
         sequence_length=args.seq_length,
         blend=blend,
         blend_per_split=blend_per_split,
@@ -524,17 +582,16 @@ def write_summary(history: TrainingHistory, args, path: Optional[str], plot: boo
                            "distributed_optimizer": bool(args.use_distributed_optimizer)})
     if summary["median_step_s"]:
         summary["tokens_per_s"] = summary["tokens_per_step"] / summary["median_step_s"]
+    summary["train_iters"] = args.train_iters
+    summary["finished"] = bool(args.train_iters) and summary["iterations"] >= args.train_iters
     from .megatron.diagnostics import comm_report
     from .megatron.optimizer_hooks import stabilizer_report
     summary.update(stabilizer_report())
     summary.update(comm_report())
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump(summary, fh, indent=1)
+    write_json(path, summary)
     if not plot:
         return summary
     try:
-        from .pretrain_gpt import _plot
         plot = os.path.splitext(path)[0] + ".png"
         _plot({"losses": [l for _, l in summary["losses"]]}, plot,
               f"GPT {args.num_layers}x{args.hidden_size}, {args.mfp4_recipe}")
@@ -542,3 +599,45 @@ def write_summary(history: TrainingHistory, args, path: Optional[str], plot: boo
     except ImportError:                      # matplotlib is optional
         pass
     return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Run files of both routes: strict JSON, written atomically
+# --------------------------------------------------------------------------------------------------
+
+def json_safe(value):
+    """`value` with every NaN / infinity as None (JSON has no such numbers: `null`), tuples as lists,
+    NumPy and one-element torch numbers as Python numbers, recursively."""
+    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return json_safe(value.item())
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: str, obj) -> None:
+    """Strict JSON (`allow_nan=False` after json_safe) written atomically: a reader, or a run killed
+    while writing, sees the old file or the new one."""
+    from .megatron.checkpoint import replace_text
+    replace_text(path, json.dumps(json_safe(obj), indent=1, allow_nan=False) + "\n")
+
+
+def prepare_gpu_save_folder(args) -> None:
+    """The GPU route's --save folder: an earlier run's checkpoint there is resumed (--load SAVE),
+    deleted (--overwrite, by global rank 0 before Megatron starts) or the run is refused (one line)."""
+    if not getattr(args, "save", None):
+        return
+    from .megatron.checkpoint import check_save_folder, clear_save_folder
+    check_save_folder(args.save, getattr(args, "load", None), args.mfp4_overwrite)
+    if args.mfp4_overwrite and int(os.environ.get("RANK", "0")) == 0:
+        removed = clear_save_folder(args.save)
+        if removed:
+            print(f"--overwrite: removed {', '.join(removed)} from {args.save}", flush=True)

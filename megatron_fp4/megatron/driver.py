@@ -33,6 +33,7 @@ class GPTSettings:
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False     # reduce each gradient bucket as soon as it is complete
     recipe: str = "quartet2"
+    attention: str = "sdpa"              # core attention: sdpa | megatron (--mfp4-attention)
     recipe_overrides: dict = field(default_factory=dict)
     bf16_modules: tuple = ()
     first_last_layers_bf16: bool = False
@@ -73,7 +74,7 @@ def transformer_config(s: GPTSettings):
         recompute_method="uniform" if s.recompute else None,
         recompute_num_layers=1 if s.recompute else None,
         init_method_std=0.02, mfp4_recipe=s.recipe, mfp4_overrides=dict(s.recipe_overrides),
-        mfp4_bf16_modules=tuple(s.bf16_modules))
+        mfp4_bf16_modules=tuple(s.bf16_modules), mfp4_attention=s.attention)
 
 
 def initialize_parallel(s: GPTSettings):
@@ -156,9 +157,13 @@ def batch_from_tokens(tokens: torch.Tensor) -> dict:
             "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous()}
 
 
-def synthetic_batches(s: GPTSettings, dp_rank: int, seed: int = 0) -> Iterator[dict]:
-    """A learnable stream: affine recurrences mod vocab with random starts (loss drops fast)."""
+def synthetic_batches(s: GPTSettings, dp_rank: int, seed: int = 0, skip: int = 0) -> Iterator[dict]:
+    """A learnable stream: affine recurrences mod vocab with random starts (loss drops fast).
+    `skip`: micro-batches already consumed (a resumed run continues the stream where it stopped)."""
     g = torch.Generator().manual_seed(seed * 1000 + dp_rank)
+    for _ in range(skip):
+        torch.randint(0, s.vocab_size, (s.micro_batch_size, 1), generator=g)
+        torch.randint(1, 4, (s.micro_batch_size, 1), generator=g)
     while True:
         start = torch.randint(0, s.vocab_size, (s.micro_batch_size, 1), generator=g)
         mult = torch.randint(1, 4, (s.micro_batch_size, 1), generator=g)
