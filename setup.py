@@ -27,7 +27,9 @@ setup(
     ],
     entry_points={"console_scripts": ["megatron-fp4-pretrain=megatron_fp4.pretrain_gpt:cli"]},
     extras_require={
-        "test": ["pytest", "pytest-timeout", "hypothesis", "psutil"],
+        # tokenizers: the quality campaign's BPE corpus (data/tokenizer.py), also needed by its tests
+        "test": ["pytest", "pytest-timeout", "hypothesis", "psutil", "tokenizers"],
         "plot": ["matplotlib"],
+        "quality": ["tokenizers", "matplotlib"],
     },
 )

@@ -35,14 +35,18 @@ class Job:
 
 
 def run_jobs(jobs: list, out: str, *, timeout: float, slots: int, gpus: int = 0, cwd: Optional[str] = None,
-             on_done: Callable[[Job, object, float], None] = lambda job, rc, seconds: None) -> None:
+             on_done: Callable[[Job, object, float], None] = lambda job, rc, seconds: None,
+             deadline: Optional[float] = None) -> list:
     """Run the jobs in order, at most `slots` at a time and, with `gpus` > 0, each on GPUs of its own
     (a job that needs more than are free waits; a later one that fits may go first). A job running
     longer than `timeout` seconds is killed; on_done(job, returncode or "timeout", seconds) follows
-    every end."""
-    pending, running = list(jobs), {}
+    every end. At `deadline` (a time.time() value) the jobs still running are killed (returncode
+    "deadline") and those not started stay so: they are returned."""
+    pending, running, left = list(jobs), {}, []
     free = list(range(gpus))
     while pending or running:
+        if deadline is not None and time.time() >= deadline and pending:
+            left, pending = left + pending, []
         i = 0
         while i < len(pending) and len(running) < slots:
             job = pending[i]
@@ -70,12 +74,17 @@ def run_jobs(jobs: list, out: str, *, timeout: float, slots: int, gpus: int = 0,
                 proc.kill()
                 proc.wait()
                 rc = "timeout"
+            elif rc is None and deadline is not None and time.time() >= deadline:
+                proc.kill()
+                proc.wait()
+                rc = "deadline"
             if rc is None:
                 continue
             log.close()
             free.extend(taken)
             del running[name]
             on_done(job, rc, time.time() - start)
+    return left
 
 
 def put_marked_block(path: str, key: str, body: str, heading: str) -> None:

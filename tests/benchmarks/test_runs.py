@@ -31,3 +31,16 @@ def test_a_job_past_its_limit_is_killed(tmp_path):
                    timeout=1.0, slots=1, on_done=lambda job, rc, seconds: ends.update({job.name: (rc, seconds)}))
     rc, seconds = ends["hang"]
     assert rc == "timeout" and seconds < 10
+
+
+def test_a_deadline_stops_running_jobs_and_leaves_the_rest(tmp_path):
+    """A campaign call ends in time: at the deadline the running job is killed ("deadline") and the
+    job never started is returned, for the next command."""
+    import time
+    ends, t0 = {}, time.time()
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    left = _runs.run_jobs([_runs.Job("first", sleeper), _runs.Job("second", sleeper)], str(tmp_path), timeout=120,
+                          slots=1, deadline=time.time() + 2.0,
+                          on_done=lambda job, rc, seconds: ends.update({job.name: rc}))
+    assert ends == {"first": "deadline"} and [j.name for j in left] == ["second"]
+    assert time.time() - t0 < 15 and not os.path.exists(os.path.join(str(tmp_path), "second"))
