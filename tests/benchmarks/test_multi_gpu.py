@@ -52,7 +52,8 @@ def test_tp_stage_through_the_multinode_script(tmp_path):
     assert "finished earlier, skipped" in _run(out, "--stage", "tp", "--skip-tp1")
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.slow   # 99 s on 2 cores; the default run covers the claim with the driver-level
+@pytest.mark.timeout(600)   # test_gpt_tp2_sp_first_step_gradients_match_tp1 (same controls, in process)
 def test_grads_stage_same_keys_and_split_within_last_bit_controls(tmp_path):
     out = tmp_path / "g"
     stdout = _run(out, "--stage", "grads")
