@@ -29,8 +29,8 @@ FLAGS=(
 echo "model: $LAYERS layers x hidden $HIDDEN, ffn $FFN: $(( LAYERS * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * FFN) )) non-embedding parameters"
 for RECIPE in $RECIPES; do
   echo "=== $RECIPE ===" 
-  timeout "$([ $RECIPE = bf16 ] && echo ${BF16_TIMEOUT:-120} || echo ${RUN_TIMEOUT:-170})" $PY -m megatron_fp4.pretrain_gpt "${FLAGS[@]}" --mfp4-recipe "$RECIPE" \
-    --mfp4-summary "$OUT/$RECIPE.json" > "$OUT/$RECIPE.log" 2>&1
+  timeout "$([ $RECIPE = bf16 ] && echo ${BF16_TIMEOUT:-120} || echo ${RUN_TIMEOUT:-170})" $PY -m megatron_fp4.pretrain_gpt "${FLAGS[@]}" --nvfp4-recipe "$RECIPE" \
+    --nvfp4-summary "$OUT/$RECIPE.json" > "$OUT/$RECIPE.log" 2>&1
   echo "exit $?"
   grep -E "iteration +[0-9]+/|Error|error|Traceback" "$OUT/$RECIPE.log" | grep -v "^ *warn" | tail -14
 done

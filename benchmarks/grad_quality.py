@@ -86,7 +86,7 @@ def worker(rank, world, corpus, train_steps, draws, eval_batches, variants, log_
         cfg = driver.transformer_config(driver.GPTSettings(**MODEL, recipe=recipe, recipe_overrides=overrides))
         models, _ = driver.build_model(s, config=cfg, wrap_ddp=False)
         missing, unexpected = models[0].load_state_dict(state, strict=False)
-        if unexpected or any(not k.startswith("decoder.layers") or "mfp4" not in k for k in missing):
+        if unexpected or any(not k.startswith("decoder.layers") or "nvfp4" not in k for k in missing):
             raise RuntimeError(f"state does not fit {recipe}: missing {missing[:4]}, unexpected {unexpected[:4]}")
         return models[0]
 

@@ -15,7 +15,7 @@ Stages:
 - tp:     TP=2 + sequence parallel, `bf16` and `quartet2`, launched through examples/multinode.sh in
           its single-node form (NNODES=1); a ~1B GPT (20 x 2048, SwiGLU 5632, 16 heads, vocab 32000),
           seq 2048, mock data. Step time, tokens/s, peak memory and the bytes all-gathered on the TP
-          group per step, counted at every collective call (--mfp4-count-collectives), plus the
+          group per step, counted at every collective call (--nvfp4-count-collectives), plus the
           plugin's own account of its FP4 gathers against BF16 for the same tensors. The same model
           at TP=1 on one GPU is the scaling reference.
 - curves: `tetrajet2-full` (OutControl + OsciReset, its schedule scaled to the run) for a few hundred
@@ -23,7 +23,7 @@ Stages:
           (the noise reference), PP=2, PP=2 with 2 virtual stages per rank, DP=2 with the distributed
           optimizer. Each parallel curve is compared with the one-GPU curve; "within noise" means its
           mean |loss difference| (training loss, 10-step means) is at most the seed-to-seed one.
-- grads:  the first optimizer step's gradients (--mfp4-dump-grads, gathered to the TP=1 layout) and the
+- grads:  the first optimizer step's gradients (--nvfp4-dump-grads, gathered to the TP=1 layout) and the
           quantized layers' random-stream keys at TP=1 and TP=2+SP, same seed, FP32 parameters,
           `--use-cpu-initialization` (same weights): `bf16` (reduction order alone) and `quartet2`;
           controls at TP=1: the initial weights scaled by (1 +- 2^-22) (what a reduction-order-sized
@@ -64,9 +64,9 @@ GRAD_RUNS = [  # (name, TP size, recipe, extra flags)
     ("grads-tp1-bf16", 1, "bf16", []), ("grads-tp2-bf16", 2, "bf16", []),
     ("grads-tp1-quartet2", 1, "quartet2", []), ("grads-tp2-quartet2", 2, "quartet2", []),
     # KEY=VALUE form: argparse would take a bare "-2.38e-07" for an option
-    ("grads-tp1-quartet2-plus-ulp", 1, "quartet2", [f"--mfp4-perturb-init={LAST_BIT!r}"]),
-    ("grads-tp1-quartet2-minus-ulp", 1, "quartet2", [f"--mfp4-perturb-init={-LAST_BIT!r}"]),
-    ("grads-tp1-quartet2-draws", 1, "quartet2", ["--mfp4-override", "seed=4321"]),
+    ("grads-tp1-quartet2-plus-ulp", 1, "quartet2", [f"--nvfp4-perturb-init={LAST_BIT!r}"]),
+    ("grads-tp1-quartet2-minus-ulp", 1, "quartet2", [f"--nvfp4-perturb-init={-LAST_BIT!r}"]),
+    ("grads-tp1-quartet2-draws", 1, "quartet2", ["--nvfp4-override", "seed=4321"]),
 ]
 
 
@@ -88,11 +88,11 @@ def runs_for(stage: str, a) -> list:
     if stage == "tp":
         common = base + ["--mock-data", "--lr", 3e-4, "--min-lr", 3e-5, "--lr-warmup-iters", 5, "--seed", 1234,
                          "--log-interval", 5, "--eval-iters", 0, "--eval-interval", 10 ** 6,
-                         "--mfp4-count-collectives"]
+                         "--nvfp4-count-collectives"]
         for recipe in ("bf16", "quartet2"):
-            out.append((f"tp2-sp-{recipe}", 2, True, common + ["--mfp4-recipe", recipe]))
+            out.append((f"tp2-sp-{recipe}", 2, True, common + ["--nvfp4-recipe", recipe]))
             if not a.skip_tp1:
-                out.append((f"tp1-{recipe}", 1, False, common + ["--mfp4-recipe", recipe]))
+                out.append((f"tp1-{recipe}", 1, False, common + ["--nvfp4-recipe", recipe]))
     elif stage == "curves":
         warmup = max(1, z["steps"] // 10)
         corpus = os.path.join(a.out, "corpus")
@@ -103,7 +103,7 @@ def runs_for(stage: str, a) -> list:
                  "--attention-dropout", 0.0, "--hidden-dropout", 0.0])
         common = base + data + ["--lr", 1e-3, "--min-lr", 1e-4, "--lr-warmup-iters", warmup, "--log-interval", 1,
                                 "--eval-interval", max(1, z["steps"] // 6), "--eval-iters", 4,
-                                "--mfp4-recipe", "tetrajet2-full"]
+                                "--nvfp4-recipe", "tetrajet2-full"]
         layers_per_virtual = z["layers"] // 4          # PP=2 x 2 virtual stages
         out += [("curve-1gpu", 1, False, common + ["--seed", 1234]),
                 ("curve-1gpu-seed2", 1, False, common + ["--seed", 1235]),
@@ -115,14 +115,14 @@ def runs_for(stage: str, a) -> list:
         # FP32 parameters and activations: with BF16 the TP partial sums are rounded to BF16 before
         # they are added, an ulp-sized difference in most activations, which FP4 rounding decisions
         # amplify to the size of a change of random draws (measured on CPU: 0.21 against 0.27)
-        common = model_flags(z, "--mfp4-fp32") + [
+        common = model_flags(z, "--nvfp4-fp32") + [
             "--mock-data", "--lr", 1e-4, "--min-lr", 1e-5, "--lr-warmup-iters", 0, "--seed", 1234,
             "--log-interval", 1, "--eval-iters", 0, "--eval-interval", 10 ** 6, "--use-cpu-initialization"]
         for name, tp, recipe, extra in GRAD_RUNS:
             if tp == 2:
                 extra = ["--tensor-model-parallel-size", 2, "--sequence-parallel", *extra]
             out.append((name, tp, False, common + extra + [
-                "--mfp4-recipe", recipe, "--mfp4-dump-grads", os.path.join(a.out, name, "grads.pt")]))
+                "--nvfp4-recipe", recipe, "--nvfp4-dump-grads", os.path.join(a.out, name, "grads.pt")]))
     return out
 
 
@@ -137,9 +137,9 @@ def run_environment() -> dict:
 def command(name: str, nproc: int, via_script: bool, flags: list, a) -> tuple:
     """The argv and environment of one run."""
     run_dir = os.path.join(a.out, name)
-    flags = [str(x) for x in flags] + ["--mfp4-summary", os.path.join(run_dir, "summary.json")]
+    flags = [str(x) for x in flags] + ["--nvfp4-summary", os.path.join(run_dir, "summary.json")]
     if a.cpu:   # the CPU driver always writes a checkpoint: into the run's directory
-        flags += ["--mfp4-cpu", "--mfp4-time-budget", "1e9", "--save", run_dir]
+        flags += ["--nvfp4-cpu", "--nvfp4-time-budget", "1e9", "--save", run_dir]
     # on GPUs no --save: nothing in these runs needs a checkpoint (a 1B one would take minutes)
     env = run_environment()
     port = str(free_port())

@@ -9,7 +9,7 @@ Every run: same model (RMSNorm, SwiGLU, RoPE, untied embeddings, no biases), sam
 same validation set, same hyperparameters (AdamW 0.9/0.95, weight decay 0.1, clip 1.0, cosine with 10%
 warm-up to lr/10). The runs of a recipe differ only in the initialisation seed (`--seed` + k - 1 for
 seed k, which also keys the FP4 rounding streams): the data order is drawn from `--data-seed`, passed
-to the launcher as `--mfp4-data-seed` (Megatron's `--seed` would otherwise drive both; the default
+to the launcher as `--nvfp4-data-seed` (Megatron's `--seed` would otherwise drive both; the default
 preset keeps that, as in its committed results, unless --data-seed is given), and validation is a
 fixed held-out split of whole files. Seed k of a recipe is paired with seed k of BF16.
 
@@ -143,14 +143,14 @@ def run_flags(a, name: str, recipe: str, seed: int, corpus: str, vocab: int = 25
               "--train-iters", a.steps, "--lr", a.lr, "--min-lr", a.lr / 10, "--lr-warmup-iters", warmup,
               "--weight-decay", 0.1, "--clip-grad", 1.0, "--seed", seed, "--swiglu",
               "--eval-interval", a.eval_interval, "--eval-iters", a.eval_iters, "--log-interval", 10,
-              "--vocab-size", vocab, "--mfp4-recipe", recipe, "--save", out]
+              "--vocab-size", vocab, "--nvfp4-recipe", recipe, "--save", out]
     if a.data_seed is not None:   # the data order: the same for every seed and recipe
-        common += ["--mfp4-data-seed", a.data_seed]
+        common += ["--nvfp4-data-seed", a.data_seed]
     if a.full_validation:   # the whole held-out split at every evaluation (Megatron's flag)
         common.append("--full-validation")
     if a.cpu:   # the CPU driver's own flags (AdamW 0.9/0.95, RMSNorm and cosine are its defaults)
-        extra = ["--mfp4-cpu", "--data-path", os.path.join(corpus, "train"),
-                 "--valid-data-path", os.path.join(corpus, "valid"), "--mfp4-time-budget", 1e9,
+        extra = ["--nvfp4-cpu", "--data-path", os.path.join(corpus, "train"),
+                 "--valid-data-path", os.path.join(corpus, "valid"), "--nvfp4-time-budget", 1e9,
                  "--load", out, "--save-interval", a.save_interval]     # resumes as the GPU route does
         if a.global_batch != a.micro_batch:
             extra += ["--global-batch-size", a.global_batch]
@@ -165,7 +165,7 @@ def run_flags(a, name: str, recipe: str, seed: int, corpus: str, vocab: int = 25
                  "--test-data-path", os.path.join(corpus, "valid"),
                  # each run's own index cache: runs side by side never write the same files
                  "--data-cache-path", os.path.join(out, "data_cache"),
-                 "--mfp4-summary", os.path.join(out, "summary.json"),
+                 "--nvfp4-summary", os.path.join(out, "summary.json"),
                  # a run cut short resumes from its last checkpoint on the next command (Megatron's
                  # --load; no checkpoint there = a fresh start), so long runs split across device calls
                  "--load", out, "--save-interval", a.save_interval]

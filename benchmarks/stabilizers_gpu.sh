@@ -20,17 +20,17 @@ FLAGS=(
   --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 20 --lr-decay-style cosine --clip-grad 1.0 --weight-decay 0.1
   --tokenizer-type NullTokenizer --bf16 --transformer-impl local
   --log-interval 10 --eval-iters 0 --eval-interval 100000 --seed 1234
-  --mfp4-override outcontrol_record_start=10 --mfp4-override outcontrol_record_iters=5
-  --mfp4-override oscireset_start=40 --mfp4-override oscireset_period=20 --mfp4-override oscireset_window=8
+  --nvfp4-override outcontrol_record_start=10 --nvfp4-override outcontrol_record_iters=5
+  --nvfp4-override oscireset_start=40 --nvfp4-override oscireset_period=20 --nvfp4-override oscireset_window=8
 )
 for RECIPE in tetrajet2-full quartet2-plus; do
   echo "=== $RECIPE ==="
-  timeout "${RUN_TIMEOUT:-200}" $PY -m megatron_fp4.pretrain_gpt "${FLAGS[@]}" --mfp4-recipe "$RECIPE" \
-    --save "/tmp/stab_$RECIPE" --mfp4-summary "/tmp/stab_$RECIPE/summary.json" > "$OUT/$RECIPE.log" 2>&1
+  timeout "${RUN_TIMEOUT:-200}" $PY -m megatron_fp4.pretrain_gpt "${FLAGS[@]}" --nvfp4-recipe "$RECIPE" \
+    --save "/tmp/stab_$RECIPE" --nvfp4-summary "/tmp/stab_$RECIPE/summary.json" > "$OUT/$RECIPE.log" 2>&1
   echo "exit $?"
   cp "/tmp/stab_$RECIPE/summary.json" "$OUT/$RECIPE.json" 2>/dev/null
   grep -E "iteration +[0-9]+/|Error|Traceback|built corpus" "$OUT/$RECIPE.log" | tail -8
-  ls /tmp/stab_$RECIPE/iter_* 2>/dev/null | grep -c mfp4_oscireset | sed 's/^/osci state files in checkpoint: /'
+  ls /tmp/stab_$RECIPE/iter_* 2>/dev/null | grep -c nvfp4_oscireset | sed 's/^/osci state files in checkpoint: /'
 done
 $PY - "$OUT" <<'PY'
 import json, os, statistics, sys

@@ -12,7 +12,7 @@ TRAIN_FLAGS=(
   --log-interval 10 --eval-interval 50 --eval-iters 5
 )
 DATA_FLAGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size 32000)
-PLUGIN_FLAGS=(--mfp4-recipe "$RECIPE")
+PLUGIN_FLAGS=(--nvfp4-recipe "$RECIPE")
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 # Each launch script writes into a run folder of its own (checkpoint, summary.json, loss.png):
 # runs/<script name>. RUN_DIR=DIR picks another; RUN_DIR= (empty) passes no --save (no checkpoint).

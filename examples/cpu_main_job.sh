@@ -7,6 +7,6 @@ set -euo pipefail
 RUN_DIR=${RUN_DIR:-runs/cpu_main_job}
 load=(--load "$RUN_DIR")
 for arg in "$@"; do
-  if [[ "$arg" == "--overwrite" || "$arg" == "--mfp4-overwrite" ]]; then load=(); fi
+  if [[ "$arg" == "--overwrite" || "$arg" == "--nvfp4-overwrite" ]]; then load=(); fi
 done
-python -m megatron_fp4.pretrain_gpt --mfp4-cpu --mfp4-recipe quartet2 --save "$RUN_DIR" "${load[@]}" "$@"
+python -m megatron_fp4.pretrain_gpt --nvfp4-cpu --nvfp4-recipe quartet2 --save "$RUN_DIR" "${load[@]}" "$@"

@@ -6,10 +6,10 @@ SUPPORTED_MEGATRON_CORE = ((0, 19), (0, 20))   # [min, max)
 def install() -> None:
     """Hook the plugin into a Megatron-LM checkout's training script (patches/):
 
-    - the --mfp4-* flags in Megatron's parser (--mfp4-recipe, --mfp4-override, --mfp4-bf16-modules,
-      --mfp4-debug-errors), every one honoured: the recipe and its overrides by the plugin layers,
+    - the --nvfp4-* flags in Megatron's parser (--nvfp4-recipe, --nvfp4-override, --nvfp4-bf16-modules,
+      --nvfp4-debug-errors), every one honoured: the recipe and its overrides by the plugin layers,
       the BF16 patterns at model build (a pattern that matches no linear is an error);
-    - with --mfp4-recipe set, the plugin's checks before Megatron's own argument validation: an
+    - with --nvfp4-recipe set, the plugin's checks before Megatron's own argument validation: an
       invalid recipe, override or BF16 pattern, a model shape the recipe cannot quantize, and the
       refused combinations (TE `--fp8-*`/`--fp4-*`, `--transformer-impl transformer_engine`, MoE,
       FSDP, ...) stop the run before Megatron prints its arguments; the plugin spec
@@ -18,12 +18,12 @@ def install() -> None:
     - the spec function on both of Megatron's model-builder paths (the config container's
       GPTModelBuilder and Megatron-LM's gpt_builders.gpt_builder);
     - the optimizer stabilizers after model/optimizer setup and their state beside each checkpoint;
-    - user errors as one line on global rank 0, exit status 2 (--mfp4-debug-errors or
+    - user errors as one line on global rank 0, exit status 2 (--nvfp4-debug-errors or
       MEGATRON_FP4_DEBUG=1 for the traceback; megatron_fp4/errors.py).
 
     One line in a Megatron-LM checkout's pretrain_gpt.py, before its argument parsing:
         import megatron_fp4; megatron_fp4.install()
-    Without --mfp4-recipe the run keeps Megatron's stock layers.
+    Without --nvfp4-recipe the run keeps Megatron's stock layers.
     Raises UnsupportedMegatronError for megatron-core versions the patches were not written for.
     """
     from importlib.metadata import PackageNotFoundError, version

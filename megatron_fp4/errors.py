@@ -7,7 +7,7 @@ names the flag or file and the fix. The launcher (`python -m megatron_fp4.pretra
     megatron_fp4: error: <message>
 
 on global rank 0 only (under torchrun every rank fails the same way; the others exit quietly) and
-exit with status 2. The full traceback comes back with `--mfp4-debug-errors` or the environment
+exit with status 2. The full traceback comes back with `--nvfp4-debug-errors` or the environment
 variable `MEGATRON_FP4_DEBUG=1`. Anything else (a bug, a crash) keeps its normal traceback.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-DEBUG_FLAG = "--mfp4-debug-errors"
+DEBUG_FLAG = "--nvfp4-debug-errors"
 DEBUG_ENV = "MEGATRON_FP4_DEBUG"
 USAGE_EXIT_CODE = 2
 
@@ -32,7 +32,7 @@ def user_error_types() -> tuple:
 
 
 def debug_requested(argv=None) -> bool:
-    """--mfp4-debug-errors on the command line (sys.argv when argv is None) or MEGATRON_FP4_DEBUG=1."""
+    """--nvfp4-debug-errors on the command line (sys.argv when argv is None) or MEGATRON_FP4_DEBUG=1."""
     if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
         return True
     argv = sys.argv[1:] if argv is None else argv

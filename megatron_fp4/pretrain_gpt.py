@@ -1,19 +1,19 @@
 """Pretrain a GPT with NVFP4 linears: `python -m megatron_fp4.pretrain_gpt [flags]`.
 
 Route selection (`use_gpu_route`): with CUDA available (`torch.cuda.is_available()` and at least one
-device) and no `--mfp4-cpu`, the GPU route runs; otherwise the CPU driver. The same command therefore
+device) and no `--nvfp4-cpu`, the GPU route runs; otherwise the CPU driver. The same command therefore
 uses the GPU when there is one. Under torchrun every rank takes the same route.
 
 GPU route: Megatron's own training loop (`megatron.training.pretrain`, NCCL) with all of Megatron's
-flags plus the plugin's (`--mfp4-recipe NAME|PATH`, `--mfp4-override key=value`,
-`--mfp4-bf16-modules`), `--transformer-impl local`, NVFP4TransformerConfig and the plugin spec
+flags plus the plugin's (`--nvfp4-recipe NAME|PATH`, `--nvfp4-override key=value`,
+`--nvfp4-bf16-modules`), `--transformer-impl local`, NVFP4TransformerConfig and the plugin spec
 (megatron_fp4.spec.gpt_layer_spec); forward step and GPTDataset provider in pretrain_support.py.
 Flags left out get the main job's defaults (small GPT, byte-level NullTokenizer with vocab 256, the
-stdlib corpus built under `--save`, default `mfp4_run`); fusions whose apex/TE kernels are missing
+stdlib corpus built under `--save`, default `nvfp4_run`); fusions whose apex/TE kernels are missing
 are switched off. After the run a summary JSON (loss per iteration, median step time, peak memory)
-and a loss plot go to `--mfp4-summary` (default `<save>/summary.json`).
+and a loss plot go to `--nvfp4-summary` (default `<save>/summary.json`).
 
-CPU route (no GPU, or --mfp4-cpu): megatron.training cannot run on CPU, so a driver built from
+CPU route (no GPU, or --nvfp4-cpu): megatron.training cannot run on CPU, so a driver built from
 megatron-core's GPTModel, DDP, optimizer and forward-backward schedule trains on gloo with the CPU
 shim. The default run is the main job: a small GPT with quartet2 on the Python standard library's
 sources (byte-level tokens; built into a Megatron indexed dataset on first use), printing progress
@@ -76,11 +76,11 @@ def _gpu_main(argv):
     megatron_training.apply()        # stabilizers after setup_model_and_optimizer; dataset helpers
     with _one_line_argparse_errors():     # Megatron's parser: one line, not its usage text
         args, cfg = build_config(argv)    # plugin checks run before Megatron's argument table (patches/)
-    if args.mfp4_count_collectives:
+    if args.nvfp4_count_collectives:
         from .megatron.diagnostics import install_collective_counter
         install_collective_counter()
     prepare_gpu_save_folder(args)         # an earlier run's checkpoints: resume, --overwrite or refuse
-    summary_path = args.mfp4_summary or (os.path.join(args.save, "summary.json") if args.save else None)
+    summary_path = args.nvfp4_summary or (os.path.join(args.save, "summary.json") if args.save else None)
     history = TrainingHistory(summary_path, every=args.log_interval).install()
     exit_request = None
     try:
@@ -91,12 +91,12 @@ def _gpu_main(argv):
     if summary is not None:
         from .pretrain_support import json_safe
         brief = {k: v for k, v in summary.items() if k != 'losses'}
-        print(f"mfp4 summary: {json.dumps(json_safe(brief), allow_nan=False)}", flush=True)
+        print(f"nvfp4 summary: {json.dumps(json_safe(brief), allow_nan=False)}", flush=True)
     if exit_request is not None:
         done = history.records[-1]["iteration"] if history.records else 0
         if exit_request.code in (0, None) and done < (args.train_iters or 0):
             if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
-                print(f"stopped by Megatron's early exit (--mfp4-time-budget / --exit-duration-in-mins / signal) "
+                print(f"stopped by Megatron's early exit (--nvfp4-time-budget / --exit-duration-in-mins / signal) "
                       f"at iteration {done} of {args.train_iters}: the run did not finish; resume with --load "
                       f"{args.save}", flush=True)
             raise SystemExit(STOPPED_EXIT_CODE)
@@ -139,13 +139,13 @@ def cpu_parser(raise_usage_errors: bool = False) -> argparse.ArgumentParser:
     a("--data-path", default=None, help="indexed-dataset prefix (train); default: build the corpus")
     a("--valid-data-path", default=None)
     a("--mock-data", action="store_true", help="synthetic learnable sequences instead of a corpus")
-    a("--mfp4-corpus-src", default=None, help="directory of text files (default: Python stdlib)")
-    a("--save", default="mfp4_run", help="output directory: checkpoints (Megatron's layout), loss plot, summary")
+    a("--nvfp4-corpus-src", default=None, help="directory of text files (default: Python stdlib)")
+    a("--save", default="nvfp4_run", help="output directory: checkpoints (Megatron's layout), loss plot, summary")
     a("--save-interval", type=int, default=None,
       help="save a checkpoint every N iterations (and always after the last one)")
     a("--load", default=None,
       help="resume from the newest checkpoint in this folder (a folder without one: start fresh, as in Megatron)")
-    a("--overwrite", "--mfp4-overwrite", dest="mfp4_overwrite", action="store_true",
+    a("--overwrite", "--nvfp4-overwrite", dest="nvfp4_overwrite", action="store_true",
       help="start fresh in a --save folder that holds an earlier run's checkpoints (deletes them, its summary "
            "and plot); without it such a run is refused")
     a("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad", action="store_false",
@@ -156,11 +156,11 @@ def cpu_parser(raise_usage_errors: bool = False) -> argparse.ArgumentParser:
     a("--log-interval", type=int, default=10)
     a("--eval-interval", type=int, default=100)
     a("--eval-iters", type=int, default=4)
-    a("--mfp4-time-budget", type=float, default=None, metavar="SECONDS",
+    a("--nvfp4-time-budget", type=float, default=None, metavar="SECONDS",
       help="stop training after this many seconds: save a checkpoint, print 'stopped by time budget at "
            "iteration N of M; resume with --load DIR' and exit with status 3 (default: no budget)")
-    a("--mfp4-cpu", action="store_true", help="use the CPU driver even when a GPU is present")
-    a("--mfp4-summary", default=None, help="run summary JSON (default <save>/summary.json)")
+    a("--nvfp4-cpu", action="store_true", help="use the CPU driver even when a GPU is present")
+    a("--nvfp4-summary", default=None, help="run summary JSON (default <save>/summary.json)")
     a("--threads", type=int, default=None)
     # parallelism (under torchrun; gloo): the data-parallel size is what the world size leaves
     par = p.add_argument_group("parallelism (torchrun --nproc-per-node N; gloo)")
@@ -184,7 +184,7 @@ def cpu_parser(raise_usage_errors: bool = False) -> argparse.ArgumentParser:
     meg.add_argument("--disable-bias-linear", action="store_true", help="accepted: the CPU driver has no biases")
     meg.add_argument("--transformer-impl", choices=["local"], default="local")
     meg.add_argument("--bf16", action="store_true", help="BF16 parameters and activations (FP32 otherwise)")
-    meg.add_argument("--mfp4-fp32", action="store_true", help="FP32 parameters and activations (the default here)")
+    meg.add_argument("--nvfp4-fp32", action="store_true", help="FP32 parameters and activations (the default here)")
     meg.add_argument("--tokenizer-type", choices=["NullTokenizer"], default="NullTokenizer")
     meg.add_argument("--vocab-size", type=int, default=256, help="vocabulary (>= 256; byte-level data)")
     meg.add_argument("--lr-decay-style", choices=["cosine"], default="cosine")
@@ -269,11 +269,11 @@ def _explain_unknown(unknown: list, parser: argparse.ArgumentParser) -> UsageErr
         return UsageError(reason)
     if flag in _megatron_flags():
         return UsageError(f"{flag}: a Megatron flag the CPU driver does not take (it trains one fixed Llama-style GPT "
-                          "on gloo; `python -m megatron_fp4.pretrain_gpt --mfp4-cpu --help` lists its flags); drop "
+                          "on gloo; `python -m megatron_fp4.pretrain_gpt --nvfp4-cpu --help` lists its flags); drop "
                           "it, or run on a GPU, where the launcher passes every Megatron flag to megatron.training")
     close = difflib.get_close_matches(flag, list(parser._option_string_actions), n=1)
     return UsageError(f"unrecognized argument {flag}" + (f"; did you mean {close[0]}?" if close else "")
-                      + " (`python -m megatron_fp4.pretrain_gpt --mfp4-cpu --help` lists the flags)")
+                      + " (`python -m megatron_fp4.pretrain_gpt --nvfp4-cpu --help` lists the flags)")
 
 
 def parse_cpu_args(argv) -> argparse.Namespace:
@@ -296,20 +296,20 @@ def validate_cpu_args(args):
     """Every start-time check of the CPU route (flags, recipe, BF16 patterns, shapes, layout, data
     files); returns the RunPlan (recipe and BF16 linears). Raises UsageError / RecipeError."""
     from .megatron.validate import check_data_paths, validate_run
-    if args.bf16 and args.mfp4_fp32:
-        raise UsageError("--bf16 and --mfp4-fp32 contradict each other; pass one (the CPU route's default is FP32)")
+    if args.bf16 and args.nvfp4_fp32:
+        raise UsageError("--bf16 and --nvfp4-fp32 contradict each other; pass one (the CPU route's default is FP32)")
     if args.vocab_size < 256:
         raise UsageError(f"--vocab-size {args.vocab_size}: the byte-level data needs at least 256")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    if args.mfp4_corpus_src and not os.path.isdir(args.mfp4_corpus_src):
-        raise UsageError(f"--mfp4-corpus-src {args.mfp4_corpus_src}: directory not found (a directory of text files)")
+    if args.nvfp4_corpus_src and not os.path.isdir(args.nvfp4_corpus_src):
+        raise UsageError(f"--nvfp4-corpus-src {args.nvfp4_corpus_src}: directory not found (a directory of text files)")
     if args.valid_data_path and not args.data_path:
         raise UsageError("--valid-data-path needs --data-path (the training split)")
     check_data_paths(args)
     if not args.mock_data and not args.data_path:
         from .data.corpus import check_source
-        check_source(args.mfp4_corpus_src)      # the corpus built on first use needs >= 2 files
+        check_source(args.nvfp4_corpus_src)      # the corpus built on first use needs >= 2 files
     world = _launch_world_size()
     plan = validate_run(args, world)
     parallel_layout(args, world)
@@ -351,7 +351,7 @@ def _corpus(args):
     from .data import corpus
     if args.data_path:
         return args.data_path, args.valid_data_path or args.data_path
-    return corpus.ensure(os.path.join(args.save, "corpus"), args.mfp4_corpus_src)
+    return corpus.ensure(os.path.join(args.save, "corpus"), args.nvfp4_corpus_src)
 
 
 def _windows(tokens: np.ndarray, s, seed: int, dp_rank: int = 0, dp_size: int = 1, skip: int = 0):
@@ -411,7 +411,7 @@ def cpu_main(argv) -> dict:
     args = parse_cpu_args(argv)
     plan = validate_cpu_args(args)           # every user error before anything starts
     recipe = plan.recipe
-    overrides = parse_overrides(args.mfp4_override)
+    overrides = parse_overrides(args.nvfp4_override)
     import torch.distributed as dist
 
     from .megatron import diagnostics, driver
@@ -436,8 +436,8 @@ def cpu_main(argv) -> dict:
         micro_batch_size=args.micro_batch_size, num_microbatches=layout["num_microbatches"],
         tp=layout["tp"], pp=layout["pp"], vpp=layout["vpp"], sequence_parallel=args.sequence_parallel,
         use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
-        recipe=args.mfp4_recipe, attention=args.mfp4_attention,
-        recipe_overrides=overrides, bf16_modules=tuple(p for p in args.mfp4_bf16_modules.split(",") if p),
+        recipe=args.nvfp4_recipe, attention=args.nvfp4_attention,
+        recipe_overrides=overrides, bf16_modules=tuple(p for p in args.nvfp4_bf16_modules.split(",") if p),
         first_last_layers_bf16=args.first_last_layers_bf16,
         num_layers_at_start_in_bf16=args.num_layers_at_start_in_bf16,
         num_layers_at_end_in_bf16=args.num_layers_at_end_in_bf16, bf16=args.bf16, normalization=args.normalization,
@@ -445,7 +445,7 @@ def cpu_main(argv) -> dict:
         clip_grad=args.clip_grad, warmup_steps=args.lr_warmup_iters, train_steps=args.train_iters,
         seed=args.seed)
     cpu_shim.install()
-    if args.mfp4_count_collectives:
+    if args.nvfp4_count_collectives:
         diagnostics.install_collective_counter()
     say(f"megatron_fp4 CPU driver: recipe {recipe.describe()}")
     say(plan.bf16_line() + "; " + ("BF16 parameters and activations (--bf16)" if args.bf16 else
@@ -475,7 +475,7 @@ def cpu_main(argv) -> dict:
         check_tokens_cover_sequence(len(train_tokens), s.seq_length, "training", train_prefix)
         check_tokens_cover_sequence(len(valid_tokens), s.seq_length, "validation", valid_prefix)
         say(f"data: {len(train_tokens)} train tokens, {len(valid_tokens)} held-out validation tokens")
-        data_seed = s.seed if args.mfp4_data_seed is None else args.mfp4_data_seed
+        data_seed = s.seed if args.nvfp4_data_seed is None else args.nvfp4_data_seed
         train_it = lambda skip=0: _windows(train_tokens, s, data_seed, dp_rank, layout["dp"], skip)  # noqa: E731
         vit = _windows(valid_tokens, s, 4321)
         valid_batches = (_full_split_batches(valid_tokens, s) if args.full_validation
@@ -485,10 +485,10 @@ def cpu_main(argv) -> dict:
     optimizer, scheduler = driver.build_optimizer(s, chunks)
     driver.setup_model_hooks(config, chunks, optimizer)
     oscireset = driver.setup_stabilizers(s, chunks, optimizer)
-    if args.mfp4_perturb_init:
-        diagnostics.perturb_initial_weights(chunks, optimizer, args.mfp4_perturb_init)
-    if args.mfp4_dump_grads:
-        diagnostics.install_first_step_grad_dump(optimizer, chunks, args.mfp4_dump_grads, s.swiglu)
+    if args.nvfp4_perturb_init:
+        diagnostics.perturb_initial_weights(chunks, optimizer, args.nvfp4_perturb_init)
+    if args.nvfp4_dump_grads:
+        diagnostics.install_first_step_grad_dump(optimizer, chunks, args.nvfp4_dump_grads, s.swiglu)
     n_local = sum(p.numel() for m in chunks for p in m.parameters())
     counts = torch.tensor([float(n_local)])
     if ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() > 1:
@@ -517,11 +517,11 @@ def _check_save_folder(args) -> None:
     from .megatron.checkpoint import check_save_folder
     if args.save_interval is not None and args.save_interval < 1:
         raise UsageError(f"--save-interval must be >= 1, got {args.save_interval}")
-    if args.mfp4_time_budget is not None and not args.mfp4_time_budget > 0:
-        raise UsageError(f"--mfp4-time-budget must be a positive number of seconds, got {args.mfp4_time_budget}")
+    if args.nvfp4_time_budget is not None and not args.nvfp4_time_budget > 0:
+        raise UsageError(f"--nvfp4-time-budget must be a positive number of seconds, got {args.nvfp4_time_budget}")
     if args.load and os.path.exists(args.load) and not os.path.isdir(args.load):
         raise UsageError(f"--load {args.load}: not a directory (the --save folder of the run to resume)")
-    check_save_folder(args.save, args.load, args.mfp4_overwrite)
+    check_save_folder(args.save, args.load, args.nvfp4_overwrite)
 
 
 def _run_settings(args, s, layout, world: int) -> dict:
@@ -533,8 +533,8 @@ def _run_settings(args, s, layout, world: int) -> dict:
     elif args.data_path:
         data = ["indexed", os.path.abspath(args.data_path)]
     else:
-        data = ["corpus", os.path.abspath(args.mfp4_corpus_src) if args.mfp4_corpus_src else "python-stdlib"]
-    return dict(asdict(s), data=data, data_seed=getattr(args, "mfp4_data_seed", None), world_size=world,
+        data = ["corpus", os.path.abspath(args.nvfp4_corpus_src) if args.nvfp4_corpus_src else "python-stdlib"]
+    return dict(asdict(s), data=data, data_seed=getattr(args, "nvfp4_data_seed", None), world_size=world,
                 data_parallel_size=layout["dp"])
 
 
@@ -551,14 +551,14 @@ class _CpuRun:
         self.main_rank = rank == world - 1
         self.save_root = os.path.abspath(args.save)
         self.settings = _run_settings(args, s, layout, world)
-        self.summary_path = args.mfp4_summary or os.path.join(args.save, "summary.json")
+        self.summary_path = args.nvfp4_summary or os.path.join(args.save, "summary.json")
         self.plot_path = os.path.join(args.save, "loss.png")
         # this run's history; a resumed run starts from the checkpoint's (all earlier segments)
         self.history = {"losses": [], "valid": [], "oscireset_events": [], "outcontrol": {}, "segments": []}
         self.step_times: list = []
         self.start_iteration = 0
         self.last_saved: Optional[int] = None
-        self.stop_budget = args.mfp4_time_budget
+        self.stop_budget = args.nvfp4_time_budget
         self._signalled = False
 
     # -- setup ------------------------------------------------------------------------------------
@@ -567,7 +567,7 @@ class _CpuRun:
 
         from .megatron import checkpoint
         if self.rank == 0:
-            if self.args.mfp4_overwrite:
+            if self.args.nvfp4_overwrite:
                 removed = checkpoint.clear_save_folder(self.save_root)
                 if removed:
                     print(f"--overwrite: removed {', '.join(removed)} from {self.save_root}", flush=True)
@@ -681,7 +681,7 @@ class _CpuRun:
         if flags[1]:
             return "SIGTERM (--exit-signal-handler)"
         if flags[0]:
-            return f"time budget ({self.stop_budget:g} s of training, --mfp4-time-budget)"
+            return f"time budget ({self.stop_budget:g} s of training, --nvfp4-time-budget)"
         return None
 
     def _failure_message(self, done: int, loss: float, grad_norm: float) -> str:
@@ -726,7 +726,7 @@ class _CpuRun:
                 "virtual_pipeline_model_parallel_size": s.vpp, "data_parallel_size": self.layout["dp"],
                 "world_size": self.world, "sequence_parallel": s.sequence_parallel,
                 "use_distributed_optimizer": s.use_distributed_optimizer, "bf16": s.bf16, "ckpt_format": "torch_dist",
-                "mfp4_recipe": a.mfp4_recipe, "mfp4_override": list(a.mfp4_override)}
+                "nvfp4_recipe": a.nvfp4_recipe, "nvfp4_override": list(a.nvfp4_override)}
 
     def _save(self, done: int) -> None:
         from .megatron import checkpoint
@@ -750,7 +750,7 @@ class _CpuRun:
         hist = self._history_snapshot(done)
         losses = hist["losses"]
         mean_step = float(np.mean(self.step_times)) if self.step_times else None
-        summary = {"recipe": self.args.mfp4_recipe, "finished": failure is None and stopped is None,
+        summary = {"recipe": self.args.nvfp4_recipe, "finished": failure is None and stopped is None,
                    "stopped_by": "non-finite loss or grad norm" if failure else stopped, "error": failure,
                    "iterations": done, "train_iters": self.s.train_steps,
                    "resumed_from": self.start_iteration or None, "train_time_s": round(train_time, 1),
@@ -768,7 +768,7 @@ class _CpuRun:
                                   for k, v in hist["outcontrol"].items()},
                    **diagnostics.comm_report()}
         if self.main_rank:
-            _plot(hist, self.plot_path, f"GPT {self.n_params / 1e6:.1f}M, {self.args.mfp4_recipe}, "
+            _plot(hist, self.plot_path, f"GPT {self.n_params / 1e6:.1f}M, {self.args.nvfp4_recipe}, "
                                         + ("mock data" if self.args.mock_data else "byte-level corpus"))
             write_json(self.summary_path, summary)
             print(format_comm_stats(), flush=True)
@@ -779,12 +779,14 @@ class _CpuRun:
 
 
 def use_gpu_route(argv) -> bool:
-    """The GPU route needs CUDA and no --mfp4-cpu; everything else goes to the CPU driver."""
-    return torch.cuda.is_available() and torch.cuda.device_count() > 0 and "--mfp4-cpu" not in argv
+    """The GPU route needs CUDA and no --nvfp4-cpu; everything else goes to the CPU driver."""
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0 and "--nvfp4-cpu" not in argv
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .megatron.validate import check_renamed_flags
+    check_renamed_flags(argv)
     if use_gpu_route(argv):
         return _gpu_main(argv)
     return cpu_main(argv)
@@ -792,7 +794,7 @@ def main(argv=None):
 
 def cli(argv=None) -> int:
     """Console script `megatron-fp4-pretrain` (same as `python -m megatron_fp4.pretrain_gpt`): a user
-    error is one line on rank 0 and exit status 2 (--mfp4-debug-errors / MEGATRON_FP4_DEBUG=1 for the
+    error is one line on rank 0 and exit status 2 (--nvfp4-debug-errors / MEGATRON_FP4_DEBUG=1 for the
     traceback; megatron_fp4/errors.py)."""
     from .errors import run_reporting_user_errors
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -98,27 +98,27 @@ def launcher_argv(argv) -> list:
     for flag in BOOLEAN_DEFAULTS:
         if not _has(argv, flag):
             out.append(flag)
-    if not (_has(argv, "--bf16") or _has(argv, "--fp16") or _has(argv, "--mfp4-fp32")):
+    if not (_has(argv, "--bf16") or _has(argv, "--fp16") or _has(argv, "--nvfp4-fp32")):
         out.append("--bf16")
     tokenizer = _value(out, "--tokenizer-type")
     if tokenizer == "NullTokenizer" and not _has(argv, "--vocab-size"):
         out += ["--vocab-size", "256"]          # byte-level tokens
     if not any(_has(argv, f) for f in DATA_FLAGS):
         # the main job's data: the corpus builder's indexed datasets, built on first use
-        save = _value(argv, "--save") or "mfp4_run"
+        save = _value(argv, "--save") or "nvfp4_run"
         if not _has(argv, "--save"):
             out += ["--save", save]
         corpus_dir = os.path.join(save, "corpus")
         out += ["--train-data-path", os.path.join(corpus_dir, "train"),
                 "--valid-data-path", os.path.join(corpus_dir, "valid"),
-                "--test-data-path", os.path.join(corpus_dir, "valid"), "--mfp4-corpus-dir", corpus_dir]
+                "--test-data-path", os.path.join(corpus_dir, "valid"), "--nvfp4-corpus-dir", corpus_dir]
         if tokenizer == "NullTokenizer" and not _has(argv, "--null-tokenizer-eod-id"):
             from .data.corpus import EOD
             out += ["--null-tokenizer-eod-id", str(EOD)]
     if _has(out, "--save") and not _has(argv, "--save-interval"):
         # megatron's end-of-training save computes iteration % save_interval
         out += ["--save-interval", _value(out, "--train-iters")]
-    if (_value(argv, "--mfp4-attention", "sdpa") == "sdpa" and not _has(argv, "--reset-attention-mask")
+    if (_value(argv, "--nvfp4-attention", "sdpa") == "sdpa" and not _has(argv, "--reset-attention-mask")
             and not _has(argv, "--no-create-attention-mask-in-dataloader")):
         # the dataloader's mask would only repeat causality; without it sdpa runs the flash kernel
         out.append("--no-create-attention-mask-in-dataloader")
@@ -128,16 +128,16 @@ def launcher_argv(argv) -> list:
 def add_diagnostic_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Measurement flags of the launcher (both routes; megatron_fp4/megatron/diagnostics.py)."""
     g = parser.add_argument_group("megatron_fp4 diagnostics")
-    g.add_argument("--mfp4-count-collectives", action="store_true",
+    g.add_argument("--nvfp4-count-collectives", action="store_true",
                    help="count the bytes of every torch.distributed collective per iteration and process-group "
                         "role (tp/dp/pp) into the run summary")
-    g.add_argument("--mfp4-dump-grads", default=None, metavar="PATH",
+    g.add_argument("--nvfp4-dump-grads", default=None, metavar="PATH",
                    help="write the first optimizer step's reduced gradients, gathered to the TP=1 layout, "
                         "and the plugin layers' random-stream keys to PATH (torch.save; pipeline-parallel size 1)")
-    g.add_argument("--mfp4-perturb-init", type=float, default=0.0, metavar="EPS",
+    g.add_argument("--nvfp4-perturb-init", type=float, default=0.0, metavar="EPS",
                    help="scale every initial weight matrix by (1 + EPS): a last-bit perturbation, to measure how "
                         "far FP4 rounding amplifies reduction-order differences (FP32 parameters only)")
-    g.add_argument("--mfp4-data-seed", type=int, default=None, metavar="SEED",
+    g.add_argument("--nvfp4-data-seed", type=int, default=None, metavar="SEED",
                    help="seed of the training data order (default: --seed, which also seeds the initialisation): "
                         "runs that differ only in --seed then see the same data")
     return parser
@@ -146,25 +146,25 @@ def add_diagnostic_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The plugin flags plus the launcher's own (accepted by Megatron's parser)."""
     from .patches.megatron_args import add_plugin_args
-    if not any(a.dest == "mfp4_recipe" for a in parser._actions):
+    if not any(a.dest == "nvfp4_recipe" for a in parser._actions):
         add_plugin_args(parser)
-    if not any(a.dest == "mfp4_dump_grads" for a in parser._actions):
+    if not any(a.dest == "nvfp4_dump_grads" for a in parser._actions):
         add_diagnostic_args(parser)
     g = parser.add_argument_group("megatron_fp4 launcher")
-    g.add_argument("--mfp4-corpus-dir", default=None,
+    g.add_argument("--nvfp4-corpus-dir", default=None,
                    help="build the byte-level corpus here on first use (set by the launcher for the main job)")
-    g.add_argument("--mfp4-corpus-src", default=None, help="directory of text files (default: Python stdlib)")
-    g.add_argument("--mfp4-summary", default=None,
+    g.add_argument("--nvfp4-corpus-src", default=None, help="directory of text files (default: Python stdlib)")
+    g.add_argument("--nvfp4-summary", default=None,
                    help="write the run summary (JSON) here and the loss plot beside it "
                         "(default: <save>/summary.json when --save is given)")
-    g.add_argument("--mfp4-cpu", action="store_true", help=argparse.SUPPRESS)
-    g.add_argument("--overwrite", "--mfp4-overwrite", dest="mfp4_overwrite", action="store_true",
+    g.add_argument("--nvfp4-cpu", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--overwrite", "--nvfp4-overwrite", dest="nvfp4_overwrite", action="store_true",
                    help="start fresh in a --save folder that holds an earlier run's checkpoints (deletes them, its "
                         "summary and plot); without it such a run is refused unless --load resumes it")
-    g.add_argument("--mfp4-time-budget", type=float, default=None, metavar="SECONDS",
+    g.add_argument("--nvfp4-time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop after this many seconds (Megatron's --exit-duration-in-mins, counted from the start "
                         "of the program), save a checkpoint, say so and exit with status 3 (default: no budget)")
-    g.add_argument("--mfp4-fp32", action="store_true",
+    g.add_argument("--nvfp4-fp32", action="store_true",
                    help="FP32 parameters and activations (the launcher adds --bf16 when neither --bf16 nor --fp16 "
                         "is given)")
     if not any(a.dest == "null_tokenizer_eod_id" for a in parser._actions):
@@ -233,20 +233,20 @@ def build_config(argv):
     finally:
         sys.argv = saved
     check_supported_args(args)
-    if args.mfp4_time_budget is not None:
-        if not args.mfp4_time_budget > 0:
+    if args.nvfp4_time_budget is not None:
+        if not args.nvfp4_time_budget > 0:
             from .errors import UsageError
-            raise UsageError(f"--mfp4-time-budget must be a positive number of seconds, got {args.mfp4_time_budget}")
+            raise UsageError(f"--nvfp4-time-budget must be a positive number of seconds, got {args.nvfp4_time_budget}")
         if not args.exit_duration_in_mins:
-            args.exit_duration_in_mins = args.mfp4_time_budget / 60.0   # Megatron saves, then exits
+            args.exit_duration_in_mins = args.nvfp4_time_budget / 60.0   # Megatron saves, then exits
     if getattr(args, "spec", None):
         raise ValueError("megatron_fp4.pretrain_gpt sets the layer spec itself "
                          "(megatron_fp4.spec.gpt_layer_spec); drop --spec")
     plugin_recipe(args)              # unknown recipe / bad YAML / bad knob: fail before any setup
-    overrides = parse_overrides(args.mfp4_override)
-    bf16_modules = tuple(p for p in args.mfp4_bf16_modules.split(",") if p)
+    overrides = parse_overrides(args.nvfp4_override)
+    bf16_modules = tuple(p for p in args.nvfp4_bf16_modules.split(",") if p)
     tcfg = core_transformer_config_from_args(args, config_class=NVFP4TransformerConfig)
-    tcfg.mfp4_recipe, tcfg.mfp4_overrides, tcfg.mfp4_bf16_modules = args.mfp4_recipe, overrides, bf16_modules
+    tcfg.nvfp4_recipe, tcfg.nvfp4_overrides, tcfg.nvfp4_bf16_modules = args.nvfp4_recipe, overrides, bf16_modules
     model_cfg = gpt_config_from_args(args, config=tcfg)
     model_cfg.transformer_layer_spec = gpt_layer_spec
     if args.use_cpu_initialization and not getattr(args, "use_torch_fsdp2", False):
@@ -283,14 +283,14 @@ def _pipeline_edge(vp_stage: Optional[int]) -> bool:
 
 def ensure_corpus(args) -> None:
     """Build the byte-level corpus for the main job once (global rank 0), everyone else waits."""
-    corpus_dir = getattr(args, "mfp4_corpus_dir", None)
+    corpus_dir = getattr(args, "nvfp4_corpus_dir", None)
     if not corpus_dir:
         return
     import torch.distributed as dist
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         from .data import corpus
-        corpus.ensure(corpus_dir, getattr(args, "mfp4_corpus_src", None))
+        corpus.ensure(corpus_dir, getattr(args, "nvfp4_corpus_src", None))
     if dist.is_initialized():
         dist.barrier()
 
@@ -308,8 +308,8 @@ def gpt_dataset_config(args, tokenizer):
     if args.mock_data and (blend is not None or blend_per_split is not None):
         raise ValueError("--mock-data cannot be combined with --data-path / --*-data-path")
     return GPTDatasetConfig(
-        # the data order: --mfp4-data-seed when given, so runs that differ only in --seed see the same data
-        random_seed=args.seed if getattr(args, "mfp4_data_seed", None) is None else args.mfp4_data_seed,
+        # the data order: --nvfp4-data-seed when given, so runs that differ only in --seed see the same data
+        random_seed=args.seed if getattr(args, "nvfp4_data_seed", None) is None else args.nvfp4_data_seed,
         sequence_length=args.seq_length,
         blend=blend,
         blend_per_split=blend_per_split,
@@ -570,7 +570,7 @@ def write_summary(history: TrainingHistory, args, path: Optional[str], plot: boo
     summary = history.summary()
     if not summary["losses"]:
         return None
-    summary.update(recipe=args.mfp4_recipe, num_layers=args.num_layers, hidden_size=args.hidden_size,
+    summary.update(recipe=args.nvfp4_recipe, num_layers=args.num_layers, hidden_size=args.hidden_size,
                    seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                    global_batch_size=args.global_batch_size,
                    tokens_per_step=args.global_batch_size * args.seq_length,
@@ -594,7 +594,7 @@ def write_summary(history: TrainingHistory, args, path: Optional[str], plot: boo
     try:
         plot = os.path.splitext(path)[0] + ".png"
         _plot({"losses": [l for _, l in summary["losses"]]}, plot,
-              f"GPT {args.num_layers}x{args.hidden_size}, {args.mfp4_recipe}")
+              f"GPT {args.num_layers}x{args.hidden_size}, {args.nvfp4_recipe}")
         summary["plot"] = plot
     except ImportError:                      # matplotlib is optional
         pass
@@ -636,8 +636,8 @@ def prepare_gpu_save_folder(args) -> None:
     if not getattr(args, "save", None):
         return
     from .megatron.checkpoint import check_save_folder, clear_save_folder
-    check_save_folder(args.save, getattr(args, "load", None), args.mfp4_overwrite)
-    if args.mfp4_overwrite and int(os.environ.get("RANK", "0")) == 0:
+    check_save_folder(args.save, getattr(args, "load", None), args.nvfp4_overwrite)
+    if args.nvfp4_overwrite and int(os.environ.get("RANK", "0")) == 0:
         removed = clear_save_folder(args.save)
         if removed:
             print(f"--overwrite: removed {', '.join(removed)} from {args.save}", flush=True)

@@ -74,7 +74,7 @@ class Recipe:
 
     # Per-layer overrides (Megatron integration): the first / last N transformer layers and linears
     # whose canonical name (e.g. "decoder.layers.0.mlp.linear_fc2") matches an fnmatch pattern run in
-    # BF16. Megatron's own --first-last-layers-bf16 flags and --mfp4-bf16-modules add to these.
+    # BF16. Megatron's own --first-last-layers-bf16 flags and --nvfp4-bf16-modules add to these.
     bf16_first_layers: int = 0
     bf16_last_layers: int = 0
     bf16_modules: tuple = ()

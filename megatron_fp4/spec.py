@@ -4,10 +4,10 @@ Builds Megatron's local spec (`get_gpt_layer_local_spec`) with the model's optio
 linear_qkv / linear_proj / linear_fc1 / linear_fc2 for the plugin's Column/Row classes (bound to the
 run's recipe). Embeddings, the LM head, core attention and norms stay BF16. Core attention is
 torch's scaled_dot_product_attention (megatron/attention.py; flash / memory-efficient kernels) unless
-config.mfp4_attention (`--mfp4-attention`) is `megatron` (Megatron's unfused DotProductAttention).
+config.nvfp4_attention (`--nvfp4-attention`) is `megatron` (Megatron's unfused DotProductAttention).
 The layer class becomes NVFP4TransformerLayer, which tags each linear with its global layer number,
 so the first/last-N BF16 layers (Megatron's first_last_layers_bf16 fields) and module-name patterns
-(config.mfp4_bf16_modules) apply at build, along with the recipe's per-TP-rank shape rules.
+(config.nvfp4_bf16_modules) apply at build, along with the recipe's per-TP-rank shape rules.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def gpt_layer_spec(config, vp_stage: Optional[int] = None, recipe=None):
     """A GPT layer spec whose four transformer linears run the configured NVFP4 recipe.
 
     `config`: a TransformerConfig (ideally NVFP4TransformerConfig) or Megatron's GPTModelConfig;
-    the recipe comes from `recipe` or config.mfp4_recipe (+ mfp4_overrides). Returns a
+    the recipe comes from `recipe` or config.nvfp4_recipe (+ nvfp4_overrides). Returns a
     TransformerLayer ModuleSpec, or, when neither apex nor TE provides a block norm (CPU), the full
     TransformerBlockSubmodules with an SP-capable torch norm.
     """

@@ -1,8 +1,8 @@
-"""The plugin's --mfp4-* flags in Megatron's own argument parser, and its start-time checks.
+"""The plugin's --nvfp4-* flags in Megatron's own argument parser, and its start-time checks.
 
 - `megatron.training.arguments.parse_args` looks `add_megatron_arguments` up at call time, so wrapping
   it makes any Megatron entry point (e.g. a Megatron-LM checkout's pretrain_gpt.py) accept the flags.
-  Registered this way `--mfp4-recipe` has no default: without it install() leaves Megatron's stock
+  Registered this way `--nvfp4-recipe` has no default: without it install() leaves Megatron's stock
   layers alone (and refuses the other plugin flags, which would do nothing). The launcher's own parser
   (pretrain_support.add_launcher_args) defaults to quartet2.
 - `parse_and_validate_args` looks `validate_args` up at call time too; the wrapper runs the plugin's
@@ -31,16 +31,16 @@ DEFAULT_RECIPE = "quartet2"      # the launcher's; install() in a Megatron-LM ch
 def add_plugin_args(parser: argparse.ArgumentParser, default_recipe: Optional[str] = DEFAULT_RECIPE
                     ) -> argparse.ArgumentParser:
     g = parser.add_argument_group("megatron_fp4")
-    g.add_argument("--mfp4-recipe", default=default_recipe,
+    g.add_argument("--nvfp4-recipe", default=default_recipe,
                    help="NVFP4 recipe: built-in name (" + ", ".join(_recipe_names()) + ") or YAML path"
                         + (f" (default {default_recipe})" if default_recipe else
                            " (required for the plugin; it installs the plugin spec)"))
-    g.add_argument("--mfp4-override", action="append", default=[], metavar="KEY=VALUE",
+    g.add_argument("--nvfp4-override", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe knob (repeatable); VALUE is parsed as YAML")
-    g.add_argument("--mfp4-bf16-modules", default="",
+    g.add_argument("--nvfp4-bf16-modules", default="",
                    help="comma-separated fnmatch patterns of linears kept in BF16, e.g. "
                         "'decoder.layers.0.*,*.linear_fc2' (each must match a linear)")
-    g.add_argument("--mfp4-attention", choices=("sdpa", "megatron"), default="sdpa",
+    g.add_argument("--nvfp4-attention", choices=("sdpa", "megatron"), default="sdpa",
                    help="core attention of the plugin spec: sdpa (torch scaled_dot_product_attention: flash / "
                         "memory-efficient kernels, default) or megatron (Megatron's unfused DotProductAttention)")
     g.add_argument(DEBUG_FLAG, action="store_true",
@@ -62,8 +62,8 @@ def _on_command_line(flag: str) -> bool:
 
 
 def _launcher(args) -> bool:
-    """Parsed with the launcher's flags (pretrain_support.add_launcher_args adds --mfp4-corpus-dir)."""
-    return hasattr(args, "mfp4_corpus_dir")
+    """Parsed with the launcher's flags (pretrain_support.add_launcher_args adds --nvfp4-corpus-dir)."""
+    return hasattr(args, "nvfp4_corpus_dir")
 
 
 def prepare_args(args):
@@ -74,18 +74,18 @@ def prepare_args(args):
 
     launcher = _launcher(args)
     spec = list(args.spec) if getattr(args, "spec", None) else None
-    if launcher and not args.mfp4_recipe:
-        args.mfp4_recipe = DEFAULT_RECIPE
-    if not args.mfp4_recipe:
-        stray = [f for f, v in (("--mfp4-override", args.mfp4_override), ("--mfp4-bf16-modules", args.mfp4_bf16_modules))
+    if launcher and not args.nvfp4_recipe:
+        args.nvfp4_recipe = DEFAULT_RECIPE
+    if not args.nvfp4_recipe:
+        stray = [f for f, v in (("--nvfp4-override", args.nvfp4_override), ("--nvfp4-bf16-modules", args.nvfp4_bf16_modules))
                  if v]
-        if _on_command_line("--mfp4-attention"):
-            stray.append("--mfp4-attention")
+        if _on_command_line("--nvfp4-attention"):
+            stray.append("--nvfp4-attention")
         if spec == PLUGIN_SPEC:
             stray.append("--spec megatron_fp4.spec gpt_layer_spec")
         if stray:
-            raise UsageError(f"{stray[0]} needs --mfp4-recipe NAME|PATH (without a recipe Megatron's stock layers "
-                             "run and it would do nothing); add e.g. --mfp4-recipe quartet2")
+            raise UsageError(f"{stray[0]} needs --nvfp4-recipe NAME|PATH (without a recipe Megatron's stock layers "
+                             "run and it would do nothing); add e.g. --nvfp4-recipe quartet2")
         return None
     notes = []
     if launcher:
@@ -97,7 +97,7 @@ def prepare_args(args):
             args.spec = list(PLUGIN_SPEC)
             notes.append("--spec megatron_fp4.spec gpt_layer_spec set by install()")
         elif spec != PLUGIN_SPEC:
-            raise UsageError(f"--spec {' '.join(spec)}: with --mfp4-recipe the linears must come from the plugin "
+            raise UsageError(f"--spec {' '.join(spec)}: with --nvfp4-recipe the linears must come from the plugin "
                              "spec, or they would not run the recipe; drop --spec (install() sets it) or pass "
                              "--spec megatron_fp4.spec gpt_layer_spec")
         if getattr(args, "transformer_impl", "local") != "local" and not _on_command_line("--transformer-impl"):
@@ -105,10 +105,10 @@ def prepare_args(args):
             args.transformer_impl = "local"
     world = getattr(args, "world_size", None) or int(os.environ.get("WORLD_SIZE", "1"))
     plan = validate_run(args, world)
-    check_data_paths(args, skip_under=getattr(args, "mfp4_corpus_dir", None))
-    if launcher and getattr(args, "mfp4_corpus_dir", None):
+    check_data_paths(args, skip_under=getattr(args, "nvfp4_corpus_dir", None))
+    if launcher and getattr(args, "nvfp4_corpus_dir", None):
         from megatron_fp4.data.corpus import check_source
-        check_source(getattr(args, "mfp4_corpus_src", None))
+        check_source(getattr(args, "nvfp4_corpus_src", None))
     return plan, notes
 
 
@@ -121,8 +121,10 @@ def apply() -> None:
     original = arguments.add_megatron_arguments
 
     def add_megatron_arguments(parser, *args, **kwargs):
+        from megatron_fp4.megatron.validate import check_renamed_flags
+        check_renamed_flags(sys.argv[1:])     # Megatron's parse_args reads sys.argv
         parser = original(parser, *args, **kwargs)
-        if not any(a.dest == "mfp4_recipe" for a in parser._actions):
+        if not any(a.dest == "nvfp4_recipe" for a in parser._actions):
             add_plugin_args(parser, default_recipe=None)
         return parser
 
@@ -132,7 +134,7 @@ def apply() -> None:
     original_validate = arguments.validate_args
 
     def validate_args(args, *more, **kwargs):
-        prepared = prepare_args(args) if hasattr(args, "mfp4_recipe") else None
+        prepared = prepare_args(args) if hasattr(args, "nvfp4_recipe") else None
         result = original_validate(args, *more, **kwargs)
         if prepared is not None:
             from megatron_fp4.errors import reporting_rank

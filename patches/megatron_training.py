@@ -9,8 +9,8 @@
   OsciReset state (update counter, in-window buffers) into the checkpoint's `iter_XXXXXXX` directory;
   after a resume it is read back, so a run resumed mid-window continues as the uninterrupted run
   would. (OutControl's state is in the model's state dict already.)
-- With `--mfp4-perturb-init EPS` the same hook scales the initial weight matrices by (1 + EPS); with
-  `--mfp4-dump-grads PATH` it wraps the first optimizer step to write the reduced
+- With `--nvfp4-perturb-init EPS` the same hook scales the initial weight matrices by (1 + EPS); with
+  `--nvfp4-dump-grads PATH` it wraps the first optimizer step to write the reduced
   gradients at the TP=1 layout (megatron_fp4/megatron/diagnostics.py).
 - `megatron.core.datasets.utils.compile_helpers` runs `make` in the package directory; the PyPI wheel
   ships the compiled `helpers_cpp` but no Makefile, so `initialize_megatron` would exit. The wrapper
@@ -31,12 +31,12 @@ def _install_after_setup(model, optimizer) -> None:
         train_iters = args.train_samples // args.global_batch_size
     iteration = int(getattr(args, "iteration", 0) or 0)
     hooks = install_stabilizers(optimizer, model, int(train_iters or 0), iteration)
-    if getattr(args, "mfp4_perturb_init", 0.0):
+    if getattr(args, "nvfp4_perturb_init", 0.0):
         from megatron_fp4.megatron.diagnostics import perturb_initial_weights
-        perturb_initial_weights(model, optimizer, args.mfp4_perturb_init)
-    if getattr(args, "mfp4_dump_grads", None):
+        perturb_initial_weights(model, optimizer, args.nvfp4_perturb_init)
+    if getattr(args, "nvfp4_dump_grads", None):
         from megatron_fp4.megatron.diagnostics import install_first_step_grad_dump
-        install_first_step_grad_dump(optimizer, model, args.mfp4_dump_grads, bool(args.swiglu))
+        install_first_step_grad_dump(optimizer, model, args.nvfp4_dump_grads, bool(args.swiglu))
     if hooks is not None and iteration > 0 and getattr(args, "load", None):
         from megatron_fp4.megatron.optimizer_hooks import load_oscireset_state
         load_oscireset_state(optimizer, _iteration_dir(args.load, iteration), iteration)

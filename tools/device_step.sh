@@ -19,11 +19,11 @@ FLAGS=(--num-layers 20 --hidden-size 2048 --ffn-hidden-size 5632 --num-attention
   --log-interval 5 --eval-iters 0 --eval-interval 100000 --seed 1234)
 for setting in $SETTINGS; do
   for r in $RECIPES; do
-    extra=(--mfp4-attention "${setting%%+*}")
+    extra=(--nvfp4-attention "${setting%%+*}")
     case "$setting" in *+graphs) extra+=(--cuda-graph-impl local --no-check-for-nan-in-loss-and-grad);; esac
     name="${setting//+/_}-$r"
-    timeout ${RUN_TIMEOUT:-150} $PY -m megatron_fp4.pretrain_gpt "${FLAGS[@]}" "${extra[@]}" --mfp4-recipe "$r" \
-      --mfp4-summary "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+    timeout ${RUN_TIMEOUT:-150} $PY -m megatron_fp4.pretrain_gpt "${FLAGS[@]}" "${extra[@]}" --nvfp4-recipe "$r" \
+      --nvfp4-summary "$OUT/$name.json" > "$OUT/$name.log" 2>&1
     echo "$name exit $?"; grep -E "Error|error:|Traceback" "$OUT/$name.log" | head -3
   done
 done

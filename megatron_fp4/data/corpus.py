@@ -40,7 +40,7 @@ VOCAB_SIZE = 256
 SUFFIXES = (".py", ".txt", ".rst", ".md")
 MANIFEST = "corpus.json"
 FORMAT = 1
-SOURCE_FLAG = "--mfp4-corpus-src"     # the launcher's flag for the source directory
+SOURCE_FLAG = "--nvfp4-corpus-src"     # the launcher's flag for the source directory
 # The campaign corpus: real code and documentation that every machine with the same Python packages
 # has (this one, a GPU machine: the stdlib plus the installed packages, torch, triton, megatron-core,
 # numpy, ...), no network needed: sources, type stubs, docs, C/C++/CUDA sources and headers.
@@ -167,7 +167,7 @@ def _dedupe(files: list, keys: dict) -> list:
     return kept
 
 
-def build(src: Sources = None, out: str = "mfp4_corpus", valid_fraction: float = 0.02,
+def build(src: Sources = None, out: str = "nvfp4_corpus", valid_fraction: float = 0.02,
           suffixes: Iterable[str] = SUFFIXES, max_file_bytes: int = 1 << 20, source_flag: str = SOURCE_FLAG,
           patterns: Optional[Sequence[str]] = None, tokenizer_vocab: Optional[int] = None, dedupe: bool = False,
           log=print) -> dict:
@@ -281,7 +281,7 @@ def main(argv=None):
     from ..errors import run_reporting_user_errors
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--src", nargs="+", default=None, help="directories of text files (default: Python stdlib)")
-    p.add_argument("--out", default="mfp4_corpus")
+    p.add_argument("--out", default="nvfp4_corpus")
     p.add_argument("--valid-fraction", type=float, default=0.02)
     p.add_argument("--patterns", nargs="+", default=None, help="fnmatch patterns of file names (default: suffixes "
                    + " ".join(SUFFIXES) + ")")

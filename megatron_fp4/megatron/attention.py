@@ -1,4 +1,4 @@
-"""Core attention on torch's scaled_dot_product_attention, for the plugin spec (`--mfp4-attention`).
+"""Core attention on torch's scaled_dot_product_attention, for the plugin spec (`--nvfp4-attention`).
 
 Megatron's local spec computes core attention with `DotProductAttention`, which materialises the
 [b, np, sq, sk] scores and probabilities. `SDPAttention` has the same constructor and forward
@@ -15,7 +15,7 @@ tensor-parallel rank only) and the same semantics, computed by
   masked gets the plain mean of the values: reproduced here (torch would give 0 or NaN), without
   dropout on such rows. A mask rules out the flash kernel (the memory-efficient one takes it), so the
   launcher drops the dataloader's redundant causal mask (`--no-create-attention-mask-in-dataloader`
-  unless --reset-attention-mask or --mfp4-attention megatron).
+  unless --reset-attention-mask or --nvfp4-attention megatron).
 - scale: `softmax_scale` (config.softmax_scale) or 1/sqrt(head_dim). apply_query_key_layer_scaling
   divides the scores by the layer number before the FP32 softmax and multiplies them back inside
   it, so the softmax sees the same scale; SDPA applies it once.
@@ -60,16 +60,16 @@ _logged: set = set()
 
 
 def attention_choice(config) -> str:
-    """The run's core attention: config.mfp4_attention, else (a plain TransformerConfig from a stock
-    Megatron entry point with install()) the --mfp4-attention flag, else `sdpa`."""
-    choice = getattr(config, "mfp4_attention", None)
+    """The run's core attention: config.nvfp4_attention, else (a plain TransformerConfig from a stock
+    Megatron entry point with install()) the --nvfp4-attention flag, else `sdpa`."""
+    choice = getattr(config, "nvfp4_attention", None)
     if choice is None:
         args = _megatron_args()
-        choice = getattr(args, "mfp4_attention", None) if args is not None else None
+        choice = getattr(args, "nvfp4_attention", None) if args is not None else None
     choice = DEFAULT_ATTENTION if choice is None else choice
     if choice not in ATTENTION_CHOICES:
         raise UnsupportedConfigError(
-            f"mfp4_attention {choice!r} (--mfp4-attention): choose one of {', '.join(ATTENTION_CHOICES)} "
+            f"nvfp4_attention {choice!r} (--nvfp4-attention): choose one of {', '.join(ATTENTION_CHOICES)} "
             "(sdpa: torch scaled_dot_product_attention; megatron: Megatron's unfused DotProductAttention)")
     return choice
 
@@ -98,7 +98,7 @@ def build_core_attention(config, layer_number: int, attn_mask_type: AttnMaskType
         if reason not in _logged:
             _logged.add(reason)
             log.warning("megatron_fp4: %s is not implemented by the sdpa core attention; layers that use it "
-                        "run Megatron's unfused DotProductAttention (--mfp4-attention megatron silences this)",
+                        "run Megatron's unfused DotProductAttention (--nvfp4-attention megatron silences this)",
                         reason)
         return DotProductAttention(**kwargs)
     return SDPAttention(**kwargs)
@@ -123,7 +123,7 @@ class SDPAttention(MegatronModule):
             raise UnsupportedConfigError(
                 f"SDPAttention: {reason} is not implemented; build core attention with "
                 "megatron_fp4.megatron.attention.build_core_attention (falls back to DotProductAttention) "
-                "or pass --mfp4-attention megatron")
+                "or pass --nvfp4-attention megatron")
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type

@@ -5,8 +5,8 @@ Layout (that of megatron.training's `torch_dist` checkpoints):
     <save>/latest_checkpointed_iteration.txt     the newest complete checkpoint's iteration
     <save>/iter_XXXXXXX/                         megatron-core dist_checkpointing files of
         {"model" (or "model0", "model1", ... with virtual stages), "optimizer", "opt_param_scheduler",
-         "iteration", "checkpoint_version", "args", "rng_state", "mfp4_run", "mfp4_history"}
-        and each rank's OsciReset state (mfp4_oscireset_rankNNNNN.pt, optimizer_hooks.py)
+         "iteration", "checkpoint_version", "args", "rng_state", "nvfp4_run", "nvfp4_history"}
+        and each rank's OsciReset state (nvfp4_oscireset_rankNNNNN.pt, optimizer_hooks.py)
 
 The model and optimizer go in as their sharded state dicts (Megatron's metadata: `dp_reshardable`
 distributed-optimizer state), the scheduler, iteration and run description as common state, the random
@@ -21,7 +21,7 @@ tracker file (written to a temporary name, flushed, `os.replace`d). A kill at an
 previous checkpoint and the tracker naming it untouched; leftovers are removed at the next start.
 
 `MEGATRON_FP4_TEST_SAVE_PAUSE=ITERATION:STAGE` (tests only; stages partial, written, renamed, tracked)
-makes rank 0 print `mfp4 test: save stage STAGE (iteration N)` and wait there, so that a test can
+makes rank 0 print `nvfp4 test: save stage STAGE (iteration N)` and wait there, so that a test can
 kill the run at a known point of a save.
 """
 from __future__ import annotations
@@ -227,7 +227,7 @@ def _history_object(history: dict):
     """This rank's run history (losses, validation points, stabilizer events), one object per rank."""
     import torch.distributed as dist
     from megatron.core.dist_checkpointing.mapping import ShardedObject
-    return ShardedObject("mfp4_history", history, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+    return ShardedObject("nvfp4_history", history, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
 def _state_dict(chunks, optimizer, scheduler, iteration: int, run: dict, history: dict, metadata: dict,
@@ -237,9 +237,9 @@ def _state_dict(chunks, optimizer, scheduler, iteration: int, run: dict, history
     from megatron.core.utils import unwrap_model
     models = unwrap_model(list(chunks))
     state = {"checkpoint_version": 3.0, "iteration": iteration,
-             "args": argparse.Namespace(**run["args"]), "mfp4_run": run,
+             "args": argparse.Namespace(**run["args"]), "nvfp4_run": run,
              "opt_param_scheduler": scheduler.state_dict(), "rng_state": _rng_state(),
-             "mfp4_history": _history_object(history)}
+             "nvfp4_history": _history_object(history)}
     for i, model in enumerate(models):
         state["model" if len(models) == 1 else f"model{i}"] = model.sharded_state_dict(metadata=metadata)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
@@ -256,7 +256,7 @@ def _pause(stage: str, iteration: int) -> None:
         return
     import torch.distributed as dist
     if dist.get_rank() == 0:
-        print(f"mfp4 test: save stage {stage} (iteration {iteration})", flush=True)
+        print(f"nvfp4 test: save stage {stage} (iteration {iteration})", flush=True)
         time.sleep(600)
 
 
@@ -379,16 +379,16 @@ def load(root: str, chunks, optimizer, scheduler, settings: dict, use_distribute
         return None
     directory = iteration_dir(root, iteration)
     common = dist_checkpointing.load_common_state_dict(directory)
-    if "mfp4_run" not in common:
+    if "nvfp4_run" not in common:
         raise CheckpointError(f"--load {root}: {directory} is not a checkpoint of this launcher's CPU route "
-                              "(no mfp4_run entry); start fresh with --overwrite or another --save folder")
-    check_compatible(common["mfp4_run"]["settings"], settings, directory)
+                              "(no nvfp4_run entry); start fresh with --overwrite or another --save folder")
+    check_compatible(common["nvfp4_run"]["settings"], settings, directory)
     metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
     metadata = dict(_sharding_metadata(use_distributed_optimizer), **metadata)
     metadata["dp_cp_group"] = _sharding_metadata(use_distributed_optimizer)["dp_cp_group"]
     with torch.no_grad():
         _allocate_optimizer_state(optimizer)
-    sharded = _state_dict(chunks, optimizer, scheduler, iteration, common["mfp4_run"], {}, metadata,
+    sharded = _state_dict(chunks, optimizer, scheduler, iteration, common["nvfp4_run"], {}, metadata,
                           is_loading=True)
     state = dist_checkpointing.load(sharded, directory)
     models = unwrap_model(list(chunks))
@@ -400,4 +400,4 @@ def load(root: str, chunks, optimizer, scheduler, settings: dict, use_distribute
     scheduler.load_state_dict(state["opt_param_scheduler"])
     _restore_rng(state["rng_state"])
     load_oscireset_state(optimizer, directory, iteration)
-    return Resumed(iteration, directory, common["mfp4_run"], state["mfp4_history"])
+    return Resumed(iteration, directory, common["nvfp4_run"], state["nvfp4_history"])

@@ -20,40 +20,40 @@ class UnsupportedConfigError(UsageError):
 
 @dataclass
 class NVFP4TransformerConfig(TransformerConfig):
-    """TransformerConfig plus the plugin's knobs (filled from --mfp4-* flags by the launcher).
+    """TransformerConfig plus the plugin's knobs (filled from --nvfp4-* flags by the launcher).
 
-    mfp4_recipe: built-in recipe name or YAML path (or a Recipe object).
-    mfp4_overrides: recipe knob overrides, e.g. {"eden_group": 16}.
-    mfp4_bf16_modules: fnmatch patterns of linears kept in BF16, matched against canonical names
+    nvfp4_recipe: built-in recipe name or YAML path (or a Recipe object).
+    nvfp4_overrides: recipe knob overrides, e.g. {"eden_group": 16}.
+    nvfp4_bf16_modules: fnmatch patterns of linears kept in BF16, matched against canonical names
         `decoder.layers.<global 0-based layer>.<self_attention.linear_qkv|...|mlp.linear_fc2>`.
     Megatron's own first_last_layers_bf16 / num_layers_at_{start,end}_in_bf16 are honoured too.
-    mfp4_attention: core attention of the plugin spec, `sdpa` (torch scaled_dot_product_attention,
+    nvfp4_attention: core attention of the plugin spec, `sdpa` (torch scaled_dot_product_attention,
         the default) or `megatron` (Megatron's unfused DotProductAttention); megatron/attention.py.
     """
 
-    mfp4_recipe: Optional[Any] = None
-    mfp4_overrides: dict = field(default_factory=dict)
-    mfp4_bf16_modules: Sequence[str] = ()
-    mfp4_attention: str = "sdpa"
+    nvfp4_recipe: Optional[Any] = None
+    nvfp4_overrides: dict = field(default_factory=dict)
+    nvfp4_bf16_modules: Sequence[str] = ()
+    nvfp4_attention: str = "sdpa"
 
 
 _cache: dict = {}
 
 
 def resolve_recipe(config, recipe: Union[None, str, Recipe] = None) -> Recipe:
-    """The recipe for a layer: the explicit argument, else config.mfp4_recipe (+ mfp4_overrides)."""
-    overrides = dict(getattr(config, "mfp4_overrides", None) or {})
+    """The recipe for a layer: the explicit argument, else config.nvfp4_recipe (+ nvfp4_overrides)."""
+    overrides = dict(getattr(config, "nvfp4_overrides", None) or {})
     if recipe is None:
-        recipe = getattr(config, "mfp4_recipe", None)
+        recipe = getattr(config, "nvfp4_recipe", None)
     if recipe is None:
-        # a stock Megatron entry point (install() registered --mfp4-* flags): plain TransformerConfig
+        # a stock Megatron entry point (install() registered --nvfp4-* flags): plain TransformerConfig
         args = _megatron_args()
-        if args is not None and getattr(args, "mfp4_recipe", None):
-            recipe = args.mfp4_recipe
-            overrides = parse_overrides(getattr(args, "mfp4_override", None))
+        if args is not None and getattr(args, "nvfp4_recipe", None):
+            recipe = args.nvfp4_recipe
+            overrides = parse_overrides(getattr(args, "nvfp4_override", None))
     if recipe is None:
-        raise RecipeError("no NVFP4 recipe configured: pass recipe=... or set config.mfp4_recipe "
-                          "(--mfp4-recipe NAME|PATH)")
+        raise RecipeError("no NVFP4 recipe configured: pass recipe=... or set config.nvfp4_recipe "
+                          "(--nvfp4-recipe NAME|PATH)")
     if isinstance(recipe, Recipe):
         return recipe
     cache_key = (str(recipe), tuple(sorted((k, repr(v)) for k, v in overrides.items())))
@@ -63,21 +63,21 @@ def resolve_recipe(config, recipe: Union[None, str, Recipe] = None) -> Recipe:
 
 
 def parse_overrides(items) -> dict:
-    """--mfp4-override KEY=VALUE items (VALUE parsed as YAML) as a dict; errors name the item."""
+    """--nvfp4-override KEY=VALUE items (VALUE parsed as YAML) as a dict; errors name the item."""
     import yaml
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise UsageError(f"--mfp4-override expects KEY=VALUE, got {item!r} (e.g. --mfp4-override eden_group=16)")
+            raise UsageError(f"--nvfp4-override expects KEY=VALUE, got {item!r} (e.g. --nvfp4-override eden_group=16)")
         key, value = item.split("=", 1)
         key = key.strip()
         if not key:
-            raise UsageError(f"--mfp4-override: empty key in {item!r} (e.g. --mfp4-override eden_group=16)")
+            raise UsageError(f"--nvfp4-override: empty key in {item!r} (e.g. --nvfp4-override eden_group=16)")
         try:
             out[key] = yaml.safe_load(value)
         except yaml.YAMLError as err:
             problem = getattr(err, "problem", None) or type(err).__name__
-            raise UsageError(f"--mfp4-override {item!r}: VALUE is not valid YAML ({problem}); write a number, "
+            raise UsageError(f"--nvfp4-override {item!r}: VALUE is not valid YAML ({problem}); write a number, "
                              f"true/false, a list like [a, b], or quote text: {key}='...'") from None
     return out
 
@@ -106,7 +106,7 @@ def check_supported(config, *, is_expert: bool = False) -> None:
                         "a megatron_fp4 recipe; drop --fp8-format")
     if getattr(config, "fp4", None):
         problems.append(f"--fp4-format {config.fp4}: Transformer Engine FP4 cannot be combined with "
-                        "a megatron_fp4 recipe; drop --fp4-format (use --mfp4-recipe only)")
+                        "a megatron_fp4 recipe; drop --fp4-format (use --nvfp4-recipe only)")
     for flag, attr in (("--fp8-param-gather", "fp8_param"), ("--fp4-param-gather", "fp4_param")):
         if getattr(config, attr, False):
             problems.append(f"{flag}: quantized parameter all-gather is not supported; drop it")
@@ -133,9 +133,9 @@ def check_supported_args(args) -> None:
         problems.append(f"--num-experts {args.num_experts}: MoE experts are not supported by megatron_fp4 v1; "
                         "drop it (dense GPT only)")
     if getattr(args, "fp8", None):
-        problems.append(f"--fp8-format {args.fp8} cannot be combined with --mfp4-recipe; drop --fp8-format")
+        problems.append(f"--fp8-format {args.fp8} cannot be combined with --nvfp4-recipe; drop --fp8-format")
     if getattr(args, "fp4", None):
-        problems.append(f"--fp4-format {args.fp4} cannot be combined with --mfp4-recipe; drop --fp4-format")
+        problems.append(f"--fp4-format {args.fp4} cannot be combined with --nvfp4-recipe; drop --fp4-format")
     if getattr(args, "fp8_param_gather", False) or getattr(args, "fp4_param_gather", False):
         problems.append("--fp8-param-gather / --fp4-param-gather are not supported; drop them")
     if getattr(args, "delay_wgrad_compute", False):
@@ -161,7 +161,7 @@ def layer_in_bf16(config, layer_number: int) -> bool:
 
 
 def split_patterns(patterns) -> tuple:
-    """--mfp4-bf16-modules text (comma-separated) or a sequence of fnmatch patterns, as a tuple."""
+    """--nvfp4-bf16-modules text (comma-separated) or a sequence of fnmatch patterns, as a tuple."""
     if not patterns:
         return ()
     if isinstance(patterns, str):
@@ -170,13 +170,13 @@ def split_patterns(patterns) -> tuple:
 
 
 def bf16_module_patterns(config) -> tuple:
-    """config.mfp4_bf16_modules, or, for a plain TransformerConfig built by a stock Megatron entry
-    point (install()), the --mfp4-bf16-modules flag from Megatron's global args."""
-    if hasattr(config, "mfp4_bf16_modules"):
-        return split_patterns(config.mfp4_bf16_modules)
+    """config.nvfp4_bf16_modules, or, for a plain TransformerConfig built by a stock Megatron entry
+    point (install()), the --nvfp4-bf16-modules flag from Megatron's global args."""
+    if hasattr(config, "nvfp4_bf16_modules"):
+        return split_patterns(config.nvfp4_bf16_modules)
     args = _megatron_args()
-    if args is not None and getattr(args, "mfp4_recipe", None):
-        return split_patterns(getattr(args, "mfp4_bf16_modules", None))
+    if args is not None and getattr(args, "nvfp4_recipe", None):
+        return split_patterns(getattr(args, "nvfp4_bf16_modules", None))
     return ()
 
 

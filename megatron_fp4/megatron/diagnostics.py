@@ -1,4 +1,4 @@
-"""Measurements for multi-rank runs (the launcher's `--mfp4-count-collectives`, `--mfp4-dump-grads`).
+"""Measurements for multi-rank runs (the launcher's `--nvfp4-count-collectives`, `--nvfp4-dump-grads`).
 
 - `CollectiveCounter`: the bytes every torch.distributed collective moves on this rank, counted at the
   call and labelled by the role of its process group (tp / dp / pp / ...) and the training iteration.
@@ -147,7 +147,7 @@ class CollectiveCounter:
             return original(*args, **kwargs)
 
         counted.__wrapped__ = original
-        counted._mfp4_counted = True
+        counted._nvfp4_counted = True
         return counted
 
     def install(self) -> "CollectiveCounter":
@@ -157,7 +157,7 @@ class CollectiveCounter:
         wrapped = {}
         for name in _COUNTED:
             original = getattr(dist, name, None)
-            if original is None or getattr(original, "_mfp4_counted", False):
+            if original is None or getattr(original, "_nvfp4_counted", False):
                 continue
             wrapped[original] = self._wrap(name, original)
             self._originals.append((dist, name, original))
@@ -273,11 +273,11 @@ def install_first_step_grad_dump(optimizer, model_chunks, path: str, gated_linea
     distributed optimizer with DP > 1 (it leaves each DP rank only its shard of the reduced grads)."""
     from megatron.core import parallel_state as ps
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        raise ValueError("--mfp4-dump-grads needs --pipeline-model-parallel-size 1 "
+        raise ValueError("--nvfp4-dump-grads needs --pipeline-model-parallel-size 1 "
                          "(parameter names are local to a pipeline stage)")
     sharded = any(getattr(getattr(c, "ddp_config", None), "use_distributed_optimizer", False) for c in model_chunks)
     if sharded and ps.get_data_parallel_world_size() > 1:
-        raise ValueError("--mfp4-dump-grads cannot be used with --use-distributed-optimizer at data-parallel "
+        raise ValueError("--nvfp4-dump-grads cannot be used with --use-distributed-optimizer at data-parallel "
                          "size > 1 (each rank keeps only its shard of the reduced gradients)")
     original_step = optimizer.step
 
@@ -299,8 +299,8 @@ def install_first_step_grad_dump(optimizer, model_chunks, path: str, gated_linea
 def stream_keys(model_chunks) -> dict:
     """{plugin layer name: the random-stream key of its last call}: a pure function of (seed, iteration,
     layer, name, call, DP rank), so equal at every TP size when the randomness ignores the split."""
-    return {getattr(m, "mfp4_name", n): int(m.mfp4_last_key) for c in model_chunks for n, m in c.named_modules()
-            if getattr(m, "mfp4_last_key", None) is not None}
+    return {getattr(m, "nvfp4_name", n): int(m.nvfp4_last_key) for c in model_chunks for n, m in c.named_modules()
+            if getattr(m, "nvfp4_last_key", None) is not None}
 
 
 def perturb_initial_weights(model_chunks, optimizer, eps: float) -> int:
@@ -308,12 +308,12 @@ def perturb_initial_weights(model_chunks, optimizer, eps: float) -> int:
     FP32 parameters without a distributed optimizer only: there the optimizer steps the parameters
     themselves, so nothing else holds a copy to keep in sync."""
     if not math.isfinite(eps) or abs(eps) >= 1:
-        raise ValueError(f"--mfp4-perturb-init must be a small finite number, got {eps}")
+        raise ValueError(f"--nvfp4-perturb-init must be a small finite number, got {eps}")
     params = [p for c in model_chunks for p in c.parameters()]
     if any(p.dtype != torch.float32 for p in params):
-        raise ValueError("--mfp4-perturb-init needs FP32 parameters (the BF16 optimizer keeps separate FP32 masters)")
+        raise ValueError("--nvfp4-perturb-init needs FP32 parameters (the BF16 optimizer keeps separate FP32 masters)")
     if any(getattr(getattr(c, "ddp_config", None), "use_distributed_optimizer", False) for c in model_chunks):
-        raise ValueError("--mfp4-perturb-init cannot be used with --use-distributed-optimizer")
+        raise ValueError("--nvfp4-perturb-init cannot be used with --use-distributed-optimizer")
     n = 0
     with torch.no_grad():
         for p in params:

@@ -33,7 +33,7 @@ class GPTSettings:
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False     # reduce each gradient bucket as soon as it is complete
     recipe: str = "quartet2"
-    attention: str = "sdpa"              # core attention: sdpa | megatron (--mfp4-attention)
+    attention: str = "sdpa"              # core attention: sdpa | megatron (--nvfp4-attention)
     recipe_overrides: dict = field(default_factory=dict)
     bf16_modules: tuple = ()
     first_last_layers_bf16: bool = False
@@ -73,8 +73,8 @@ def transformer_config(s: GPTSettings):
         recompute_granularity="full" if s.recompute else None,
         recompute_method="uniform" if s.recompute else None,
         recompute_num_layers=1 if s.recompute else None,
-        init_method_std=0.02, mfp4_recipe=s.recipe, mfp4_overrides=dict(s.recipe_overrides),
-        mfp4_bf16_modules=tuple(s.bf16_modules), mfp4_attention=s.attention)
+        init_method_std=0.02, nvfp4_recipe=s.recipe, nvfp4_overrides=dict(s.recipe_overrides),
+        nvfp4_bf16_modules=tuple(s.bf16_modules), nvfp4_attention=s.attention)
 
 
 def initialize_parallel(s: GPTSettings):
@@ -277,5 +277,5 @@ def setup_stabilizers(s: GPTSettings, chunks, optimizer, iteration: int = 0):
 
 def outcontrol_stats(chunks) -> dict:
     """Per-layer OutControl selections made so far (outlier count, share of the recorded input norm)."""
-    return {getattr(m, "mfp4_name", n): m.mfp4_outcontrol_stats for c in chunks for n, m in c.named_modules()
-            if getattr(m, "mfp4_outcontrol_stats", None) is not None}
+    return {getattr(m, "nvfp4_name", n): m.nvfp4_outcontrol_stats for c in chunks for n, m in c.named_modules()
+            if getattr(m, "nvfp4_outcontrol_stats", None) is not None}

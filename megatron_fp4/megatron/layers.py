@@ -172,83 +172,83 @@ _fallback_ids = itertools.count()
 class _NVFP4LinearMixin:
     """Shared by the column and row classes: identity (layer number, name), keys, refusals."""
 
-    _mfp4_kind = ""
+    _nvfp4_kind = ""
 
-    def _mfp4_init(self, recipe, is_expert: bool):
+    def _nvfp4_init(self, recipe, is_expert: bool):
         check_supported(self.config, is_expert=is_expert)
-        self.mfp4_recipe: Recipe = resolve_recipe(self.config, recipe)
+        self.nvfp4_recipe: Recipe = resolve_recipe(self.config, recipe)
         # identity: set by NVFP4TransformerLayer (or tag_model) after build; a construction-order id
         # stands in for layer modules built outside a plugin TransformerLayer
         fallback = next(_fallback_ids)
-        self.mfp4_layer_number = 0
-        self.mfp4_name = f"{self._mfp4_kind}_{fallback}"
-        self.mfp4_bf16 = not self.mfp4_recipe.quantized
-        self._mfp4_checked = False
-        self._mfp4_iteration = -1
-        self._mfp4_calls = 0
-        self._mfp4_pending = deque()   # keys of checkpointed (no-grad) forwards, for recompute
-        self._mfp4_recomputing = False
-        self.mfp4_last_key = None
-        if self.mfp4_recipe.outcontrol:
-            self._mfp4_init_outcontrol()
+        self.nvfp4_layer_number = 0
+        self.nvfp4_name = f"{self._nvfp4_kind}_{fallback}"
+        self.nvfp4_bf16 = not self.nvfp4_recipe.quantized
+        self._nvfp4_checked = False
+        self._nvfp4_iteration = -1
+        self._nvfp4_calls = 0
+        self._nvfp4_pending = deque()   # keys of checkpointed (no-grad) forwards, for recompute
+        self._nvfp4_recomputing = False
+        self.nvfp4_last_key = None
+        if self.nvfp4_recipe.outcontrol:
+            self._nvfp4_init_outcontrol()
 
     # -- OutControl (optimizer-hooks.md §2) ------------------------------------------------------------
-    def _mfp4_init_outcontrol(self):
+    def _nvfp4_init_outcontrol(self):
         """Persistent, replicated state (it travels in checkpoints outside the TP axis map, so a resumed
         run continues exactly): the recorded full-K sums of per-micro-batch column norms (already
         summed over DP and, for row-parallel layers, gathered over TP at every recorded micro-batch),
         how many iterations were recorded and the last one, the frozen outlier mask and whether it
         was selected."""
         device = self.weight.device
-        self.register_buffer("mfp4_outlier_mask", torch.zeros(self.input_size, dtype=torch.bool, device=device))
-        self.register_buffer("mfp4_outliers_selected", torch.zeros(1, dtype=torch.uint8, device=device))
-        self.register_buffer("mfp4_norm_sums", torch.zeros(self.input_size, dtype=torch.float32, device=device))
+        self.register_buffer("nvfp4_outlier_mask", torch.zeros(self.input_size, dtype=torch.bool, device=device))
+        self.register_buffer("nvfp4_outliers_selected", torch.zeros(1, dtype=torch.uint8, device=device))
+        self.register_buffer("nvfp4_norm_sums", torch.zeros(self.input_size, dtype=torch.float32, device=device))
         # [iterations recorded, last recorded iteration + 1 (0: none), micro-batches recorded]
-        self.register_buffer("mfp4_record_state", torch.zeros(3, dtype=torch.int64, device=device))
-        self._mfp4_split_cache = (None, None)
-        self._mfp4_selected_flag = False     # host copy of the buffer, so forwards need no device sync
-        self._mfp4_record_host = None        # host copy of mfp4_record_state
-        self.mfp4_outcontrol_stats: Optional[dict] = None
-        self.register_load_state_dict_post_hook(lambda module, keys: module._mfp4_forget_selection())
+        self.register_buffer("nvfp4_record_state", torch.zeros(3, dtype=torch.int64, device=device))
+        self._nvfp4_split_cache = (None, None)
+        self._nvfp4_selected_flag = False     # host copy of the buffer, so forwards need no device sync
+        self._nvfp4_record_host = None        # host copy of nvfp4_record_state
+        self.nvfp4_outcontrol_stats: Optional[dict] = None
+        self.register_load_state_dict_post_hook(lambda module, keys: module._nvfp4_forget_selection())
 
-    def _mfp4_forget_selection(self):
-        self._mfp4_selected_flag = False
-        self._mfp4_record_host = None
-        self._mfp4_split_cache = (None, None)
+    def _nvfp4_forget_selection(self):
+        self._nvfp4_selected_flag = False
+        self._nvfp4_record_host = None
+        self._nvfp4_split_cache = (None, None)
 
-    def _mfp4_selected(self) -> bool:
-        if not self._mfp4_selected_flag:
-            self._mfp4_selected_flag = bool(self.mfp4_outliers_selected.item())
-        return self._mfp4_selected_flag
+    def _nvfp4_selected(self) -> bool:
+        if not self._nvfp4_selected_flag:
+            self._nvfp4_selected_flag = bool(self.nvfp4_outliers_selected.item())
+        return self._nvfp4_selected_flag
 
-    def _mfp4_local_in_range(self) -> tuple[int, int]:
+    def _nvfp4_local_in_range(self) -> tuple[int, int]:
         raise NotImplementedError
 
-    def mfp4_channel_split(self) -> Optional[oc.ChannelSplit]:
+    def nvfp4_channel_split(self) -> Optional[oc.ChannelSplit]:
         """This rank's FP4 / outlier split of its input channels, once selected (else None)."""
-        if not self.mfp4_recipe.outcontrol or not self._mfp4_selected():
+        if not self.nvfp4_recipe.outcontrol or not self._nvfp4_selected():
             return None
-        key = (self.mfp4_outlier_mask._version, self.mfp4_outlier_mask.data_ptr())
-        if self._mfp4_split_cache[0] != key:
-            start, end = self._mfp4_local_in_range()
-            mask = self.mfp4_outlier_mask
+        key = (self.nvfp4_outlier_mask._version, self.nvfp4_outlier_mask.data_ptr())
+        if self._nvfp4_split_cache[0] != key:
+            start, end = self._nvfp4_local_in_range()
+            mask = self.nvfp4_outlier_mask
             fp4_offset = int((~mask[:start]).sum())   # FP4 channels of lower ranks, in gathered order
-            self._mfp4_split_cache = (key, oc.ChannelSplit.from_mask(mask[start:end].clone(), fp4_offset))
-        return self._mfp4_split_cache[1]
+            self._nvfp4_split_cache = (key, oc.ChannelSplit.from_mask(mask[start:end].clone(), fp4_offset))
+        return self._nvfp4_split_cache[1]
 
-    def _mfp4_outcontrol_step(self, input, group, world: int, sequence_parallel: bool):
+    def _nvfp4_outcontrol_step(self, input, group, world: int, sequence_parallel: bool):
         """Record input column norms during the window; select the outliers once it is complete."""
-        if not self.training or self._mfp4_recomputing or self._mfp4_selected():
+        if not self.training or self._nvfp4_recomputing or self._nvfp4_selected():
             return
-        sched = state.stabilizer_schedule(self.mfp4_recipe)
+        sched = state.stabilizer_schedule(self.nvfp4_recipe)
         iteration = state.get_iteration()
         if iteration < sched["outcontrol_record_start"]:
             return
-        if self._mfp4_record_host is None:
-            self._mfp4_record_host = [int(v) for v in self.mfp4_record_state.tolist()]
-        recorded, last_plus_one, micro_batches = self._mfp4_record_host
+        if self._nvfp4_record_host is None:
+            self._nvfp4_record_host = [int(v) for v in self.nvfp4_record_state.tolist()]
+        recorded, last_plus_one, micro_batches = self._nvfp4_record_host
         if iteration + 1 != last_plus_one and recorded >= sched["outcontrol_record_iters"]:
-            self._mfp4_select_outliers()
+            self._nvfp4_select_outliers()
             return
         # per micro-batch: the L2 norm over its tokens of every column of the GEMM input as the layer
         # sees it (under SP the column-parallel input is the gathered sequence: squared norms add over
@@ -262,96 +262,96 @@ class _NVFP4LinearMixin:
             if parallel_state.model_parallel_is_initialized() else None
         if dp_group is not None and dist.get_world_size(dp_group) > 1:
             dist.all_reduce(norms, group=dp_group)
-        if self._mfp4_kind == "row" and world > 1:
+        if self._nvfp4_kind == "row" and world > 1:
             parts = [torch.empty_like(norms) for _ in range(world)]
             dist.all_gather(parts, norms.contiguous(), group=group)
             norms = torch.cat(parts)
         with torch.no_grad():
-            self.mfp4_norm_sums += norms
+            self.nvfp4_norm_sums += norms
         if iteration + 1 != last_plus_one:
             recorded += 1
-        self._mfp4_record_host = [recorded, iteration + 1, micro_batches + 1]
-        self.mfp4_record_state.copy_(torch.tensor(self._mfp4_record_host))
+        self._nvfp4_record_host = [recorded, iteration + 1, micro_batches + 1]
+        self.nvfp4_record_state.copy_(torch.tensor(self._nvfp4_record_host))
 
-    def _mfp4_select_outliers(self):
-        sums = self.mfp4_norm_sums
-        count = oc.outlier_count(sums.numel(), self.mfp4_recipe.outcontrol_ratio,
-                                 self.mfp4_recipe.outcontrol_k_mode)
+    def _nvfp4_select_outliers(self):
+        sums = self.nvfp4_norm_sums
+        count = oc.outlier_count(sums.numel(), self.nvfp4_recipe.outcontrol_ratio,
+                                 self.nvfp4_recipe.outcontrol_k_mode)
         mask = oc.select_outliers(sums, count)
         with torch.no_grad():
-            self.mfp4_outlier_mask.copy_(mask)
-            self.mfp4_outliers_selected.fill_(1)
-        self._mfp4_selected_flag = True
+            self.nvfp4_outlier_mask.copy_(mask)
+            self.nvfp4_outliers_selected.fill_(1)
+        self._nvfp4_selected_flag = True
         total = float(sums.sum())
-        self.mfp4_outcontrol_stats = {
+        self.nvfp4_outcontrol_stats = {
             "outliers": count, "channels": sums.numel(),
             "norm_share": float(sums[mask].sum()) / total if total > 0 else 0.0,
-            "iteration": state.get_iteration(), "micro_batches": int(self.mfp4_record_state[2]),
+            "iteration": state.get_iteration(), "micro_batches": int(self.nvfp4_record_state[2]),
             "channels_selected": mask.nonzero().squeeze(1).tolist()}
         log.info("%s: OutControl keeps %d of %d input channels in MXFP8 (%.1f%% of the recorded input "
-                 "norm): %s", self.mfp4_name, count, sums.numel(), 100 * self.mfp4_outcontrol_stats["norm_share"],
-                 self.mfp4_outcontrol_stats["channels_selected"])
+                 "norm): %s", self.nvfp4_name, count, sums.numel(), 100 * self.nvfp4_outcontrol_stats["norm_share"],
+                 self.nvfp4_outcontrol_stats["channels_selected"])
         writer = state.tensorboard_writer()
         if writer is not None:
-            it = self.mfp4_outcontrol_stats["iteration"]
-            writer.add_scalar(f"mfp4/outcontrol_norm_share/{self.mfp4_name}",
-                              self.mfp4_outcontrol_stats["norm_share"], it)
-            writer.add_text(f"mfp4/outcontrol_channels/{self.mfp4_name}",
-                            str(self.mfp4_outcontrol_stats["channels_selected"]), it)
+            it = self.nvfp4_outcontrol_stats["iteration"]
+            writer.add_scalar(f"nvfp4/outcontrol_norm_share/{self.nvfp4_name}",
+                              self.nvfp4_outcontrol_stats["norm_share"], it)
+            writer.add_text(f"nvfp4/outcontrol_channels/{self.nvfp4_name}",
+                            str(self.nvfp4_outcontrol_stats["channels_selected"]), it)
 
-    def set_mfp4_identity(self, layer_number: int, name: str, bf16: bool = False) -> None:
+    def set_nvfp4_identity(self, layer_number: int, name: str, bf16: bool = False) -> None:
         """Tag with the global 1-based layer number and canonical name; validate shapes now."""
-        self.mfp4_layer_number = int(layer_number)
-        self.mfp4_name = name
-        self.mfp4_bf16 = bool(bf16) or not self.mfp4_recipe.quantized
-        self._mfp4_check_shapes()
+        self.nvfp4_layer_number = int(layer_number)
+        self.nvfp4_name = name
+        self.nvfp4_bf16 = bool(bf16) or not self.nvfp4_recipe.quantized
+        self._nvfp4_check_shapes()
 
-    def _mfp4_local_shape(self) -> tuple[int, int]:
+    def _nvfp4_local_shape(self) -> tuple[int, int]:
         raise NotImplementedError
 
-    def _mfp4_check_shapes(self):
-        if self.mfp4_bf16:
+    def _nvfp4_check_shapes(self):
+        if self.nvfp4_bf16:
             return
-        k, n = self._mfp4_local_shape()
+        k, n = self._nvfp4_local_shape()
         try:
-            self.mfp4_recipe.check_shapes(k, n)
+            self.nvfp4_recipe.check_shapes(k, n)
         except ValueError as err:
             raise ValueError(
-                f"{self.mfp4_name}: per-TP-rank weight is [{n}, {k}] ({self._mfp4_kind}-parallel, "
+                f"{self.nvfp4_name}: per-TP-rank weight is [{n}, {k}] ({self._nvfp4_kind}-parallel, "
                 f"global in={self.input_size}, out={self.output_size}): {err}. Change the model "
-                "dims or the TP size, or keep this layer in BF16 (--mfp4-bf16-modules)") from None
-        self._mfp4_checked = True
+                "dims or the TP size, or keep this layer in BF16 (--nvfp4-bf16-modules)") from None
+        self._nvfp4_checked = True
 
     @property
-    def mfp4_quantized(self) -> bool:
-        return not self.mfp4_bf16
+    def nvfp4_quantized(self) -> bool:
+        return not self.nvfp4_bf16
 
-    def _mfp4_next_key(self) -> int:
+    def _nvfp4_next_key(self) -> int:
         """Per-call stream key: recompute-safe (a recomputed forward reuses its checkpointed key)."""
         iteration = state.get_iteration()
-        if iteration != self._mfp4_iteration:
-            self._mfp4_iteration, self._mfp4_calls = iteration, 0
-            self._mfp4_pending.clear()
-        self._mfp4_recomputing = False
-        if torch.is_grad_enabled() and self._mfp4_pending:
-            self._mfp4_recomputing = True
-            self.mfp4_last_key = self._mfp4_pending.popleft()   # recompute: backward runs in forward order
-            return self.mfp4_last_key
+        if iteration != self._nvfp4_iteration:
+            self._nvfp4_iteration, self._nvfp4_calls = iteration, 0
+            self._nvfp4_pending.clear()
+        self._nvfp4_recomputing = False
+        if torch.is_grad_enabled() and self._nvfp4_pending:
+            self._nvfp4_recomputing = True
+            self.nvfp4_last_key = self._nvfp4_pending.popleft()   # recompute: backward runs in forward order
+            return self.nvfp4_last_key
         dp_rank = 0
         if parallel_state.model_parallel_is_initialized():
             dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
-        key = state.stream_key(self.mfp4_recipe.seed, iteration, self.mfp4_layer_number,
-                               self.mfp4_name, self._mfp4_calls, dp_rank)
-        self._mfp4_calls += 1
-        self.mfp4_last_key = key
+        key = state.stream_key(self.nvfp4_recipe.seed, iteration, self.nvfp4_layer_number,
+                               self.nvfp4_name, self._nvfp4_calls, dp_rank)
+        self._nvfp4_calls += 1
+        self.nvfp4_last_key = key
         if not torch.is_grad_enabled() and self.training:
-            self._mfp4_pending.append(key)       # activation checkpointing: forward under no_grad
+            self._nvfp4_pending.append(key)       # activation checkpointing: forward under no_grad
         return key
 
-    def _mfp4_offsets(self, tp_rank: int) -> tuple[int, int]:
+    def _nvfp4_offsets(self, tp_rank: int) -> tuple[int, int]:
         raise NotImplementedError
 
-    def _mfp4_reducers(self, group, sequence_parallel: bool):
+    def _nvfp4_reducers(self, group, sequence_parallel: bool):
         raise NotImplementedError
 
     def _forward_impl(self, input, weight, *args, **kwargs):
@@ -359,37 +359,37 @@ class _NVFP4LinearMixin:
         kw.update(kwargs)
         if kw.get("grad_output_buffer") is not None or kw.get("wgrad_deferral_limit") is not None:
             raise NotImplementedError(
-                f"{self.mfp4_name}: deferred wgrad (grad_output_buffer / wgrad_deferral_limit, i.e. "
+                f"{self.nvfp4_name}: deferred wgrad (grad_output_buffer / wgrad_deferral_limit, i.e. "
                 "--defer-embedding-wgrad-compute) is not supported by megatron_fp4 layers")
         if kw.get("gtp_remat_size", 1) > 1:
-            raise NotImplementedError(f"{self.mfp4_name}: GTP weight sharding is not supported by "
+            raise NotImplementedError(f"{self.nvfp4_name}: GTP weight sharding is not supported by "
                                       "megatron_fp4 layers")
         group = kw.get("tp_group") or self.tp_group
         fuse = bool(kw.get("gradient_accumulation_fusion", False))
-        hp = self.mfp4_bf16
+        hp = self.nvfp4_bf16
         if hp and (not fuse or mcore_layers._grad_accum_fusion_available):
             return super()._forward_impl(input, weight, *args, **kwargs)   # stock BF16 path
-        if not hp and not self._mfp4_checked:
-            self._mfp4_check_shapes()
+        if not hp and not self._nvfp4_checked:
+            self._nvfp4_check_shapes()
         world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
         sp = bool(kw.get("sequence_parallel", False))
-        reducers = self._mfp4_reducers(group, sp) if not hp and world > 1 and self.mfp4_recipe.tp_amax_reduce \
+        reducers = self._nvfp4_reducers(group, sp) if not hp and world > 1 and self.nvfp4_recipe.tp_amax_reduce \
             else (None, None, None)
-        comm = TPComm(group, world, sp, bool(kw.get("allreduce_dgrad", False)), self.mfp4_name, reducers)
+        comm = TPComm(group, world, sp, bool(kw.get("allreduce_dgrad", False)), self.nvfp4_name, reducers)
         qctx = None
         if not hp:
             rank = dist.get_rank(group) if world > 1 else 0
-            in_off, out_off = self._mfp4_offsets(rank)
-            qctx = QuantContext(key=self._mfp4_next_key(), seed=self.mfp4_recipe.seed,
+            in_off, out_off = self._nvfp4_offsets(rank)
+            qctx = QuantContext(key=self._nvfp4_next_key(), seed=self.nvfp4_recipe.seed,
                                 input_amax_reduce=comm.input_amax_reduce, weight_amax_reduce=comm.weight_amax_reduce,
                                 grad_output_amax_reduce=comm.grad_output_amax_reduce, in_offset=in_off,
                                 out_offset=out_off, backend=backend.current())
         split = None
-        if not hp and self.mfp4_recipe.outcontrol:
-            self._mfp4_outcontrol_step(input, group, world, sp)
-            split = self.mfp4_channel_split()
-        call = LinearCall(recipe=None if hp else self.mfp4_recipe, qctx=qctx, comm=comm, fuse_wgrad=fuse,
-                          name=self.mfp4_name, split=split)
+        if not hp and self.nvfp4_recipe.outcontrol:
+            self._nvfp4_outcontrol_step(input, group, world, sp)
+            split = self.nvfp4_channel_split()
+        call = LinearCall(recipe=None if hp else self.nvfp4_recipe, qctx=qctx, comm=comm, fuse_wgrad=fuse,
+                          name=self.nvfp4_name, split=split)
         return NVFP4LinearFunction.apply(input, weight, kw.get("bias"), call)
 
     def backward_dw(self) -> None:
@@ -411,25 +411,25 @@ def _init_allowing_fusion(parent_init, self, config, *args, **kwargs):
 class NVFP4ColumnParallelLinear(_NVFP4LinearMixin, ColumnParallelLinear):
     """ColumnParallelLinear (weight [out/tp, in]) whose GEMMs follow an NVFP4 recipe.
 
-    `recipe`: a Recipe, a built-in name or a YAML path; default: read from `config.mfp4_recipe`.
+    `recipe`: a Recipe, a built-in name or a YAML path; default: read from `config.nvfp4_recipe`.
     """
 
-    _mfp4_kind = "column"
+    _nvfp4_kind = "column"
 
     def __init__(self, input_size, output_size, *, config, recipe=None, is_expert: bool = False, **kwargs):
         _init_allowing_fusion(ColumnParallelLinear.__init__, self, config, input_size, output_size,
                               is_expert=is_expert, **kwargs)
-        self._mfp4_init(recipe, is_expert)
+        self._nvfp4_init(recipe, is_expert)
         if self.weight is None:
             raise NotImplementedError("megatron_fp4: skip_weight_param_allocation is not supported")
 
-    def _mfp4_local_shape(self):
+    def _nvfp4_local_shape(self):
         return self.input_size, self.output_size_per_partition
 
-    def _mfp4_local_in_range(self):
+    def _nvfp4_local_in_range(self):
         return 0, self.input_size   # column-parallel: K is not sharded
 
-    def _mfp4_offsets(self, tp_rank):
+    def _nvfp4_offsets(self, tp_rank):
         """(K offset, N offset) of this rank's shard in the unsplit operand, for the random counters.
 
         Megatron builds SwiGLU's fc1 with partition stride 2: each rank holds its shard of the gate
@@ -445,7 +445,7 @@ class NVFP4ColumnParallelLinear(_NVFP4LinearMixin, ColumnParallelLinear):
                                 offset_hi=self.output_size // 2 + tp_rank * piece)
         return 0, tp_rank * per_rank
 
-    def _mfp4_reducers(self, group, sequence_parallel):
+    def _nvfp4_reducers(self, group, sequence_parallel):
         r = _max_reducer(group)
         # the input is replicated unless SP splits its rows; weight and dY are sharded along N
         return (r if sequence_parallel else None), r, r
@@ -454,24 +454,24 @@ class NVFP4ColumnParallelLinear(_NVFP4LinearMixin, ColumnParallelLinear):
 class NVFP4RowParallelLinear(_NVFP4LinearMixin, RowParallelLinear):
     """RowParallelLinear (weight [out, in/tp]) whose GEMMs follow an NVFP4 recipe."""
 
-    _mfp4_kind = "row"
+    _nvfp4_kind = "row"
 
     def __init__(self, input_size, output_size, *, config, recipe=None, is_expert: bool = False, **kwargs):
         _init_allowing_fusion(RowParallelLinear.__init__, self, config, input_size, output_size,
                               is_expert=is_expert, **kwargs)
-        self._mfp4_init(recipe, is_expert)
+        self._nvfp4_init(recipe, is_expert)
 
-    def _mfp4_local_shape(self):
+    def _nvfp4_local_shape(self):
         return self.input_size_per_partition, self.output_size
 
-    def _mfp4_local_in_range(self):
+    def _nvfp4_local_in_range(self):
         rank = dist.get_rank(self.tp_group) if self.tp_group is not None and dist.is_initialized() else 0
         return rank * self.input_size_per_partition, (rank + 1) * self.input_size_per_partition
 
-    def _mfp4_offsets(self, tp_rank):
+    def _nvfp4_offsets(self, tp_rank):
         return tp_rank * self.input_size_per_partition, 0
 
-    def _mfp4_reducers(self, group, sequence_parallel):
+    def _nvfp4_reducers(self, group, sequence_parallel):
         r = _max_reducer(group)
         # input and weight are sharded along K; dY arrives full (after the output reduction)
         return r, r, None

@@ -57,7 +57,7 @@ class _SplitMasterQuantizer:
         self.base, self.module = base, module
 
     def __call__(self, master):
-        split = self.module.mfp4_channel_split()
+        split = self.module.nvfp4_channel_split()
         if split is None:
             return self.base(master)
         fp4, _ = split.gather(master.float())
@@ -134,8 +134,8 @@ class OsciResetHooks:
 def _managed_layers(model_chunks: Iterable[torch.nn.Module]):
     for chunk in model_chunks:
         for name, module in chunk.named_modules():
-            if getattr(module, "mfp4_quantized", False) and getattr(module, "weight", None) is not None:
-                yield getattr(module, "mfp4_name", name), module
+            if getattr(module, "nvfp4_quantized", False) and getattr(module, "weight", None) is not None:
+                yield getattr(module, "nvfp4_name", name), module
 
 
 class _ShardQuantizer:
@@ -151,7 +151,7 @@ class _ShardQuantizer:
         self.gathering = _GatheringShardQuantizer(full, shape, start, end, group)
 
     def __call__(self, shard):
-        split_fn = getattr(self.module, "mfp4_channel_split", None)
+        split_fn = getattr(self.module, "nvfp4_channel_split", None)
         if split_fn is not None and split_fn() is not None:
             return self.gathering(shard)
         return self.sharded(shard)
@@ -160,7 +160,7 @@ class _ShardQuantizer:
 def _make_tracker(name, module, member, recipe: Recipe, config: OsciResetConfig) -> WeightTracker:
     param = module.weight
     full = MasterQuantizer(recipe, weight_amax_reduce=_tp_max_reducer(module))
-    if getattr(module, "mfp4_channel_split", None) is not None:
+    if getattr(module, "nvfp4_channel_split", None) is not None:
         full = _SplitMasterQuantizer(full, module)
     if hasattr(member, "_get_model_param_range_map"):   # DistributedOptimizer: this rank's flat shard
         try:
@@ -202,7 +202,7 @@ def _member_owns(member, param) -> bool:
 def install_oscireset(optimizer, model_chunks, recipe: Recipe, train_iters: int, first_update: int = 0,
                       on_reset=None) -> OsciResetHooks:
     """Wrap `optimizer` (Megatron optimizer or ChainedOptimizer) so OsciReset runs on every step."""
-    if getattr(optimizer, "_mfp4_oscireset", None) is not None:
+    if getattr(optimizer, "_nvfp4_oscireset", None) is not None:
         raise RuntimeError("OsciReset hooks are already installed on this optimizer")
     sched = recipe.stabilizer_schedule(train_iters)
     config = OsciResetConfig(start=sched["oscireset_start"], period=sched["oscireset_period"],
@@ -221,7 +221,7 @@ def install_oscireset(optimizer, model_chunks, recipe: Recipe, train_iters: int,
         hooks.trackers[id(member)] = trackers
         _wrap_member(member, hooks)
     _wrap_top(optimizer, hooks)
-    optimizer._mfp4_oscireset = hooks
+    optimizer._nvfp4_oscireset = hooks
     log.info("OsciReset installed on %d weights (%s); schedule %s", sum(map(len, hooks.trackers.values())),
              recipe.name, config)
     return hooks
@@ -276,7 +276,7 @@ def plugin_recipe(model_chunks) -> Optional[Recipe]:
     """The recipe of the model's plugin layers (one per run), or None if it has none."""
     for chunk in model_chunks:
         for module in chunk.modules():
-            recipe = getattr(module, "mfp4_recipe", None)
+            recipe = getattr(module, "nvfp4_recipe", None)
             if recipe is not None:
                 return recipe
     return None
@@ -313,9 +313,9 @@ def stabilizer_report() -> dict:
     outcontrol = {}
     for chunk in _last_run.get("model_chunks", []):
         for name, module in chunk.named_modules():
-            stats = getattr(module, "mfp4_outcontrol_stats", None)
+            stats = getattr(module, "nvfp4_outcontrol_stats", None)
             if stats is not None:
-                outcontrol[getattr(module, "mfp4_name", name)] = {k: v for k, v in stats.items()
+                outcontrol[getattr(module, "nvfp4_name", name)] = {k: v for k, v in stats.items()
                                                                   if k != "channels_selected"}
     return {"oscireset_events": [] if hooks is None else list(hooks.history), "outcontrol": outcontrol}
 
@@ -328,8 +328,8 @@ def _tensorboard_logger():
         return None
 
     def log_reset(layer: str, stats: dict):
-        writer.add_scalar(f"mfp4/oscireset_reset_fraction/{layer}", stats["reset_fraction"], stats["update"])
-        writer.add_scalar(f"mfp4/oscireset_median_ratio/{layer}", stats["median_ratio"], stats["update"])
+        writer.add_scalar(f"nvfp4/oscireset_reset_fraction/{layer}", stats["reset_fraction"], stats["update"])
+        writer.add_scalar(f"nvfp4/oscireset_median_ratio/{layer}", stats["median_ratio"], stats["update"])
     return log_reset
 
 
@@ -338,13 +338,13 @@ def _tensorboard_logger():
 def _state_file(checkpoint_dir: str) -> str:
     import os
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return os.path.join(checkpoint_dir, f"mfp4_oscireset_rank{rank:05d}.pt")
+    return os.path.join(checkpoint_dir, f"nvfp4_oscireset_rank{rank:05d}.pt")
 
 
 def save_oscireset_state(optimizer, checkpoint_dir: str) -> Optional[str]:
     """Write this rank's OsciReset state (update counter, in-window buffers) beside a checkpoint.
     Rank-local, because a DistributedOptimizer rank tracks only its shard."""
-    hooks = getattr(optimizer, "_mfp4_oscireset", None)
+    hooks = getattr(optimizer, "_nvfp4_oscireset", None)
     if hooks is None:
         return None
     import os
@@ -358,7 +358,7 @@ def load_oscireset_state(optimizer, checkpoint_dir: str, iteration: int) -> bool
     """Restore OsciReset state saved beside a checkpoint (collective: every rank calls it). Without a
     file for this rank (e.g. another layout), the counter resumes from `iteration` and the window in
     progress, if any, is skipped (logged). Returns whether the saved state was restored."""
-    hooks = getattr(optimizer, "_mfp4_oscireset", None)
+    hooks = getattr(optimizer, "_nvfp4_oscireset", None)
     if hooks is None:
         return False
     import os

@@ -108,8 +108,8 @@ def reset_comm_stats() -> None:
 def format_comm_stats() -> str:
     stats = comm_stats()
     if not stats:
-        return "mfp4 comm: no sequence-parallel gathers recorded"
-    lines = ["mfp4 comm (sequence-parallel all-gathers, this rank): layer  fp4_MiB  bf16_MiB  ratio"]
+        return "nvfp4 comm: no sequence-parallel gathers recorded"
+    lines = ["nvfp4 comm (sequence-parallel all-gathers, this rank): layer  fp4_MiB  bf16_MiB  ratio"]
     total_q = total_b = 0
     for name in sorted(stats):
         rec = stats[name]

@@ -19,8 +19,8 @@ def tag_layer(layer: torch.nn.Module, config, layer_number: int) -> None:
         if isinstance(module, NVFP4_LINEAR_TYPES):
             name = f"decoder.layers.{layer_number - 1}.{rel}"
             bf16 = (whole_layer_bf16 or module_in_bf16(config, name)
-                    or module.mfp4_recipe.keeps_in_bf16(layer_number, config.num_layers, name))
-            module.set_mfp4_identity(layer_number, name, bf16)
+                    or module.nvfp4_recipe.keeps_in_bf16(layer_number, config.num_layers, name))
+            module.set_nvfp4_identity(layer_number, name, bf16)
 
 
 def tag_model(model: torch.nn.Module) -> None:

@@ -21,24 +21,39 @@ from .config import parse_overrides  # noqa: F401  (the launcher's plugin flags)
 LINEAR_SLOTS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 
 
+# The plugin's flags were --mfp4-* in earlier versions; they are --nvfp4-* now (named for the format).
+OLD_FLAG_PREFIX = "--" + "mfp4-"
+
+
+def check_renamed_flags(argv) -> None:
+    """A flag under the old --mfp4- prefix is refused with its new name (not Megatron's bare
+    'unrecognized arguments')."""
+    for token in argv:
+        if isinstance(token, str) and token.startswith(OLD_FLAG_PREFIX):
+            old = token.split("=", 1)[0]
+            new = "--nvfp4-" + old[len(OLD_FLAG_PREFIX):]
+            raise UsageError(f"{old} was renamed to {new} (all of the plugin's flags are --nvfp4-* now); "
+                             f"pass {new}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Plugin flags: recipe and overrides
 # --------------------------------------------------------------------------------------------------
 
 def plugin_recipe(args):
-    """The run's recipe from --mfp4-recipe and --mfp4-override (a RecipeError, reported in one line).
-    Errors of the recipe itself name --mfp4-recipe; errors an override causes name that override,
+    """The run's recipe from --nvfp4-recipe and --nvfp4-override (a RecipeError, reported in one line).
+    Errors of the recipe itself name --nvfp4-recipe; errors an override causes name that override,
     not the shipped YAML."""
     from ..registry import RecipeError, build_recipe, load_recipe
-    name = getattr(args, "mfp4_recipe", None)
+    name = getattr(args, "nvfp4_recipe", None)
     if not name:
-        raise RecipeError("no recipe: pass --mfp4-recipe NAME|PATH")
-    items = list(getattr(args, "mfp4_override", None) or [])
+        raise RecipeError("no recipe: pass --nvfp4-recipe NAME|PATH")
+    items = list(getattr(args, "nvfp4_override", None) or [])
     overrides = parse_overrides(items)
     try:
         base = load_recipe(name)
     except RecipeError as err:
-        raise RecipeError(f"--mfp4-recipe {name}: {err}") from None
+        raise RecipeError(f"--nvfp4-recipe {name}: {err}") from None
     if not overrides:
         return base
     data = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
@@ -46,12 +61,12 @@ def plugin_recipe(args):
     for item in items:                      # each override alone: the error names the one at fault
         key = item.split("=", 1)[0].strip()
         try:
-            build_recipe({**data, key: overrides[key]}, source=f"--mfp4-override {item}")
+            build_recipe({**data, key: overrides[key]}, source=f"--nvfp4-override {item}")
         except RecipeError as err:
             raise RecipeError(f"{err} (recipe {base.name!r})") from None
     data.update(overrides)
     try:
-        return build_recipe(data, source="--mfp4-override " + " ".join(items))
+        return build_recipe(data, source="--nvfp4-override " + " ".join(items))
     except RecipeError as err:
         raise RecipeError(f"{err} (recipe {base.name!r})") from None
 
@@ -84,14 +99,14 @@ def check_patterns(patterns, num_layers: int, source: str) -> None:
 def bf16_linears(recipe, num_layers: int, patterns=(), first_last_layers_bf16: bool = False,
                  start: int = 1, end: int = 1) -> list:
     """The linears a run keeps in BF16, by the same rules NVFP4TransformerLayer applies at build
-    (Megatron's first/last-layer flags, --mfp4-bf16-modules, the recipe's own bf16 knobs)."""
+    (Megatron's first/last-layer flags, --nvfp4-bf16-modules, the recipe's own bf16 knobs)."""
     from .config import layer_in_bf16, module_in_bf16
     names = linear_names(num_layers)
     if not recipe.quantized:
         return names
     cfg = types.SimpleNamespace(first_last_layers_bf16=first_last_layers_bf16, num_layers_at_start_in_bf16=start,
                                 num_layers_at_end_in_bf16=end, num_layers=num_layers,
-                                mfp4_bf16_modules=tuple(patterns))
+                                nvfp4_bf16_modules=tuple(patterns))
     out = []
     for name in names:
         layer_number = int(name.split(".")[2]) + 1
@@ -279,7 +294,7 @@ def check_shapes(recipe, dims: ModelDims, bf16: list) -> None:
             name = f"decoder.layers.{quantized[0]}.{slot}"
             raise UsageError(
                 f"{name}: per-TP-rank weight [{n}, {k}] (out x in): {err}; change {flags}, or keep these linears "
-                f"in BF16 with --mfp4-bf16-modules '*.{slot}'") from None
+                f"in BF16 with --nvfp4-bf16-modules '*.{slot}'") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,7 +347,7 @@ def check_tokens_cover_sequence(n_tokens: int, seq_length: int, split: str, wher
     if n_tokens <= seq_length + 1:
         raise UsageError(f"--seq-length {seq_length}: the {split} split ({where}) has only {n_tokens} tokens, "
                          f"not more than one sequence and its label ({seq_length + 1}); lower --seq-length or use "
-                         "more data (more or larger files in --mfp4-corpus-src, or --data-path / --valid-data-path)")
+                         "more data (more or larger files in --nvfp4-corpus-src, or --data-path / --valid-data-path)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,8 +373,8 @@ def validate_run(args, world_size: Optional[int] = None) -> RunPlan:
     dims = model_dims(args)
     check_sequence(args)
     check_pipeline(args, world_size)
-    patterns = split_patterns(getattr(args, "mfp4_bf16_modules", None))
-    check_patterns(patterns, dims.num_layers, "--mfp4-bf16-modules")
+    patterns = split_patterns(getattr(args, "nvfp4_bf16_modules", None))
+    check_patterns(patterns, dims.num_layers, "--nvfp4-bf16-modules")
     check_patterns(recipe.bf16_modules, dims.num_layers, f"recipe {recipe.name!r} knob bf16_modules")
     bf16 = bf16_linears(recipe, dims.num_layers, patterns,
                         bool(getattr(args, "first_last_layers_bf16", False)),

@@ -147,7 +147,7 @@ def test_every_gpu_run_parses_with_megatron(tmp_path, monkeypatch):
                 assert args.tensor_model_parallel_size == 2 and args.sequence_parallel
                 assert args.num_layers == 20 and args.hidden_size == 2048 and args.vocab_size == 32000
             if name.startswith("grads"):
-                assert not args.bf16 and args.mfp4_dump_grads       # FP32 for the gradient comparison
+                assert not args.bf16 and args.nvfp4_dump_grads       # FP32 for the gradient comparison
             seen.add(name)
     assert {"tp2-sp-quartet2", "curve-pp2-vpp2", "curve-dp2-distopt", "grads-tp1-quartet2-plus-ulp"} <= seen
 

@@ -101,7 +101,7 @@ def test_cpu_smoke_runs_resume_and_report(tmp_path, capsys):
     assert {n: (r["recipe"], r["init_seed"], r["data_seed"]) for n, r in runs.items()} == \
         {"bf16": ("bf16", 1234, 1234), "quartet2": ("quartet2", 1234, 1234)}
     log = (out / "quartet2" / "log.txt").read_text()
-    assert "--mfp4-data-seed 1234" in log.splitlines()[0] and "--vocab-size 300" in log.splitlines()[0]
+    assert "--nvfp4-data-seed 1234" in log.splitlines()[0] and "--vocab-size 300" in log.splitlines()[0]
     quality.main(cmd[2:])                         # the same command again (in-process): nothing to do
     second = capsys.readouterr().out
     assert "bf16: complete, skipped" in second and "quartet2: complete, skipped" in second
@@ -145,7 +145,7 @@ def test_campaign_preset_sizes_budget_and_flags(tmp_path):
     f1 = quality.run_flags(a, "bf16", "bf16", a.seed, str(tmp_path / "corpus"), vocab=16384)
     f2 = quality.run_flags(a, "quartet2-seed2", "quartet2", a.seed + 1, str(tmp_path / "corpus"), vocab=16384)
     value = lambda flags, f: flags[flags.index(f) + 1]   # noqa: E731
-    assert value(f1, "--mfp4-data-seed") == value(f2, "--mfp4-data-seed") == "1234"   # one data order
+    assert value(f1, "--nvfp4-data-seed") == value(f2, "--nvfp4-data-seed") == "1234"   # one data order
     assert (value(f1, "--seed"), value(f2, "--seed")) == ("1234", "1235")            # other initialisation
     assert "--full-validation" in f1 and value(f1, "--vocab-size") == "16384"
     assert value(f2, "--data-cache-path") == os.path.join(str(tmp_path), "quartet2-seed2", "data_cache")
@@ -162,7 +162,7 @@ def test_campaign_preset_sizes_budget_and_flags(tmp_path):
         quality.check_budget(a, dict(info, counts=dict(info["counts"], valid=1_999_999)))
     # the default preset keeps its committed results' design: --seed drives the data order too
     d = quality.parse_args([])
-    assert d.data_seed is None and "--mfp4-data-seed" not in quality.run_flags(d, "bf16", "bf16", 1234, "c")
+    assert d.data_seed is None and "--nvfp4-data-seed" not in quality.run_flags(d, "bf16", "bf16", 1234, "c")
     # flags given explicitly override the preset
     b = quality.parse_args(["--preset", "campaign", "--seeds", "5", "--steps", "10", "--recipes", "bf16,nvidia"])
     assert (b.seeds, b.steps, b.recipes, b.layers) == (5, 10, ["bf16", "nvidia"], 6)
@@ -227,7 +227,7 @@ def test_gpu_runs_checkpoint_and_resume_from_their_own_directory(tmp_path):
     value = lambda f: flags[flags.index(f) + 1]
     run_dir = os.path.join(str(tmp_path), "tetrajet2-full")
     assert value("--load") == run_dir and value("--save") == run_dir and value("--save-interval") == "100"
-    assert value("--mfp4-summary") == os.path.join(run_dir, "summary.json")
+    assert value("--nvfp4-summary") == os.path.join(run_dir, "summary.json")
 
 
 def test_campaign_plan_builds_the_corpus_and_refuses_a_corpus_too_small(tmp_path, capsys):

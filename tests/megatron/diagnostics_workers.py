@@ -37,8 +37,8 @@ def counted_collectives(rank, world):
         installed = dist.all_gather_into_tensor is not counter._originals[0][2]
     finally:
         counter.uninstall()
-    restored = not getattr(dist.all_gather_into_tensor, "_mfp4_counted", False) and \
-        not getattr(mappings.dist_all_gather_func, "_mfp4_counted", False)
+    restored = not getattr(dist.all_gather_into_tensor, "_nvfp4_counted", False) and \
+        not getattr(mappings.dist_all_gather_func, "_nvfp4_counted", False)
     return {"records": {f"{k[0]}:{k[1]}/{k[2]}": v for k, v in counter.records.items()}, "report": report,
             "installed": installed, "restored": restored}
 

@@ -29,8 +29,8 @@ def train_with_stabilizers(rank, world, settings_kwargs):
     masks = {}
     for chunk in hist["chunks"]:
         for module in chunk.modules():
-            if hasattr(module, "mfp4_outlier_mask"):
-                masks[module.mfp4_name] = module.mfp4_outlier_mask.nonzero().squeeze(1).tolist()
+            if hasattr(module, "nvfp4_outlier_mask"):
+                masks[module.nvfp4_name] = module.nvfp4_outlier_mask.nonzero().squeeze(1).tolist()
     stats = {k: {kk: vv for kk, vv in v.items() if kk != "channels_selected"} for k, v in hist["outcontrol"].items()}
     return {"losses": hist["losses"], "oscireset": hist["oscireset"], "outcontrol": stats, "masks": masks}
 
@@ -188,6 +188,6 @@ def bf16_layer_flags(rank, world, settings_kwargs):
     s = driver.GPTSettings(**settings_kwargs)
     driver.initialize_parallel(s)
     chunks, _ = driver.build_model(s)
-    flags = {m.mfp4_name: m.mfp4_bf16 for c in chunks for m in c.modules() if hasattr(m, "mfp4_bf16")}
+    flags = {m.nvfp4_name: m.nvfp4_bf16 for c in chunks for m in c.modules() if hasattr(m, "nvfp4_bf16")}
     _teardown()
     return flags

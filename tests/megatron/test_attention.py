@@ -153,7 +153,7 @@ def _config(tp=1, heads=4, groups=None, kv_channels=16, **extra):
     fields = dict(num_layers=4, hidden_size=heads * kv_channels, num_attention_heads=heads,
                   num_query_groups=groups, kv_channels=kv_channels, use_cpu_initialization=True,
                   params_dtype=torch.float32, tensor_model_parallel_size=tp, attention_dropout=0.0,
-                  hidden_dropout=0.0, masked_softmax_fusion=False, mfp4_recipe="bf16")
+                  hidden_dropout=0.0, masked_softmax_fusion=False, nvfp4_recipe="bf16")
     return NVFP4TransformerConfig(**dict(fields, **extra))
 
 
@@ -361,8 +361,8 @@ def behaviour_checks(rank, world):
         return spec.submodules.self_attention.submodules.core_attention.__name__
 
     out["spec_core_attention"] = {
-        "sdpa": {r: slot(_config(mfp4_recipe=r)) for r in available_recipes()},
-        "megatron": slot(_config(mfp4_attention="megatron"))}
+        "sdpa": {r: slot(_config(nvfp4_recipe=r)) for r in available_recipes()},
+        "megatron": slot(_config(nvfp4_attention="megatron"))}
     return out
 
 
@@ -466,47 +466,47 @@ def test_window_and_softmax_variants_fall_back_to_megatron_with_one_log_line(beh
     lines = behaviour["log_lines"]
     assert len(lines) == 2, lines                        # one per reason, not one per layer
     assert "sliding-window" in lines[0] and "--softmax-type off-by-one" in lines[1], lines
-    assert all("--mfp4-attention megatron" in line for line in lines), lines
+    assert all("--nvfp4-attention megatron" in line for line in lines), lines
 
 
 def test_knob_selects_the_core_attention_in_the_spec(behaviour):
     from megatron_fp4.megatron import NVFP4TransformerConfig, UnsupportedConfigError
     from megatron_fp4.megatron.attention import attention_choice
     from megatron_fp4.registry import available_recipes
-    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, mfp4_recipe="quartet2")
-    assert NVFP4TransformerConfig(**base).mfp4_attention == "sdpa"
+    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, nvfp4_recipe="quartet2")
+    assert NVFP4TransformerConfig(**base).nvfp4_attention == "sdpa"
     spec = behaviour["spec_core_attention"]
     assert set(spec["sdpa"]) == set(available_recipes()), spec          # every recipe, bf16 included
     assert set(spec["sdpa"].values()) == {"build_core_attention"}, spec
     assert spec["megatron"] == "DotProductAttention", spec
-    with pytest.raises(UnsupportedConfigError, match="--mfp4-attention"):
-        attention_choice(NVFP4TransformerConfig(**base, mfp4_attention="flash"))
+    with pytest.raises(UnsupportedConfigError, match="--nvfp4-attention"):
+        attention_choice(NVFP4TransformerConfig(**base, nvfp4_attention="flash"))
 
 
 def test_launcher_flag_reaches_both_routes():
     from megatron.training.global_vars import unset_global_variables
     from megatron_fp4.pretrain_gpt import cpu_parser
     from megatron_fp4.pretrain_support import build_config, launcher_argv
-    # CPU route: the driver's settings take the flag (GPTSettings.attention -> config.mfp4_attention)
-    assert cpu_parser().parse_args([]).mfp4_attention == "sdpa"
-    assert cpu_parser().parse_args(["--mfp4-attention", "megatron"]).mfp4_attention == "megatron"
+    # CPU route: the driver's settings take the flag (GPTSettings.attention -> config.nvfp4_attention)
+    assert cpu_parser().parse_args([]).nvfp4_attention == "sdpa"
+    assert cpu_parser().parse_args(["--nvfp4-attention", "megatron"]).nvfp4_attention == "megatron"
     with pytest.raises(SystemExit):
-        cpu_parser().parse_args(["--mfp4-attention", "flash"])
+        cpu_parser().parse_args(["--nvfp4-attention", "flash"])
     # GPU route: no dataloader mask with sdpa (it only repeats causality; None runs the flash kernel),
     # unless documents are masked apart (--reset-attention-mask) or Megatron's attention is asked for
     flag = "--no-create-attention-mask-in-dataloader"
     assert flag in launcher_argv([])
-    assert flag not in launcher_argv(["--mfp4-attention", "megatron"])
+    assert flag not in launcher_argv(["--nvfp4-attention", "megatron"])
     assert flag not in launcher_argv(["--reset-attention-mask"])
     tiny = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
             "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1", "--mock-data"]
     for choice, mask_in_dataloader in (("sdpa", False), ("megatron", True)):
         unset_global_variables()
         try:
-            args, cfg = build_config(tiny + ["--mfp4-attention", choice])
+            args, cfg = build_config(tiny + ["--nvfp4-attention", choice])
         finally:
             unset_global_variables()
-        assert cfg.model.transformer.mfp4_attention == choice
+        assert cfg.model.transformer.nvfp4_attention == choice
         assert args.create_attention_mask_in_dataloader is mask_in_dataloader
 
 

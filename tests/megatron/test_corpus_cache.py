@@ -65,7 +65,7 @@ def test_cache_is_keyed_by_source_options_and_files(tmp_path, capsys):
 
 def test_sources_that_cannot_give_two_splits(tmp_path):
     one = _source(tmp_path, "one", ["x = 1\n"])
-    with pytest.raises(corpus.CorpusError, match=r"--mfp4-corpus-src .*only one text file \(f0.py\)"):
+    with pytest.raises(corpus.CorpusError, match=r"--nvfp4-corpus-src .*only one text file \(f0.py\)"):
         corpus.ensure(str(tmp_path / "out"), str(one))
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -1,5 +1,5 @@
 """The quality campaign's data on both launcher routes, with megatron-core's own classes on CPU:
---mfp4-data-seed fixes the data order whatever --seed is (GPU route: Megatron's GPTDataset, which
+--nvfp4-data-seed fixes the data order whatever --seed is (GPU route: Megatron's GPTDataset, which
 --seed alone would reshuffle), --full-validation reads the whole held-out split once, and BPE
 (uint16) corpora go through GPTDataset and the CPU driver's windows."""
 import os
@@ -57,8 +57,8 @@ def test_gpu_route_data_order_follows_the_data_seed_not_the_init_seed(bpe_corpus
         seed, train, _ = _datasets(bpe_corpus, extra + ["--data-cache-path", str(tmp_path / cache)], [16, 4, 4])
         return seed, torch.stack([train[i]["tokens"] for i in range(8)])
 
-    s1, a = first(["--seed", "3", "--mfp4-data-seed", "7"], "a")
-    s2, b = first(["--seed", "4", "--mfp4-data-seed", "7"], "b")
+    s1, a = first(["--seed", "3", "--nvfp4-data-seed", "7"], "a")
+    s2, b = first(["--seed", "4", "--nvfp4-data-seed", "7"], "b")
     s3, c = first(["--seed", "4"], "c")
     assert (s1, s2, s3) == (7, 7, 4)
     assert torch.equal(a, b)                       # other init seed, same data order
@@ -113,7 +113,7 @@ def test_megatron_parses_every_flag_of_a_campaign_run(bpe_corpus, tmp_path, mega
     corpus_dir = os.path.dirname(bpe_corpus["prefixes"]["train"])
     flags = quality.run_flags(a, "quartet2-seed2", "quartet2", a.seed + 1, corpus_dir, vocab=16384)
     args, _ = build_config(flags)
-    assert (args.seed, args.mfp4_data_seed, args.full_validation) == (1235, 1234, True)
+    assert (args.seed, args.nvfp4_data_seed, args.full_validation) == (1235, 1234, True)
     assert (args.num_layers, args.hidden_size, args.ffn_hidden_size, args.num_attention_heads) == (6, 384, 1024, 3)
     assert (args.seq_length, args.micro_batch_size, args.global_batch_size, args.train_iters) == (512, 128, 256, 1620)
-    assert args.padded_vocab_size >= 16384 and args.mfp4_recipe == "quartet2" and args.load == args.save
+    assert args.padded_vocab_size >= 16384 and args.nvfp4_recipe == "quartet2" and args.load == args.save

@@ -31,7 +31,7 @@ def megatron_globals():
 def test_route_selection(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert pretrain_gpt.use_gpu_route([]) and not pretrain_gpt.use_gpu_route(["--mfp4-cpu"])
+    assert pretrain_gpt.use_gpu_route([]) and not pretrain_gpt.use_gpu_route(["--nvfp4-cpu"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert not pretrain_gpt.use_gpu_route([])
 
@@ -55,11 +55,11 @@ def test_build_config_and_mock_datasets(megatron_globals):
     from megatron_fp4.megatron.config import NVFP4TransformerConfig
     from megatron_fp4.pretrain_support import build_config, get_batch, train_valid_test_datasets_provider
     from megatron_fp4.spec import gpt_layer_spec
-    args, cfg = build_config(TINY + ["--mock-data", "--mfp4-recipe", "tetrajet2",
-                                     "--mfp4-override", "sr_headroom=1.0", "--mfp4-bf16-modules", "*.linear_fc2"])
+    args, cfg = build_config(TINY + ["--mock-data", "--nvfp4-recipe", "tetrajet2",
+                                     "--nvfp4-override", "sr_headroom=1.0", "--nvfp4-bf16-modules", "*.linear_fc2"])
     t = cfg.model.transformer
-    assert isinstance(t, NVFP4TransformerConfig) and t.mfp4_recipe == "tetrajet2"
-    assert t.mfp4_overrides == {"sr_headroom": 1.0} and t.mfp4_bf16_modules == ("*.linear_fc2",)
+    assert isinstance(t, NVFP4TransformerConfig) and t.nvfp4_recipe == "tetrajet2"
+    assert t.nvfp4_overrides == {"sr_headroom": 1.0} and t.nvfp4_bf16_modules == ("*.linear_fc2",)
     assert cfg.model.transformer_layer_spec is gpt_layer_spec and args.transformer_impl == "local"
     assert cfg.model.vocab_size == 256 and t.gated_linear_unit and t.normalization == "RMSNorm"
     assert not cfg.model.share_embeddings_and_output_weights and not t.add_bias_linear
@@ -102,7 +102,7 @@ def test_refusals_and_bad_input(megatron_globals):
     from megatron_fp4.pretrain_support import build_config, gpt_dataset_config
     from megatron_fp4.registry import RecipeError
     with pytest.raises(RecipeError, match="unknown recipe"):
-        build_config(TINY + ["--mock-data", "--mfp4-recipe", "nope"])
+        build_config(TINY + ["--mock-data", "--nvfp4-recipe", "nope"])
     unset_global_variables()
     with pytest.raises(UnsupportedConfigError, match="transformer-impl local"):
         build_config(TINY + ["--mock-data", "--transformer-impl", "transformer_engine"])
@@ -123,7 +123,7 @@ def test_corpus_datasets_for_the_main_job(tmp_path, megatron_globals):
     src.mkdir()
     for i in range(12):
         (src / f"m{i}.py").write_text("def f(x):\n    return x * %d\n" % i * 30)
-    args, _ = build_config(TINY + ["--save", str(tmp_path / "run"), "--mfp4-corpus-src", str(src)])
+    args, _ = build_config(TINY + ["--save", str(tmp_path / "run"), "--nvfp4-corpus-src", str(src)])
     from megatron.training import get_tokenizer
     assert get_tokenizer().eod == 0 and args.vocab_size == 256
     train, valid, _ = train_valid_test_datasets_provider([8, 4, 4])
@@ -159,7 +159,7 @@ _MODEL_SCRIPT = textwrap.dedent("""
     t.params_dtype, t.bf16, t.pipeline_dtype = torch.float32, False, torch.float32
     model = cfg.model.get_builder_cls()(cfg.model).build_model(ProcessGroupCollection.use_mpu_process_groups())
     fc1 = model.decoder.layers[0].mlp.linear_fc1
-    assert type(fc1).__name__ == "NVFP4ColumnParallelLinear" and fc1.mfp4_recipe.name == "quartet2", fc1
+    assert type(fc1).__name__ == "NVFP4ColumnParallelLinear" and fc1.nvfp4_recipe.name == "quartet2", fc1
     train, _, _ = train_valid_test_datasets_provider([4, 2, 2])
     it = iter(torch.utils.data.DataLoader(train, batch_size=2))
     args.curr_iteration = 5
@@ -176,7 +176,7 @@ def test_forward_step_on_a_model_from_megatrons_builder(tmp_path):
     """Megatron's GPTModelBuilder with the launcher's config builds plugin layers; forward_step
     sets the iteration, and the loss backpropagates (CPU, gloo, the test shim)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", PG_FILE=str(tmp_path / "pg"), OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, "-c", _MODEL_SCRIPT, *TINY, "--mock-data", "--mfp4-recipe", "quartet2",
+    proc = subprocess.run([sys.executable, "-c", _MODEL_SCRIPT, *TINY, "--mock-data", "--nvfp4-recipe", "quartet2",
                            "--use-cpu-initialization"], capture_output=True, text=True, timeout=110, env=env)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
 

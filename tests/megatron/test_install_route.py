@@ -61,9 +61,9 @@ _CHECKOUT = textwrap.dedent("""
     args.params_dtype = torch.float32
 
     def linears(model):
-        return {n: {"cls": type(m).__name__, "bf16": m.mfp4_bf16, "recipe": m.mfp4_recipe.name,
-                    "eden_group": getattr(m.mfp4_recipe, "eden_group", None)}
-                for n, m in model.named_modules() if hasattr(m, "mfp4_bf16")}
+        return {n: {"cls": type(m).__name__, "bf16": m.nvfp4_bf16, "recipe": m.nvfp4_recipe.name,
+                    "eden_group": getattr(m.nvfp4_recipe, "eden_group", None)}
+                for n, m in model.named_modules() if hasattr(m, "nvfp4_bf16")}
 
     # config-container path (core_r0.19 pretrain_gpt.py): GPTModelBuilder calls the spec function
     cfg = pretrain_cfg_container_from_args(args, gpt_config_from_args(args))
@@ -102,8 +102,8 @@ def _error_lines(stderr):
 
 
 def test_install_honours_every_plugin_flag_on_both_builder_paths(tmp_path):
-    proc = _run(tmp_path, MODEL + ["--mfp4-recipe", "quartet2", "--mfp4-override", "eden_group=16",
-                                   "--mfp4-bf16-modules", "decoder.layers.0.*,*.layers.2.mlp.linear_fc2"])
+    proc = _run(tmp_path, MODEL + ["--nvfp4-recipe", "quartet2", "--nvfp4-override", "eden_group=16",
+                                   "--nvfp4-bf16-modules", "decoder.layers.0.*,*.layers.2.mlp.linear_fc2"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert result["spec"] == ["megatron_fp4.spec", "gpt_layer_spec"] and result["impl"] == "local"
@@ -132,29 +132,30 @@ def test_without_a_recipe_install_leaves_megatron_alone(tmp_path):
 
 
 def test_a_user_error_is_one_line_before_megatrons_table_and_debug_shows_the_traceback(tmp_path):
-    proc = _run(tmp_path, MODEL + ["--mfp4-recipe", "quartet2", "--transformer-impl", "transformer_engine"])
+    proc = _run(tmp_path, MODEL + ["--nvfp4-recipe", "quartet2", "--transformer-impl", "transformer_engine"])
     lines = _error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith("megatron_fp4: error: unsupported configuration: --transformer-impl transformer_engine")
     assert ARG_TABLE not in proc.stdout
-    debug = _run(tmp_path, MODEL + ["--mfp4-recipe", "nope"], MEGATRON_FP4_DEBUG="1")
-    assert debug.returncode == 1 and "Traceback" in debug.stderr and "RecipeError: --mfp4-recipe nope" in debug.stderr
+    debug = _run(tmp_path, MODEL + ["--nvfp4-recipe", "nope"], MEGATRON_FP4_DEBUG="1")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "RecipeError: --nvfp4-recipe nope" in debug.stderr
 
 
 # Errors raised inside Megatron's own parse_and_validate_args (in this process; the one-line printing
 # is the excepthook checked above).
 INSTALL_CASES = [
-    (["--mfp4-recipe", "nope"], "--mfp4-recipe nope: unknown recipe"),
-    (["--mfp4-bf16-modules", "decoder.layers.0.*"], "--mfp4-bf16-modules needs --mfp4-recipe"),
-    (["--mfp4-override", "eden_group=16"], "--mfp4-override needs --mfp4-recipe"),
-    (["--spec", "megatron_fp4.spec", "gpt_layer_spec"], "--spec megatron_fp4.spec gpt_layer_spec needs --mfp4-recipe"),
-    (["--mfp4-recipe", "quartet2", "--spec", "megatron.core.models.gpt.gpt_layer_specs", "get_gpt_layer_local_spec"],
+    (["--nvfp4-recipe", "nope"], "--nvfp4-recipe nope: unknown recipe"),
+    (["--nvfp4-bf16-modules", "decoder.layers.0.*"], "--nvfp4-bf16-modules needs --nvfp4-recipe"),
+    (["--nvfp4-override", "eden_group=16"], "--nvfp4-override needs --nvfp4-recipe"),
+    (["--spec", "megatron_fp4.spec", "gpt_layer_spec"], "--spec megatron_fp4.spec gpt_layer_spec needs --nvfp4-recipe"),
+    (["--nvfp4-recipe", "quartet2", "--spec", "megatron.core.models.gpt.gpt_layer_specs", "get_gpt_layer_local_spec"],
      "must come from the plugin spec"),
-    (["--mfp4-recipe", "quartet2", "--mfp4-bf16-modules", "decoder.layer.0.*"], "matches no linear"),
-    (["--mfp4-recipe", "tetrajet2"], "multiple of 128"),       # with hidden size 96 (below)
-    (["--mfp4-recipe", "quartet2", "--fp8-format", "e4m3"], "--fp8-format e4m3 cannot be combined"),
-    (["--mfp4-recipe", "quartet2", "--num-experts", "4"], "MoE"),
-    (["--mfp4-recipe", "quartet2", "--mtp-num-layers", "1"], "--mtp-num-layers 1"),
+    (["--nvfp4-recipe", "quartet2", "--nvfp4-bf16-modules", "decoder.layer.0.*"], "matches no linear"),
+    (["--nvfp4-recipe", "tetrajet2"], "multiple of 128"),       # with hidden size 96 (below)
+    (["--nvfp4-recipe", "quartet2", "--fp8-format", "e4m3"], "--fp8-format e4m3 cannot be combined"),
+    (["--nvfp4-recipe", "quartet2", "--num-experts", "4"], "MoE"),
+    (["--nvfp4-recipe", "quartet2", "--mtp-num-layers", "1"], "--mtp-num-layers 1"),
+    (["--" + "mfp4-recipe", "quartet2"], "--" + "mfp4-recipe was renamed to --nvfp4-recipe"),   # the earlier prefix
 ]
 
 
@@ -166,7 +167,7 @@ def test_install_route_refusals_and_bad_plugin_flags(extra, match, monkeypatch, 
 
     from megatron_fp4.errors import one_line, user_error_types
     megatron_fp4.install()
-    argv = model_flags(hidden_size="96") if extra == ["--mfp4-recipe", "tetrajet2"] else MODEL
+    argv = model_flags(hidden_size="96") if extra == ["--nvfp4-recipe", "tetrajet2"] else MODEL
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *argv, *extra])
     unset_global_variables()
     try:
@@ -183,4 +184,4 @@ def test_install_registers_the_plugin_flags_without_a_default_recipe():
     megatron_fp4.install()
     from megatron.training import arguments
     ns = arguments.add_megatron_arguments(argparse.ArgumentParser()).parse_args([])
-    assert ns.mfp4_recipe is None and ns.mfp4_bf16_modules == "" and ns.mfp4_debug_errors is False
+    assert ns.nvfp4_recipe is None and ns.nvfp4_bf16_modules == "" and ns.nvfp4_debug_errors is False

@@ -22,19 +22,19 @@ def _args(*argv):
 
 
 def test_plugin_flags_parse_and_build_the_recipe():
-    a = _args("--mfp4-recipe", "quartet2", "--mfp4-override", "eden_group=16", "--mfp4-override",
-              "four_over_six=false", "--mfp4-bf16-modules", "decoder.layers.0.*")
+    a = _args("--nvfp4-recipe", "quartet2", "--nvfp4-override", "eden_group=16", "--nvfp4-override",
+              "four_over_six=false", "--nvfp4-bf16-modules", "decoder.layers.0.*")
     recipe = plugin_recipe(a)
     assert recipe.eden_group == 16 and recipe.four_over_six is False
     assert parse_overrides(["eden_c=0.9"]) == {"eden_c": 0.9}
-    assert cpu_parser().parse_args(["--mfp4-recipe", "nvidia"]).mfp4_recipe == "nvidia"
+    assert cpu_parser().parse_args(["--nvfp4-recipe", "nvidia"]).nvfp4_recipe == "nvidia"
 
 
 @pytest.mark.parametrize("argv, match", [
-    (("--mfp4-recipe", "nope"), "unknown recipe"),
-    (("--mfp4-override", "eden_group=7"), "eden_group"),
-    (("--mfp4-override", "no_such_knob=1"), "unknown knob"),
-    (("--mfp4-override", "novalue"), "KEY=VALUE"),
+    (("--nvfp4-recipe", "nope"), "unknown recipe"),
+    (("--nvfp4-override", "eden_group=7"), "eden_group"),
+    (("--nvfp4-override", "no_such_knob=1"), "unknown knob"),
+    (("--nvfp4-override", "novalue"), "KEY=VALUE"),
 ])
 def test_bad_plugin_flags_fail_clearly(argv, match):
     with pytest.raises((RecipeError, ValueError), match=match):
@@ -45,7 +45,7 @@ def test_bad_yaml_recipe_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("family: quartet2\n  eden_group: [16\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
-        plugin_recipe(_args("--mfp4-recipe", str(bad)))
+        plugin_recipe(_args("--nvfp4-recipe", str(bad)))
 
 
 @pytest.mark.parametrize("field, value, match", [
@@ -73,7 +73,7 @@ def test_refused_launch_args(flag, match):
 def test_bf16_layer_and_module_rules():
     cfg = types.SimpleNamespace(first_last_layers_bf16=True, num_layers_at_start_in_bf16=1,
                                 num_layers_at_end_in_bf16=2, num_layers=6,
-                                mfp4_bf16_modules=("*.linear_fc2", "decoder.layers.3.*"))
+                                nvfp4_bf16_modules=("*.linear_fc2", "decoder.layers.3.*"))
     assert [layer_in_bf16(cfg, n) for n in range(1, 7)] == [True, False, False, False, True, True]
     assert module_in_bf16(cfg, "decoder.layers.1.mlp.linear_fc2")
     assert module_in_bf16(cfg, "decoder.layers.3.self_attention.linear_qkv")
@@ -85,8 +85,8 @@ def test_install_registers_flags_with_megatron():
     megatron_fp4.install()
     from megatron.training import arguments
     parser = arguments.add_megatron_arguments(argparse.ArgumentParser())
-    ns = parser.parse_args(["--mfp4-recipe", "tetrajet2", "--mfp4-override", "sr_headroom=1.0"])
-    assert ns.mfp4_recipe == "tetrajet2" and ns.mfp4_override == ["sr_headroom=1.0"]
+    ns = parser.parse_args(["--nvfp4-recipe", "tetrajet2", "--nvfp4-override", "sr_headroom=1.0"])
+    assert ns.nvfp4_recipe == "tetrajet2" and ns.nvfp4_override == ["sr_headroom=1.0"]
     # the training-loop hooks: stabilizers after setup, their state beside each checkpoint
     from megatron.training import training
     assert hasattr(training.setup_model_and_optimizer, "__wrapped__")
@@ -108,9 +108,9 @@ def test_corpus_builder_holds_out_whole_files(tmp_path):
     assert "print(" in text
 
 
-STABILIZER_FLAGS = ["--mfp4-override", "outcontrol_record_start=1", "--mfp4-override", "outcontrol_record_iters=1",
-                    "--mfp4-override", "oscireset_start=0", "--mfp4-override", "oscireset_period=3",
-                    "--mfp4-override", "oscireset_window=1"]
+STABILIZER_FLAGS = ["--nvfp4-override", "outcontrol_record_start=1", "--nvfp4-override", "outcontrol_record_iters=1",
+                    "--nvfp4-override", "oscireset_start=0", "--nvfp4-override", "oscireset_period=3",
+                    "--nvfp4-override", "oscireset_window=1"]
 
 
 @pytest.mark.parametrize("recipe, extra", [("quartet2", []), ("tetrajet2-full", STABILIZER_FLAGS)],
@@ -124,8 +124,8 @@ def test_main_job_reduced(tmp_path, recipe, extra):
     for i in range(30):
         (src / f"m{i}.py").write_text("def f(x):\n    return x * %d\n" % i * 40)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "megatron_fp4.pretrain_gpt", "--mfp4-cpu", "--mfp4-recipe", recipe, *extra,
-           "--mfp4-corpus-src", str(src), "--save", str(out), "--num-layers", "2", "--hidden-size", "128",
+    cmd = [sys.executable, "-m", "megatron_fp4.pretrain_gpt", "--nvfp4-cpu", "--nvfp4-recipe", recipe, *extra,
+           "--nvfp4-corpus-src", str(src), "--save", str(out), "--num-layers", "2", "--hidden-size", "128",
            "--ffn-hidden-size", "256", "--seq-length", "64", "--micro-batch-size", "2", "--train-iters", "4",
            "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1", "--threads", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280,
@@ -139,7 +139,7 @@ def test_main_job_reduced(tmp_path, recipe, extra):
     if recipe == "tetrajet2-full":
         assert {e["update"] for e in summary["oscireset_events"]} == {2}, summary["oscireset_events"]
         assert len(summary["outcontrol"]) == 8 and all(v["iteration"] == 2 for v in summary["outcontrol"].values())
-        assert any(f.startswith("mfp4_oscireset_rank") for f in os.listdir(summary["checkpoint"]))
+        assert any(f.startswith("nvfp4_oscireset_rank") for f in os.listdir(summary["checkpoint"]))
 
 
 def _layout(*argv, world=2):

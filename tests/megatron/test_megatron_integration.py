@@ -1,13 +1,13 @@
 """Megatron-Core integration on CPU: real gloo process groups (2 ranks), real megatron-core classes.
 
-Rank bodies live in mfp4_workers.py; megatron_fp4.testing.dist runs them on forkserver processes
+Rank bodies live in nvfp4_workers.py; megatron_fp4.testing.dist runs them on forkserver processes
 with megatron.core preloaded and the CPU shim installed, each run under a timeout.
 """
 import math
 
 import pytest
 
-import mfp4_workers as w
+import nvfp4_workers as w
 from megatron_fp4.testing import dist
 
 pytestmark = pytest.mark.timeout(300)

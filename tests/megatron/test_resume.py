@@ -23,14 +23,14 @@ TINY = ["--num-layers", "2", "--hidden-size", "128", "--ffn-hidden-size", "256",
         "--eval-iters", "1", "--threads", "1"]
 # stabilizers active inside 8 iterations: OutControl records iterations 1-3 (selects at 4), OsciReset
 # windows of 2 updates end at updates 3 and 6, so resuming at 2, 4 or 6 lands mid-recording / mid-window
-STABILIZERS = ["--mfp4-override", "outcontrol_record_start=1", "--mfp4-override", "outcontrol_record_iters=3",
-               "--mfp4-override", "oscireset_start=1", "--mfp4-override", "oscireset_period=3",
-               "--mfp4-override", "oscireset_window=2", "--mfp4-override", "oscireset_threshold=1.5"]
+STABILIZERS = ["--nvfp4-override", "outcontrol_record_start=1", "--nvfp4-override", "outcontrol_record_iters=3",
+               "--nvfp4-override", "oscireset_start=1", "--nvfp4-override", "oscireset_period=3",
+               "--nvfp4-override", "oscireset_window=2", "--nvfp4-override", "oscireset_threshold=1.5"]
 ENV = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
 
 
 def _argv(save, *extra, ranks=1):
-    prog = ["-m", "megatron_fp4.pretrain_gpt", "--mfp4-cpu", "--save", str(save), *TINY, *map(str, extra)]
+    prog = ["-m", "megatron_fp4.pretrain_gpt", "--nvfp4-cpu", "--save", str(save), *TINY, *map(str, extra)]
     if ranks == 1:
         return [sys.executable, *prog]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
@@ -154,24 +154,24 @@ def _kill_and_resume(tmp_path, flags, ranks, seed):
 
 def test_sigkill_and_resume_is_bit_identical_stabilizers_one_rank(tmp_path, corpus):
     """quartet2-plus: stochastic rounding (MS-EDEN) and both stabilizers, on the corpus data path."""
-    a, b = _kill_and_resume(tmp_path, [*corpus, "--mfp4-recipe", "quartet2-plus", *STABILIZERS], 1, seed=1)
+    a, b = _kill_and_resume(tmp_path, [*corpus, "--nvfp4-recipe", "quartet2-plus", *STABILIZERS], 1, seed=1)
     assert a["oscireset_events"] and a["oscireset_events"] == b["oscireset_events"]
     assert len(a["outcontrol"]) == 8 and a["outcontrol"] == b["outcontrol"]
 
 
 @pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical_quartet2_bf16_one_rank(tmp_path):
-    _kill_and_resume(tmp_path, ["--mock-data", "--mfp4-recipe", "quartet2", "--bf16"], 1, seed=2)
+    _kill_and_resume(tmp_path, ["--mock-data", "--nvfp4-recipe", "quartet2", "--bf16"], 1, seed=2)
 
 
 def test_sigkill_and_resume_is_bit_identical_two_ranks(tmp_path, corpus):
     """DP=2 with the distributed optimizer (sharded optimizer state, OsciReset state per rank) and
     tetrajet2-full (SR after RHT-16, both stabilizers), through torchrun."""
-    a, b = _kill_and_resume(tmp_path, [*corpus, "--mfp4-recipe", "tetrajet2-full", *STABILIZERS,
+    a, b = _kill_and_resume(tmp_path, [*corpus, "--nvfp4-recipe", "tetrajet2-full", *STABILIZERS,
                                        "--use-distributed-optimizer"], 2, seed=3)
     assert a["world_size"] == 2 and a["layout"]["dp"] == 2 and a["oscireset_events"]
     assert sorted(n for n in os.listdir(tmp_path / "killed" / "iter_0000008") if "oscireset" in n) == [
-        "mfp4_oscireset_rank00000.pt", "mfp4_oscireset_rank00001.pt"]
+        "nvfp4_oscireset_rank00000.pt", "nvfp4_oscireset_rank00001.pt"]
 
 
 SAVE_STAGES = ["partial", "written", "renamed", "tracked"]
@@ -184,7 +184,7 @@ def test_sigkill_during_a_save_never_harms_the_previous_checkpoint(tmp_path, sta
     byte for byte what it was, the tracker names the newest complete checkpoint, and a resumed run
     loads it, cleans the unfinished save away and trains on as the killed run did."""
     save = tmp_path / "run"
-    flags = ["--mock-data", "--mfp4-recipe", "quartet2", "--train-iters", 6, "--save-interval", 2]
+    flags = ["--mock-data", "--nvfp4-recipe", "quartet2", "--train-iters", 6, "--save-interval", 2]
     env = dict(ENV, MEGATRON_FP4_TEST_SAVE_PAUSE=f"4:{stage}")
     before = {}
 
@@ -192,7 +192,7 @@ def test_sigkill_during_a_save_never_harms_the_previous_checkpoint(tmp_path, sta
         if "saved checkpoint at iteration 2 " in line:
             before.update(_digest(save / "iter_0000002"))
 
-    rc, out = _kill_when(_start(_argv(save, *flags), env), f"mfp4 test: save stage {stage} (iteration 4)",
+    rc, out = _kill_when(_start(_argv(save, *flags), env), f"nvfp4 test: save stage {stage} (iteration 4)",
                          on_line=snapshot)
     assert rc == -signal.SIGKILL, out[-3000:]
     assert before and _digest(save / "iter_0000002") == before
@@ -255,7 +255,7 @@ def test_non_finite_loss_stops_the_run_unless_asked_to_continue(tmp_path):
     non-finite loss or grad norm with an error naming the iteration and exit status 1, saving nothing
     of that state; with --no-check-for-nan-in-loss-and-grad it trains on (the loss turns NaN too), and
     the summary is strict JSON."""
-    flags = ["--mock-data", "--mfp4-recipe", "quartet2", "--train-iters", 4, "--lr", 1e30, "--min-lr", 1e30,
+    flags = ["--mock-data", "--nvfp4-recipe", "quartet2", "--train-iters", 4, "--lr", 1e30, "--min-lr", 1e30,
              "--lr-warmup-iters", 0, "--clip-grad", 0]
     rc, out = _run(_argv(tmp_path / "stop", *flags))
     assert rc == 1, out[-3000:]
@@ -278,14 +278,14 @@ def test_non_finite_loss_stops_the_run_unless_asked_to_continue(tmp_path):
 
 
 def test_time_budget_stop_saves_and_resumes_to_the_end(tmp_path):
-    """--mfp4-time-budget: the run stops after the iteration that crosses it, saves a checkpoint,
+    """--nvfp4-time-budget: the run stops after the iteration that crosses it, saves a checkpoint,
     says it did not finish and exits with status 3; the next command with --load finishes the run
     with the losses of an uninterrupted one. Without the flag there is no budget."""
-    flags = ["--mock-data", "--mfp4-recipe", "quartet2", "--train-iters", 4]
+    flags = ["--mock-data", "--nvfp4-recipe", "quartet2", "--train-iters", 4]
     straight = _start(_argv(tmp_path / "straight", *flags))
-    rc, out = _run(_argv(tmp_path / "cut", *flags, "--mfp4-time-budget", 1e-3))
+    rc, out = _run(_argv(tmp_path / "cut", *flags, "--nvfp4-time-budget", 1e-3))
     assert rc == 3, out[-3000:]
-    assert ("stopped by time budget (0.001 s of training, --mfp4-time-budget) at iteration 1 of 4: the run did "
+    assert ("stopped by time budget (0.001 s of training, --nvfp4-time-budget) at iteration 1 of 4: the run did "
             f"not finish; checkpoint saved to {tmp_path / 'cut'}/iter_0000001; resume with --load {tmp_path / 'cut'}"
             ) in out
     cut = _strict_json(tmp_path / "cut" / "summary.json")
@@ -305,7 +305,7 @@ def test_time_budget_stop_saves_and_resumes_to_the_end(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_with_exit_signal_handler_saves_and_stops(tmp_path):
-    flags = ["--mock-data", "--mfp4-recipe", "quartet2", "--train-iters", 8, "--exit-signal-handler"]
+    flags = ["--mock-data", "--nvfp4-recipe", "quartet2", "--train-iters", 8, "--exit-signal-handler"]
     rc, out = _kill_when(_start(_argv(tmp_path / "run", *flags)), " iteration      2/", sig=signal.SIGTERM)
     assert rc == 3, out[-3000:]
     line = next(ln for ln in out.splitlines() if ln.startswith("stopped by SIGTERM"))
@@ -336,7 +336,7 @@ def megatron_globals():
 
 
 def test_gpu_route_save_folder_budget_and_strict_summary(tmp_path, monkeypatch, megatron_globals):
-    """The GPU route (checked on CPU up to pretrain()): --mfp4-time-budget becomes Megatron's
+    """The GPU route (checked on CPU up to pretrain()): --nvfp4-time-budget becomes Megatron's
     --exit-duration-in-mins (which saves before it exits), a --save folder holding a checkpoint is
     refused unless resumed or --overwrite, and the shared summary writer keeps it strict JSON."""
     from megatron.training import training
@@ -349,14 +349,14 @@ def test_gpu_route_save_folder_budget_and_strict_summary(tmp_path, monkeypatch, 
     tiny = ["--num-layers", "2", "--hidden-size", "128", "--ffn-hidden-size", "256", "--num-attention-heads", "4",
             "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3",
             "--mock-data", "--save", str(save)]
-    args, _ = build_config(tiny + ["--mfp4-time-budget", "90"])
-    assert args.exit_duration_in_mins == 1.5 and not args.mfp4_overwrite
+    args, _ = build_config(tiny + ["--nvfp4-time-budget", "90"])
+    assert args.exit_duration_in_mins == 1.5 and not args.nvfp4_overwrite
     with pytest.raises(UsageError, match=r"--load .*--overwrite"):
         prepare_gpu_save_folder(args)
     args.load = str(save)
     prepare_gpu_save_folder(args)                                     # resumes: nothing touched
     assert (save / "iter_0000002").is_dir()
-    args.load, args.mfp4_overwrite = None, True
+    args.load, args.nvfp4_overwrite = None, True
     prepare_gpu_save_folder(args)
     assert os.listdir(save) == []
     monkeypatch.setattr(training, "training_log", lambda *a, **k: 0)

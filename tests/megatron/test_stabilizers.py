@@ -116,7 +116,7 @@ def test_install_stabilizers_declares_the_run_length_for_fractional_schedules(mo
     recipe = dataclasses.replace(load_recipe("tetrajet2-full"), oscireset=False)
     assert 0 < recipe.oscireset_start < 1                 # the released YAML uses fractions
     layer = torch.nn.Linear(4, 4)
-    layer.mfp4_recipe = recipe
+    layer.nvfp4_recipe = recipe
     monkeypatch.setattr(state, "_train_iters", None)
     with pytest.raises(RuntimeError, match="run length is unknown"):
         state.stabilizer_schedule(recipe)

@@ -1,6 +1,6 @@
 """User mistakes on the launcher's two routes come back as one line naming the flag or file and the
 fix (no traceback), exit status 2, from global rank 0 only, before any model is built and (GPU route)
-before Megatron prints its argument table; --mfp4-debug-errors / MEGATRON_FP4_DEBUG=1 give the
+before Megatron prints its argument table; --nvfp4-debug-errors / MEGATRON_FP4_DEBUG=1 give the
 traceback back. Nothing here trains: every argv fails in validation."""
 import json
 import os
@@ -35,7 +35,7 @@ def _small_corpus(root, files=3, lines=5):
 
 def _cpu_cli(argv, capsys):
     with pytest.raises(SystemExit) as exc:
-        pretrain_gpt.cli(["--mfp4-cpu", *argv])
+        pretrain_gpt.cli(["--nvfp4-cpu", *argv])
     captured = capsys.readouterr()
     return exc.value.code, captured
 
@@ -45,12 +45,12 @@ CPU_CASES = [
     (["--seq-length", "0"], ["--seq-length", ">= 1"]),
     (["--hidden-size", "100", "--num-attention-heads", "3"], ["--hidden-size 100", "--num-attention-heads 3"]),
     (["--hidden-size", "200", "--num-attention-heads", "4"], ["decoder.layers.0.self_attention.linear_qkv",
-                                                               "multiple of 16", "--mfp4-bf16-modules"]),
+                                                               "multiple of 16", "--nvfp4-bf16-modules"]),
     (["--data-path", "/nonexistent/corpus/train"], ["--data-path /nonexistent/corpus/train", ".idx not found"]),
     (["--mock-data", "--data-path", "x"], ["--mock-data cannot be combined with --data-path"]),
-    (["--mfp4-override", "eden_group=[16"], ["--mfp4-override 'eden_group=[16'", "not valid YAML"]),
-    (["--mfp4-override", "eden_group=7"], ["--mfp4-override eden_group=7", "knob 'eden_group'", "recipe 'quartet2'"]),
-    (["--mfp4-recipe", "nope"], ["--mfp4-recipe nope", "unknown recipe", "tetrajet2-full"]),
+    (["--nvfp4-override", "eden_group=[16"], ["--nvfp4-override 'eden_group=[16'", "not valid YAML"]),
+    (["--nvfp4-override", "eden_group=7"], ["--nvfp4-override eden_group=7", "knob 'eden_group'", "recipe 'quartet2'"]),
+    (["--nvfp4-recipe", "nope"], ["--nvfp4-recipe nope", "unknown recipe", "tetrajet2-full"]),
     (["--fp8-format", "e4m3"], ["--fp8-format e4m3", "drop --fp8-format"]),
     (["--num-experts", "8"], ["--num-experts 8", "MoE"]),
     (["--transformer-impl", "transformer_engine"], ["--transformer-impl transformer_engine", "--transformer-impl local"]),
@@ -58,12 +58,13 @@ CPU_CASES = [
     (["--overlap-moe-expert-parallel-comm"], ["--overlap-moe-expert-parallel-comm", "Megatron flag the CPU driver"]),
     (["--seq-lenght", "64"], ["unrecognized argument --seq-lenght", "did you mean --seq-length"]),
     (["--seq-length", "abc"], ["--seq-length", "invalid int value"]),
-    (["--mfp4-bf16-modules", "decoder.layer.0.*"], ["'decoder.layer.0.*' matches no linear",
+    (["--nvfp4-bf16-modules", "decoder.layer.0.*"], ["'decoder.layer.0.*' matches no linear",
                                                     "decoder.layers.{0..3}.{self_attention.linear_qkv"]),
     (["--num-layers", "6", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "2"],
      ["--num-layers 6", "multiple of 4"]),
-    (["--bf16", "--mfp4-fp32"], ["--bf16 and --mfp4-fp32"]),
-    (["--mfp4-corpus-src", "/nonexistent/src"], ["--mfp4-corpus-src /nonexistent/src", "not found"]),
+    (["--bf16", "--nvfp4-fp32"], ["--bf16 and --nvfp4-fp32"]),
+    (["--nvfp4-corpus-src", "/nonexistent/src"], ["--nvfp4-corpus-src /nonexistent/src", "not found"]),
+    (["--" + "mfp4-recipe=nvidia"], ["--" + "mfp4-recipe was renamed to --nvfp4-recipe"]),   # the earlier prefix
 ]
 
 
@@ -89,17 +90,17 @@ def test_sequence_parallel_length_and_one_file_corpus(capsys, tmp_path, monkeypa
     one = tmp_path / "one"
     one.mkdir()
     (one / "only.py").write_text("x = 1\n" * 50)
-    code, captured = _cpu_cli(["--mfp4-corpus-src", str(one), "--save", str(tmp_path / "run")], capsys)
+    code, captured = _cpu_cli(["--nvfp4-corpus-src", str(one), "--save", str(tmp_path / "run")], capsys)
     line, = _error_lines(captured.err)
-    assert code == 2 and f"--mfp4-corpus-src {one}: only one text file (only.py)" in line and "--data-path" in line
+    assert code == 2 and f"--nvfp4-corpus-src {one}: only one text file (only.py)" in line and "--data-path" in line
 
 
 def test_debug_switch_gives_the_traceback_back(monkeypatch, capsys):
-    with pytest.raises(RecipeError, match="--mfp4-recipe nope"):
-        pretrain_gpt.cli(["--mfp4-cpu", "--mfp4-recipe", "nope", "--mfp4-debug-errors"])
+    with pytest.raises(RecipeError, match="--nvfp4-recipe nope"):
+        pretrain_gpt.cli(["--nvfp4-cpu", "--nvfp4-recipe", "nope", "--nvfp4-debug-errors"])
     monkeypatch.setenv("MEGATRON_FP4_DEBUG", "1")
     with pytest.raises(UsageError, match="--seq-length must be >= 1"):
-        pretrain_gpt.cli(["--mfp4-cpu", "--seq-length", "0"])
+        pretrain_gpt.cli(["--nvfp4-cpu", "--seq-length", "0"])
     assert "megatron_fp4: error" not in capsys.readouterr().err
 
 
@@ -107,7 +108,7 @@ def test_sequence_longer_than_the_corpus_split(tmp_path):
     """A real run: the corpus is built, then the validation split is found shorter than one sequence
     (it used to fail as numpy's `ValueError: high <= 0`)."""
     src = _small_corpus(tmp_path, files=3, lines=2)
-    proc = subprocess.run([sys.executable, "-m", "megatron_fp4.pretrain_gpt", "--mfp4-cpu", "--mfp4-corpus-src",
+    proc = subprocess.run([sys.executable, "-m", "megatron_fp4.pretrain_gpt", "--nvfp4-cpu", "--nvfp4-corpus-src",
                            str(src), "--save", str(tmp_path / "run"), "--seq-length", "512",
                            "--max-position-embeddings", "512", "--threads", "1"],
                           capture_output=True, text=True, timeout=200, env=ENV)
@@ -120,14 +121,14 @@ def test_one_rank_reports_under_torchrun_environment(tmp_path):
     """Two real processes with torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR): both exit 2 before
     the rendezvous, only global rank 0 prints the line."""
     base = dict(ENV, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29555")
-    cmd = [sys.executable, "-m", "megatron_fp4.pretrain_gpt", "--mfp4-cpu", "--mock-data",
-           "--save", str(tmp_path / "run"), "--mfp4-bf16-modules", "layers.9.*"]
+    cmd = [sys.executable, "-m", "megatron_fp4.pretrain_gpt", "--nvfp4-cpu", "--mock-data",
+           "--save", str(tmp_path / "run"), "--nvfp4-bf16-modules", "layers.9.*"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=dict(base, RANK=str(r), LOCAL_RANK=str(r))) for r in (0, 1)]
     outs = [p.communicate(timeout=200) for p in procs]
     assert [p.returncode for p in procs] == [2, 2], outs
     rank0, rank1 = (_error_lines(err) for _, err in outs)
-    assert len(rank0) == 1 and "--mfp4-bf16-modules: pattern 'layers.9.*' matches no linear" in rank0[0], outs[0]
+    assert len(rank0) == 1 and "--nvfp4-bf16-modules: pattern 'layers.9.*' matches no linear" in rank0[0], outs[0]
     assert rank1 == [], outs[1]
 
 
@@ -151,13 +152,13 @@ _GPU_ROUTE = textwrap.dedent("""
 """)
 
 GPU_CASES = [
-    (["--mfp4-recipe", "nope"], ["--mfp4-recipe nope", "unknown recipe"]),
-    (["--mfp4-bf16-modules", "decoder.layer.0.*"], ["matches no linear", "decoder.layers.{0..3}"]),
+    (["--nvfp4-recipe", "nope"], ["--nvfp4-recipe nope", "unknown recipe"]),
+    (["--nvfp4-bf16-modules", "decoder.layer.0.*"], ["matches no linear", "decoder.layers.{0..3}"]),
     (["--hidden-size", "100", "--num-attention-heads", "3"], ["--hidden-size 100 is not divisible"]),
     (["--transformer-impl", "transformer_engine"], ["--transformer-impl local"]),
     (["--spec", "megatron_fp4.spec", "gpt_layer_spec"], ["--spec", "drop --spec"]),
     (["--seq-lenght", "64"], ["unrecognized arguments: --seq-lenght", "Megatron's argument parser"]),
-    (["--mfp4-override", "eden_group=7"], ["--mfp4-override eden_group=7"]),
+    (["--nvfp4-override", "eden_group=7"], ["--nvfp4-override eden_group=7"]),
     (["--data-path", "/nonexistent/p"], ["--data-path /nonexistent/p", "not found"]),
     (["--seq-length", "0"], ["--seq-length must be >= 1"]),
 ]

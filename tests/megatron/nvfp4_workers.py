@@ -21,7 +21,7 @@ def _config(world, recipe, sp=False, fusion=False, **extra):
     return NVFP4TransformerConfig(
         num_layers=1, hidden_size=256, num_attention_heads=4, use_cpu_initialization=True,
         params_dtype=torch.float32, sequence_parallel=sp, tensor_model_parallel_size=world,
-        gradient_accumulation_fusion=fusion, mfp4_recipe=recipe, **extra)
+        gradient_accumulation_fusion=fusion, nvfp4_recipe=recipe, **extra)
 
 
 def _init(w):
@@ -36,12 +36,12 @@ def _reference(layer, x, weight, bias, dy):
     """Single-device result with the layer's own stream key (what TP=1 computes)."""
     from megatron_fp4.linear import nvfp4_linear
     from megatron_fp4.recipe import QuantContext
-    recipe = layer.mfp4_recipe
+    recipe = layer.nvfp4_recipe
     x = x.detach().clone().requires_grad_(True)
     w = weight.detach().clone().requires_grad_(True)
     b = None if bias is None else bias.detach().clone().requires_grad_(True)
-    if recipe.quantized and not layer.mfp4_bf16:
-        y = nvfp4_linear(x, w, b, recipe, QuantContext(key=layer.mfp4_last_key, seed=recipe.seed))
+    if recipe.quantized and not layer.nvfp4_bf16:
+        y = nvfp4_linear(x, w, b, recipe, QuantContext(key=layer.nvfp4_last_key, seed=recipe.seed))
     else:
         y = torch.nn.functional.linear(x, w, b)
     y.backward(dy)
@@ -68,7 +68,7 @@ def layer_parity(rank, world, recipe_name, sp):
     torch.manual_seed(11)
     col = NVFP4ColumnParallelLinear(hidden, ffn, config=cfg, init_method=_init, bias=True,
                                     gather_output=False, keep_master_weight_for_test=True)
-    col.set_mfp4_identity(1, "decoder.layers.0.mlp.linear_fc1")
+    col.set_nvfp4_identity(1, "decoder.layers.0.mlp.linear_fc1")
     with torch.no_grad():
         col.bias.copy_(torch.randn(col.bias.shape))
     bias_full = torch.cat([t for t in _gather_list(col.bias.detach(), world)])
@@ -88,7 +88,7 @@ def layer_parity(rank, world, recipe_name, sp):
     torch.manual_seed(13)
     row = NVFP4RowParallelLinear(ffn, hidden, config=cfg, init_method=_init, bias=True,
                                  input_is_parallel=True, skip_bias_add=False, keep_master_weight_for_test=True)
-    row.set_mfp4_identity(1, "decoder.layers.0.mlp.linear_fc2")
+    row.set_nvfp4_identity(1, "decoder.layers.0.mlp.linear_fc2")
     torch.manual_seed(17)
     h_full = torch.randn(s, b, ffn)
     dy_row = torch.randn(s, b, hidden)
@@ -121,7 +121,7 @@ def swiglu_fc1_parity(rank, world, recipe_name):
     torch.manual_seed(11)
     col = NVFP4ColumnParallelLinear(hidden, ffn, config=cfg, init_method=_init, bias=False, stride=2,
                                     gather_output=False, keep_master_weight_for_test=True)
-    col.set_mfp4_identity(1, "decoder.layers.0.mlp.linear_fc1")
+    col.set_nvfp4_identity(1, "decoder.layers.0.mlp.linear_fc1")
     piece = ffn // 2 // world
     rows = torch.cat([torch.arange(rank * piece, (rank + 1) * piece),
                       ffn // 2 + torch.arange(rank * piece, (rank + 1) * piece)])
@@ -178,7 +178,7 @@ def fusion_main_grad(rank, world, recipe_name):
     torch.manual_seed(11)
     col = NVFP4ColumnParallelLinear(256, 256, config=cfg, init_method=_init, bias=False,
                                     gather_output=False)
-    col.set_mfp4_identity(1, "decoder.layers.0.self_attention.linear_qkv")
+    col.set_nvfp4_identity(1, "decoder.layers.0.self_attention.linear_qkv")
     col.weight.main_grad = torch.full_like(col.weight, 0.5, dtype=torch.float32)
     col.weight.grad_added_to_main_grad = False
     torch.manual_seed(3)
@@ -192,7 +192,7 @@ def fusion_main_grad(rank, world, recipe_name):
     cfg2 = _config(world, recipe_name, fusion=False)
     torch.manual_seed(11)
     ref = NVFP4ColumnParallelLinear(256, 256, config=cfg2, init_method=_init, bias=False, gather_output=False)
-    ref.set_mfp4_identity(1, "decoder.layers.0.self_attention.linear_qkv")
+    ref.set_nvfp4_identity(1, "decoder.layers.0.self_attention.linear_qkv")
     x2 = x.detach().clone().requires_grad_(True)
     y2, _ = ref(x2)
     y2.backward(dy)
