@@ -1,6 +1,6 @@
 """GPU timing and exactness of the double-block kernels (not collected by pytest: no test_ prefix).
 
-    python3 benchmarks/bench_double_block.py --out $OUT/qdb
+    python3 -m benchmarks.bench_double_block --out $OUT/qdb
 
 bf16 randn [16384, 4096]: for each kernel, bits against the reference (for RHT-16: against the
 reference run on the kernel's own rotation, and against the full reference composition), median
@@ -15,8 +15,7 @@ import sys
 import torch
 import triton
 
-from timing import median_ms
-
+from benchmarks.timing import median_ms
 from megatron_fp4 import quantizers as Q
 from megatron_fp4.hadamard import rht
 from megatron_fp4.rng import RandomStream, derive_key, random_signs
@@ -53,6 +52,8 @@ def main():
     ap.add_argument("--rows", type=int, default=16384)
     ap.add_argument("--cols", type=int, default=4096)
     args = ap.parse_args()
+    if not DRYRUN and not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (BENCH_DRYRUN=1 TRITON_INTERPRET=1 with small --rows/--cols checks it on CPU)")
     dev = "cpu" if DRYRUN else "cuda"
     R, C = args.rows, args.cols
     name = "cpu (dry run)" if DRYRUN else torch.cuda.get_device_name()

@@ -2,7 +2,7 @@
 and the quartet2 linear forward+backward at Llama-7B shapes (reference torch path vs kernels, each
 as a ratio to BF16 measured in the same run).
 
-    PYTHONPATH=. python benchmarks/bench_kernels.py [--out DIR] [--quick]
+    python -m benchmarks.bench_kernels [--out DIR] [--quick]
 
 Writes DIR/results.md (markdown tables), DIR/results.json and prints the tables last.
 """
@@ -20,9 +20,8 @@ import traceback
 import torch
 import triton
 
-from _runs import put_marked_block
-from timing import host_issue_ms, median_ms
-
+from benchmarks._runs import put_marked_block
+from benchmarks.timing import host_issue_ms, median_ms
 from megatron_fp4 import backend
 from megatron_fp4 import quantizers as Q
 from megatron_fp4.hadamard import rht
@@ -429,6 +428,9 @@ def main():
             ap.error("--from-md needs --results-md")
         publish(open(args.from_md).read(), args.results_md)
         return
+    if not DRYRUN and not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (BENCH_DRYRUN=1 TRITON_INTERPRET=1 checks the script on CPU; "
+                 "--from-md needs none)")
     os.makedirs(args.out, exist_ok=True)
     dev = "cpu (dry run)" if DRYRUN else torch.cuda.get_device_name()
     RESULTS["env"] = dict(device=dev, torch=torch.__version__, triton=triton.__version__,

@@ -4,13 +4,9 @@ one-ulp-scale perturbation like the FP32 reduction-order differences between TP=
 grad-norm differences per step set the tolerance of the TP-parity tests after step 1
 (tests/megatron/test_megatron_integration.py).
 
-    .venv/bin/python benchmarks/fp4_perturbation.py [--recipe quartet2] [--steps 5]
+    .venv/bin/python -m benchmarks.fp4_perturbation [--recipe quartet2] [--steps 5]
 """
 import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
 
 SMALL = dict(num_layers=2, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4, seq_length=64,
              micro_batch_size=2, num_microbatches=2)
@@ -41,7 +37,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     a = ap.parse_args()
     from megatron_fp4.testing import dist
-    import fp4_perturbation as me
+    from benchmarks import fp4_perturbation as me
     settings = dict(SMALL, recipe=a.recipe)
     base = dist.run(me.train, 1, settings, a.steps, 1.0, timeout=600)[0]
     pert = dist.run(me.train, 1, settings, a.steps, 1.0 + 2.0 ** -22, timeout=600)[0]

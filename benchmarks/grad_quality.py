@@ -1,7 +1,7 @@
 """Gradient quality of each recipe at one trained model state (CPU; the training-quality issue's
 investigation of the recipe order).
 
-    .venv/bin/python benchmarks/grad_quality.py --out runs/grad_quality [--train-steps 200] [--draws 8]
+    .venv/bin/python -m benchmarks.grad_quality --out runs/grad_quality [--train-steps 200] [--draws 8]
 
 A small Llama-style GPT (the main job's shape, SwiGLU) is trained in FP32 (`bf16` recipe: no
 quantization) on the default corpus for --train-steps steps. At that state, on fixed held-out batches,
@@ -25,9 +25,6 @@ import argparse
 import json
 import math
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MODEL = dict(num_layers=4, hidden_size=256, ffn_hidden_size=768, num_attention_heads=4, seq_length=128,
              micro_batch_size=8, num_microbatches=1, swiglu=True)
@@ -165,7 +162,7 @@ def main(argv=None):
     variants = [v for v in VARIANTS if not a.only or v[0] in a.only]
     from megatron_fp4.testing import dist
 
-    import grad_quality as me
+    from benchmarks import grad_quality as me
     res = dist.run(me.worker, 1, corpus, a.train_steps, a.draws, a.eval_batches, variants,
                    max(1, a.train_steps // 5), timeout=3600, threads=os.cpu_count() or 1)[0]
     text = table(res["results"], a)

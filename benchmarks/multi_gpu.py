@@ -1,10 +1,10 @@
 """Multi-GPU runs of the plugin on one 2-GPU node (multi-GPU issue), in one command:
 
-    python benchmarks/multi_gpu.py --out runs/mgpu                      # 2 GPUs, all stages
-    python benchmarks/multi_gpu.py --out runs/mgpu --stage tp          # one stage (tp | curves | grads)
-    python benchmarks/multi_gpu.py --out runs/mgpu_cpu --cpu            # the same runs, tiny, 2 CPU ranks (gloo)
-    python benchmarks/multi_gpu.py --out runs/mgpu --single-gpu         # one GPU: the one-rank runs only
-    python benchmarks/multi_gpu.py --out runs/mgpu --single-gpu --stage curves,grads --share-gpu
+    python -m benchmarks.multi_gpu --out runs/mgpu                      # 2 GPUs, all stages
+    python -m benchmarks.multi_gpu --out runs/mgpu --stage tp          # one stage (tp | curves | grads)
+    python -m benchmarks.multi_gpu --out runs/mgpu_cpu --cpu            # the same runs, tiny, 2 CPU ranks (gloo)
+    python -m benchmarks.multi_gpu --out runs/mgpu --single-gpu         # one GPU: the one-rank runs only
+    python -m benchmarks.multi_gpu --out runs/mgpu --single-gpu --stage curves,grads --share-gpu
                                         # their one-rank runs side by side on one GPU (no timings taken)
 
 Every run is `python -m megatron_fp4.pretrain_gpt` under torchrun (Megatron's own loop and NCCL on
@@ -42,10 +42,8 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _runs import Job, load_summary, put_marked_block, run_jobs  # noqa: E402
-
-from megatron_fp4.testing.dist import free_port  # noqa: E402
+from benchmarks._runs import Job, load_summary, put_marked_block, run_jobs
+from megatron_fp4.testing.dist import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -374,7 +372,7 @@ def grads_table(a) -> list:
 
 def write_results(a, status: dict) -> str:
     device = "CPU (gloo, 2 ranks)" if a.cpu else _device_name()
-    parts = [f"Device: {device}. Command: `python benchmarks/multi_gpu.py --out {a.out}"
+    parts = [f"Device: {device}. Command: `python -m benchmarks.multi_gpu --out {a.out}"
              + (" --cpu" if a.cpu else "") + "`" + (" (CPU sizes: code paths only, no performance meaning)" if a.cpu else ""),
              "", "**1. TP=2 + sequence parallel vs TP=1** (" + _size_text("tp", a) + ", mock data)", "", *tp_table(a),
              "", "**2. Loss curves, tetrajet2-full** (" + _size_text("curves", a) + ", default corpus)", "",

@@ -1,9 +1,9 @@
 """Training-quality benchmark: the same Llama-style GPT trained under every recipe against BF16.
 
-    python benchmarks/quality.py --preset campaign --out runs/campaign --plan       # sizes, budget; trains nothing
-    python benchmarks/quality.py --preset campaign --out runs/campaign --parallel 6 --deadline 540   # GPU, one call
-    python benchmarks/quality.py --out runs/quality --parallel 8    # the small default preset (GPU)
-    python benchmarks/quality.py --out runs/smoke --cpu --steps 20  # CPU smoke (megatron-core driver)
+    python -m benchmarks.quality --preset campaign --out runs/campaign --plan       # sizes, budget; trains nothing
+    python -m benchmarks.quality --preset campaign --out runs/campaign --parallel 6 --deadline 540   # GPU, one call
+    python -m benchmarks.quality --out runs/quality --parallel 8    # the small default preset (GPU)
+    python -m benchmarks.quality --out runs/smoke --cpu --steps 20  # CPU smoke (megatron-core driver)
 
 Every run: same model (RMSNorm, SwiGLU, RoPE, untied embeddings, no biases), same data and data order,
 same validation set, same hyperparameters (AdamW 0.9/0.95, weight decay 0.1, clip 1.0, cosine with 10%
@@ -48,9 +48,8 @@ import re
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _runs import Job, load_summary, run_jobs  # noqa: E402
-from _stats import mean_ci, paired_ci, verdict  # noqa: E402
+from benchmarks._runs import Job, load_summary, run_jobs
+from benchmarks._stats import mean_ci, paired_ci, verdict
 
 RUNS = [  # the default preset's runs: (run name, recipe, seed offset)
     ("bf16", "bf16", 0), ("bf16-seed2", "bf16", 1), ("nvidia", "nvidia", 0), ("tetrajet2", "tetrajet2", 0),

@@ -1,25 +1,38 @@
 """Print the numerics sanity figures (numerics.md §8) beside their published values, as markdown.
 
-    python benchmarks/sanity_figures.py            # CPU, ~1 minute
+    python -m benchmarks.sanity_figures            # CPU, ~1 minute, from the repo root
 
 The same figures are asserted (within 5%) by tests/test_sanity_targets.py and
-tests/test_unbiasedness.py; this script only reports them.
+tests/test_unbiasedness.py; this script only reports them, computed by those tests' own helpers
+(loaded from their files, so the figures and the assertions cannot drift apart).
 """
+import argparse
+import importlib.util
 import math
-import sys
+import pathlib
 import time
 
 import torch
 
-sys.path.insert(0, "tests")
-from test_sanity_targets import rel_mse, rotated_stats  # noqa: E402
-from test_unbiasedness import B_VALUES, recipe_gradients  # noqa: E402
+from megatron_fp4 import quantizers as Q
+from megatron_fp4.rng import RandomStream, random_signs
 
-from megatron_fp4 import quantizers as Q  # noqa: E402
-from megatron_fp4.rng import RandomStream, random_signs  # noqa: E402
+TESTS = pathlib.Path(__file__).resolve().parents[1] / "tests"
 
 
-def main():
+def _test_module(name):
+    """A test module of tests/ by its path (tests/ is no package and not on sys.path)."""
+    spec = importlib.util.spec_from_file_location(f"_sanity_{name}", TESTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args(argv)
+    targets, unbiasedness = _test_module("test_sanity_targets"), _test_module("test_unbiasedness")
+    rel_mse, rotated_stats = targets.rel_mse, targets.rotated_stats
+    b_values, recipe_gradients = unbiasedness.B_VALUES, unbiasedness.recipe_gradients
     start = time.time()
     x = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(2026))
     rows = [("1x16 RTN (v 6, Smax 448)", 9.0e-3, Q.quantize_nvfp4(x)),
@@ -55,8 +68,8 @@ def main():
         print(f"| {name} | {err:.4e} | {spec:.3e} | {-math.log2(err) / 2:.3f} | {mis:.2e} | {spec_mis} |")
 
     print("\n### C. Averaging test, bits of the mean of B backward estimates (E 512x512, W 512x256)\n")
-    print("| recipe | GEMM | " + " | ".join(f"B={b}" for b in B_VALUES) + " | bits per 4x B | published |")
-    print("|---|---|" + "---|" * (len(B_VALUES) + 2))
+    print("| recipe | GEMM | " + " | ".join(f"B={b}" for b in b_values) + " | bits per 4x B | published |")
+    print("|---|---|" + "---|" * (len(b_values) + 2))
     published = {("quartet2", "dgrad"): (2.85, 3.84, 4.84, 5.84), ("quartet2", "wgrad"): (2.83, 3.85, 4.83, 5.80)}
     layer = tuple(torch.randn(*s, generator=g) for g in [torch.Generator().manual_seed(42)]
                   for s in ((512, 256), (512, 256), (512, 512)))

@@ -45,28 +45,11 @@ from .pretrain_support import _plot, add_diagnostic_args  # noqa: F401
 # GPU: megatron.training.pretrain
 # --------------------------------------------------------------------------------------------------
 
-class _one_line_argparse_errors:
-    """While Megatron parses the launcher's flags: argparse errors become UsageErrors (one line)."""
-
-    def __enter__(self):
-        self._original = argparse.ArgumentParser.error
-
-        def error(parser, message):
-            raise UsageError(f"{message} (Megatron's argument parser; `--help` lists the flags)")
-
-        argparse.ArgumentParser.error = error
-        return self
-
-    def __exit__(self, *exc):
-        argparse.ArgumentParser.error = self._original
-        return False
-
-
 def _gpu_main(argv):
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
 
-    from .patches import megatron_args, megatron_training
+    from .patches import megatron_args, megatron_checkpoint, megatron_training
     from .pretrain_support import (TrainingHistory, build_config, forward_step, prepare_gpu_save_folder,
                                    single_process_env, train_valid_test_datasets_provider, write_summary)
 
@@ -74,7 +57,8 @@ def _gpu_main(argv):
 
     megatron_args.apply()
     megatron_training.apply()        # stabilizers after setup_model_and_optimizer; dataset helpers
-    with _one_line_argparse_errors():     # Megatron's parser: one line, not its usage text
+    megatron_checkpoint.apply()      # atomic saves
+    with megatron_args.one_line_argparse_errors():     # Megatron's parser: one line, not its usage text
         args, cfg = build_config(argv)    # plugin checks run before Megatron's argument table (patches/)
     if args.nvfp4_count_collectives:
         from .megatron.diagnostics import install_collective_counter
@@ -415,7 +399,7 @@ def cpu_main(argv) -> dict:
     import torch.distributed as dist
 
     from .megatron import diagnostics, driver
-    from .testing import cpu_shim   # megatron-core on CPU needs the shim (the layers never import it)
+    from .patches import torch_cpu   # megatron-core on CPU needs the shim (the layers never import it)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -444,7 +428,7 @@ def cpu_main(argv) -> dict:
         swiglu=args.swiglu, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         clip_grad=args.clip_grad, warmup_steps=args.lr_warmup_iters, train_steps=args.train_iters,
         seed=args.seed)
-    cpu_shim.install()
+    torch_cpu.install()
     if args.nvfp4_count_collectives:
         diagnostics.install_collective_counter()
     say(f"megatron_fp4 CPU driver: recipe {recipe.describe()}")

@@ -433,9 +433,9 @@ def forward_step(data_iterator, model, vp_stage: Optional[int] = None):
 # --------------------------------------------------------------------------------------------------
 
 class TrainingHistory:
-    """Wraps megatron.training.training.training_log (called once per iteration) to record the
-    reduced `lm loss`, the wall time between iterations (device synchronized) and peak memory, and
-    megatron.training.training.evaluate to record validation losses."""
+    """Records, from Megatron's training loop (patches/megatron_logging.py), each iteration's reduced
+    `lm loss`, the wall time between iterations (device synchronized) and peak memory, and the
+    validation losses."""
 
     def __init__(self, summary_path: Optional[str] = None, every: int = 10):
         self.summary_path, self.every = summary_path, every
@@ -456,44 +456,16 @@ class TrainingHistory:
                 log.warning("run summary %s is unreadable; a resumed run starts a new one", summary_path)
 
     def install(self) -> "TrainingHistory":
-        from megatron.training import training
-        original = training.training_log
-
-        def training_log(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs):
-            self.record(loss_dict, iteration, learning_rate)
-            return original(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs)
-
-        training_log.__wrapped__ = original
-        training.training_log = training_log
-
-        original_evaluate = training.evaluate
-        original_print = training.evaluate_and_print_results
-        context = {"prefix": ""}
-
-        def evaluate_and_print_results(prefix, *args, **kwargs):
-            # the same evaluate() serves the validation and the final test-set evaluation; the prefix
-            # ("iteration N on test set") tells them apart
-            context["prefix"] = str(prefix)
-            try:
-                return original_print(prefix, *args, **kwargs)
-            finally:
-                context["prefix"] = ""
-
-        def evaluate(*args, **kwargs):
-            result = original_evaluate(*args, **kwargs)
-            total_loss_dict = result[0] if isinstance(result, tuple) else None
-            if total_loss_dict and "lm loss" in total_loss_dict and "test set" not in context["prefix"]:
-                iteration = self.records[-1]["iteration"] if self.records else 0
-                self.valid.append((iteration, float(total_loss_dict["lm loss"])))
-            return result
-
-        evaluate.__wrapped__ = original_evaluate
-        training.evaluate = evaluate
-        evaluate_and_print_results.__wrapped__ = original_print
-        training.evaluate_and_print_results = evaluate_and_print_results
+        from .patches import megatron_logging
+        megatron_logging.install(self.record, self._record_validation)
         self._last = time.perf_counter()
         self._installed = True
         return self
+
+    def _record_validation(self, total_loss_dict) -> None:
+        if "lm loss" in total_loss_dict:
+            iteration = self.records[-1]["iteration"] if self.records else 0
+            self.valid.append((iteration, float(total_loss_dict["lm loss"])))
 
     def _continue(self, first_iteration: int) -> None:
         """At this segment's first iteration: keep the earlier summary's losses and validation points
@@ -635,9 +607,15 @@ def prepare_gpu_save_folder(args) -> None:
     deleted (--overwrite, by global rank 0 before Megatron starts) or the run is refused (one line)."""
     if not getattr(args, "save", None):
         return
-    from .megatron.checkpoint import check_save_folder, clear_save_folder
+    from .megatron.checkpoint import check_save_folder, clear_save_folder, remove_leftovers
     check_save_folder(args.save, getattr(args, "load", None), args.nvfp4_overwrite)
-    if args.nvfp4_overwrite and int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if args.nvfp4_overwrite:
         removed = clear_save_folder(args.save)
         if removed:
             print(f"--overwrite: removed {', '.join(removed)} from {args.save}", flush=True)
+    leftovers = remove_leftovers(args.save)      # partial saves of a killed run (patches/megatron_checkpoint.py)
+    if leftovers:
+        print(f"removed the unfinished save(s) {', '.join(leftovers)} of an earlier, killed run from {args.save}",
+              flush=True)

@@ -112,6 +112,25 @@ def prepare_args(args):
     return plan, notes
 
 
+class one_line_argparse_errors:
+    """While Megatron parses the launcher's flags: argparse's `error` (usage text, exit 2) raises a
+    UsageError instead (reported in one line). Patches `argparse.ArgumentParser.error` for the block."""
+
+    def __enter__(self):
+        from megatron_fp4.errors import UsageError
+        self._original = argparse.ArgumentParser.error
+
+        def error(parser, message):
+            raise UsageError(f"{message} (Megatron's argument parser; `--help` lists the flags)")
+
+        argparse.ArgumentParser.error = error
+        return self
+
+    def __exit__(self, *exc):
+        argparse.ArgumentParser.error = self._original
+        return False
+
+
 def apply() -> None:
     global _applied
     if _applied:

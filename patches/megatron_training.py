@@ -5,10 +5,10 @@
   resumed iteration. `pretrain()` looks the function up in its module at call time, so replacing the
   module attribute is enough. (Wrapping `get_megatron_optimizer` would run before the checkpoint load,
   when the resumed iteration is not known yet.)
-- `save_checkpoint` (as `megatron.training.training` calls it) is wrapped to write each rank's
-  OsciReset state (update counter, in-window buffers) into the checkpoint's `iter_XXXXXXX` directory;
-  after a resume it is read back, so a run resumed mid-window continues as the uninterrupted run
-  would. (OutControl's state is in the model's state dict already.)
+- After a resume each rank's OsciReset state (update counter, in-window buffers), which the checkpoint
+  save writes beside Megatron's files (patches/megatron_checkpoint.py), is read back, so a run resumed
+  mid-window continues as the uninterrupted run would. (OutControl's state is in the model's state
+  dict already.)
 - With `--nvfp4-perturb-init EPS` the same hook scales the initial weight matrices by (1 + EPS); with
   `--nvfp4-dump-grads PATH` it wraps the first optimizer step to write the reduced
   gradients at the TP=1 layout (megatron_fp4/megatron/diagnostics.py).
@@ -64,20 +64,6 @@ def apply() -> None:
 
     setup_model_and_optimizer.__wrapped__ = original_setup
     training.setup_model_and_optimizer = setup_model_and_optimizer
-
-    original_save = training.save_checkpoint
-
-    def save_checkpoint(iteration, model, optimizer, *args, **kwargs):
-        result = original_save(iteration, model, optimizer, *args, **kwargs)
-        from megatron.training import get_args
-        run_args = get_args()
-        if optimizer is not None and run_args.save and not kwargs.get("non_persistent_ckpt", False):
-            from megatron_fp4.megatron.optimizer_hooks import save_oscireset_state
-            save_oscireset_state(optimizer, _iteration_dir(run_args.save, iteration))
-        return result
-
-    save_checkpoint.__wrapped__ = original_save
-    training.save_checkpoint = save_checkpoint
 
     original_compile = dataset_utils.compile_helpers
 

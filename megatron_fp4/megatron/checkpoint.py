@@ -38,12 +38,13 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from ..patches.megatron_dist_checkpointing import in_process_write_results
 
 TRACKER = "latest_checkpointed_iteration.txt"
 PARTIAL_SUFFIX = ".partial"
 REPLACED_SUFFIX = ".replaced"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
-_LEFTOVER = re.compile(r"^\.iter_\d{7}\.(partial|replaced)$")
+_LEFTOVER = re.compile(r"^(\.iter_\d{7}\.(partial|replaced)|\.latest_checkpointed_iteration\.txt\.saving)$")
 PAUSE_ENV = "MEGATRON_FP4_TEST_SAVE_PAUSE"
 
 
@@ -135,7 +136,11 @@ def remove_leftovers(save: str) -> list:
         return []
     names = [n for n in os.listdir(save) if _LEFTOVER.match(n)]
     for name in names:
-        shutil.rmtree(os.path.join(save, name), ignore_errors=True)
+        path = os.path.join(save, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
     return names
 
 
@@ -208,8 +213,8 @@ def _rng_state():
 
 
 def _cuda_rng_available() -> bool:
-    from ..testing import cpu_shim
-    return torch.cuda.is_available() or cpu_shim.is_installed()
+    from ..patches import torch_cpu
+    return torch.cuda.is_available() or torch_cpu.is_installed()
 
 
 def _restore_rng(states) -> None:
@@ -260,17 +265,6 @@ def _pause(stage: str, iteration: int) -> None:
         time.sleep(600)
 
 
-def _in_process_write_results() -> None:
-    """dist_checkpointing's writers hand their results back through a queue that megatron-core makes
-    a multiprocessing Manager (a spawned server process: seconds to start, and left running when the
-    run is killed). These saves are synchronous and write from threads of this process, so a thread
-    queue carries the same results."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-    if getattr(filesystem_async, "_results_queue", False) is None:
-        import queue
-        filesystem_async._results_queue = queue.Queue()
-
-
 def save(root: str, iteration: int, chunks, optimizer, scheduler, run: dict, history: dict,
          use_distributed_optimizer: bool) -> str:
     """Write the checkpoint of `iteration` atomically (collective: every rank calls it)."""
@@ -291,7 +285,7 @@ def save(root: str, iteration: int, chunks, optimizer, scheduler, run: dict, his
         os.makedirs(partial)
     dist.barrier()
     _pause("partial", iteration)
-    _in_process_write_results()
+    in_process_write_results()
     metadata = _sharding_metadata(use_distributed_optimizer)
     state = _state_dict(chunks, optimizer, scheduler, iteration, run, history, metadata)
     dist_checkpointing.save(state, partial, content_metadata=_clean_metadata_for_serialization(metadata))

@@ -24,56 +24,6 @@ import torch.distributed as dist
 
 from . import state
 
-# Megatron modules that bind collectives at import time (`dist_all_gather_func = ...`): patched too.
-_MEGATRON_BINDINGS = ("megatron.core.tensor_parallel.mappings", "megatron.core.tensor_parallel.layers",
-                      "megatron.core.utils", "megatron.core.distributed.param_and_grad_buffer",
-                      "megatron.core.transformer.multi_token_prediction")
-
-
-def _nbytes(t) -> int:
-    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-
-
-# bytes of one call, from its arguments: gathers count the gathered output (what arrives on this rank,
-# its own part included), reduce-scatters the full input, all-reduces and broadcasts the tensor.
-def _all_gather_into_tensor_bytes(output, input=None, *a, **k):
-    return _nbytes(output)
-
-
-def _reduce_scatter_tensor_bytes(output, input=None, *a, **k):
-    return _nbytes(input)
-
-
-def _tensor_bytes(tensor, *a, **k):
-    return _nbytes(tensor)
-
-
-def _all_gather_bytes(tensor_list, tensor=None, *a, **k):
-    return sum(_nbytes(t) for t in tensor_list)
-
-
-_COUNTED = {
-    "all_gather_into_tensor": _all_gather_into_tensor_bytes,
-    "_all_gather_base": _all_gather_into_tensor_bytes,
-    "reduce_scatter_tensor": _reduce_scatter_tensor_bytes,
-    "_reduce_scatter_base": _reduce_scatter_tensor_bytes,
-    "all_reduce": _tensor_bytes,
-    "broadcast": _tensor_bytes,
-    "all_gather": _all_gather_bytes,
-}
-# the op name reported: the legacy aliases are the same collective
-_OP_NAME = {"_all_gather_base": "all_gather_into_tensor", "_reduce_scatter_base": "reduce_scatter_tensor"}
-
-
-def _group_arg(name, args, kwargs):
-    if "group" in kwargs:
-        return kwargs["group"]
-    # positional group: all_gather_into_tensor(out, in, group), all_reduce(t, op, group),
-    # broadcast(t, src, group), all_gather(list, t, group), reduce_scatter_tensor(out, in, op, group)
-    index = {"all_reduce": 2, "broadcast": 2, "reduce_scatter_tensor": 3, "_reduce_scatter_base": 3}.get(name, 2)
-    return args[index] if len(args) > index else None
-
-
 class CollectiveCounter:
     """Counts bytes per (iteration, op, group role) on this rank while installed."""
 
@@ -133,51 +83,17 @@ class CollectiveCounter:
             rec[0] += nbytes
             rec[1] += 1
 
-    # -- install / uninstall ----------------------------------------------------------------------
-    def _wrap(self, name, original):
-        size_of = _COUNTED[name]
-        op = _OP_NAME.get(name, name)
-        counter = self
-
-        def counted(*args, **kwargs):
-            try:
-                counter._count(op, size_of(*args, **kwargs), _group_arg(name, args, kwargs))
-            except Exception:      # counting must never break the collective
-                pass
-            return original(*args, **kwargs)
-
-        counted.__wrapped__ = original
-        counted._nvfp4_counted = True
-        return counted
-
+    # -- install / uninstall (patches/torch_collectives.py) ----------------------------------------
     def install(self) -> "CollectiveCounter":
-        if self._originals:
-            return self
-        import importlib
-        wrapped = {}
-        for name in _COUNTED:
-            original = getattr(dist, name, None)
-            if original is None or getattr(original, "_nvfp4_counted", False):
-                continue
-            wrapped[original] = self._wrap(name, original)
-            self._originals.append((dist, name, original))
-            setattr(dist, name, wrapped[original])
-        for module_name in _MEGATRON_BINDINGS:
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError:
-                continue
-            for attr in ("dist_all_gather_func", "dist_reduce_scatter_func"):
-                original = getattr(module, attr, None)
-                if original in wrapped:
-                    self._originals.append((module, attr, original))
-                    setattr(module, attr, wrapped[original])
+        if not self._originals:
+            from ..patches import torch_collectives
+            self._originals = torch_collectives.install(self._count)
         return self
 
     def uninstall(self) -> None:
-        for owner, attr, original in reversed(self._originals):
-            setattr(owner, attr, original)
-        self._originals.clear()
+        from ..patches import torch_collectives
+        torch_collectives.restore(self._originals)
+        self._originals = []
 
     # -- reports ----------------------------------------------------------------------------------
     def per_iteration(self, skip_first: int = 1) -> dict:
@@ -279,9 +195,9 @@ def install_first_step_grad_dump(optimizer, model_chunks, path: str, gated_linea
     if sharded and ps.get_data_parallel_world_size() > 1:
         raise ValueError("--nvfp4-dump-grads cannot be used with --use-distributed-optimizer at data-parallel "
                          "size > 1 (each rank keeps only its shard of the reduced gradients)")
-    original_step = optimizer.step
+    from ..patches.megatron_optimizer import once_before_step
 
-    def step(*args, **kwargs):
+    def dump():
         grads = full_gradients(model_chunks, gated_linear_unit)
         keys = stream_keys(model_chunks)
         if dist.get_rank() == 0:
@@ -290,10 +206,8 @@ def install_first_step_grad_dump(optimizer, model_chunks, path: str, gated_linea
             torch.save({"iteration": state.get_iteration(), "grads": grads, "keys": keys,
                         "tp": ps.get_tensor_model_parallel_world_size(),
                         "dp": ps.get_data_parallel_world_size()}, path)
-        optimizer.step = original_step
-        return original_step(*args, **kwargs)
 
-    optimizer.step = step
+    once_before_step(optimizer, dump)
 
 
 def stream_keys(model_chunks) -> dict:

@@ -2,7 +2,7 @@
 `get_forward_backward_func`. It is what the launcher runs where `megatron.training.pretrain` cannot
 (CPU, where megatron.training is full of CUDA calls), and what the multi-process tests drive.
 
-Expects torch.distributed to be initialized (gloo on CPU, with megatron_fp4.testing.cpu_shim
+Expects torch.distributed to be initialized (gloo on CPU, with megatron_fp4.patches.torch_cpu
 installed by the caller) and builds everything else.
 """
 from __future__ import annotations

@@ -228,35 +228,14 @@ def install_oscireset(optimizer, model_chunks, recipe: Recipe, train_iters: int,
 
 
 def _wrap_member(member, hooks: OsciResetHooks):
-    original_step = member.step_with_ready_grads
-    in_step = {"flag": False}
-
-    def step_with_ready_grads(*args, **kwargs):
-        in_step["flag"] = True
-        try:
-            result = original_step(*args, **kwargs)
-        finally:
-            in_step["flag"] = False
-        if not hasattr(member, "_copy_main_params_to_model_params"):
-            hooks.run_member(member)   # FP32Optimizer: the params are the masters
-        return result
-
-    member.step_with_ready_grads = step_with_ready_grads
-    if hasattr(member, "_copy_main_params_to_model_params"):
-        original_copy = member._copy_main_params_to_model_params
-
-        def copy_main_params_to_model_params(*args, **kwargs):
-            if in_step["flag"]:
-                hooks.run_member(member)
-            return original_copy(*args, **kwargs)
-
-        member._copy_main_params_to_model_params = copy_main_params_to_model_params
+    from ..patches.megatron_optimizer import after_member_update
+    after_member_update(member, lambda: hooks.run_member(member))
 
 
 def _wrap_top(optimizer, hooks: OsciResetHooks):
-    original = optimizer.step
+    from ..patches.megatron_optimizer import wrap_step
 
-    def step(*args, **kwargs):
+    def around(original, *args, **kwargs):
         hooks.current = hooks.applied
         try:
             result = original(*args, **kwargs)
@@ -269,7 +248,7 @@ def _wrap_top(optimizer, hooks: OsciResetHooks):
             log.info("OsciReset: optimizer step skipped; update counter stays at %d", hooks.applied)
         return result
 
-    optimizer.step = step
+    wrap_step(optimizer, around)
 
 
 def plugin_recipe(model_chunks) -> Optional[Recipe]:

@@ -17,7 +17,7 @@ from datetime import timedelta
 
 PRELOAD = ["torch", "megatron.core", "megatron.core.models.gpt", "megatron.core.optimizer",
            "megatron.core.distributed", "megatron.core.pipeline_parallel",
-           "megatron_fp4.megatron", "megatron_fp4.spec", "megatron_fp4.testing.cpu_shim"]
+           "megatron_fp4.megatron", "megatron_fp4.spec", "megatron_fp4.patches.torch_cpu"]
 
 _ctx = None
 
@@ -48,8 +48,8 @@ def _worker(rank, world_size, port, fn, args, kwargs, results, threads, shim):
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 init_method=f"tcp://127.0.0.1:{port}", timeout=timedelta(seconds=120))
         if shim:
-            from megatron_fp4.testing import cpu_shim
-            cpu_shim.install()
+            from megatron_fp4.patches import torch_cpu
+            torch_cpu.install()
         out = fn(rank, world_size, *args, **kwargs)
         results.put((rank, True, out))
     except BaseException:  # report everything, including assertion failures, to the parent

@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _PROGRAM = """
-import json, bench_kernels as B
+import json
+from benchmarks import bench_kernels as B
 B.exactness(128, 256)
 B.host_overhead(128, [("tiny", 256, 256)], "tiny", host_tokens=128)
 print("RESULTS=" + json.dumps({k: B.RESULTS[k] for k in ("exact", "errors", "overhead")}))
@@ -20,8 +21,7 @@ print("RESULTS=" + json.dumps({k: B.RESULTS[k] for k in ("exact", "errors", "ove
 
 @pytest.mark.timeout(900)
 def test_exactness_and_host_overhead_sections_run_and_kernels_match_their_twins():
-    env = dict(os.environ, BENCH_DRYRUN="1", TRITON_INTERPRET="1", MEGATRON_FP4_KERNELS="interpret",
-               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "benchmarks")]))
+    env = dict(os.environ, BENCH_DRYRUN="1", TRITON_INTERPRET="1", MEGATRON_FP4_KERNELS="interpret")
     proc = subprocess.run([sys.executable, "-c", _PROGRAM], capture_output=True, text=True, env=env,
                           timeout=850, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -44,19 +44,17 @@ def test_table_goes_into_results_md_between_markers(tmp_path):
     table.write_text("device: NVIDIA H100; torch x\n\n| kernel | us |\n|---|---|\n| RTN | 312.5 |\n")
     doc = tmp_path / "RESULTS.md"
     doc.write_text("# Results\n\nbefore\n")
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_kernels.py"), "--from-md", str(table),
-           "--results-md", str(doc)]
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    cmd = [sys.executable, "-m", "benchmarks.bench_kernels", "--from-md", str(table), "--results-md", str(doc)]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=300)
     first = doc.read_text()
     assert first.startswith("# Results\n\nbefore\n")
     assert "<!-- bench-kernels:begin -->\ndevice: NVIDIA H100" in first and "| RTN | 312.5 |" in first
     table.write_text("device: NVIDIA H200; torch y\n\n| kernel | us |\n|---|---|\n| RTN | 214.2 |\n")
     doc.write_text(first + "\nafter\n")
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=300)
     second = doc.read_text()
     assert "| RTN | 214.2 |" in second and "312.5" not in second and second.count("bench-kernels:begin") == 1
     assert second.startswith("# Results\n\nbefore\n") and second.endswith("\nafter\n")
     table.write_text("not a table\n")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "first line must name the device" in proc.stderr

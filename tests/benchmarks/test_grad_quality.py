@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-import grad_quality  # noqa: E402
+from benchmarks import grad_quality
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_metrics_recover_a_known_bias_and_noise():
@@ -34,9 +35,9 @@ def test_metrics_recover_a_known_bias_and_noise():
 @pytest.mark.timeout(300)
 def test_smoke_run(tmp_path):
     out = tmp_path / "gq"
-    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(grad_quality.__file__), "grad_quality.py"),
-                           "--out", str(out), "--train-steps", "2", "--draws", "2", "--eval-batches", "1",
-                           "--only", "quartet2"], capture_output=True, text=True, timeout=280)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.grad_quality", "--out", str(out), "--train-steps", "2",
+                           "--draws", "2", "--eval-batches", "1", "--only", "quartet2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.load(open(out / "results.json"))["results"]["quartet2"]
     q = res["quantized linears"]

@@ -9,15 +9,12 @@ import types
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-import multi_gpu  # noqa: E402
-
-SCRIPT = os.path.join(os.path.dirname(multi_gpu.__file__), "multi_gpu.py")
+from benchmarks import multi_gpu
 
 
 def _run(out, *extra, timeout=400):
-    proc = subprocess.run([sys.executable, SCRIPT, "--out", str(out), "--cpu", *extra], capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.multi_gpu", "--out", str(out), "--cpu", *extra],
+                          cwd=multi_gpu.ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -126,7 +123,14 @@ def test_every_gpu_run_parses_with_megatron(tmp_path, monkeypatch):
     from megatron.training import arguments
     from megatron.training.global_vars import unset_global_variables
 
+    from megatron_fp4.data import corpus
+    from megatron_fp4.patches import megatron_args
     from megatron_fp4.pretrain_support import build_config
+    # as on the GPU route: the plugin's checks run inside Megatron's validation (they check that the data
+    # prefixes exist), and the command builds its corpus before any run. Without the patch applied here
+    # the test passed or failed depending on whether an earlier test in the process had applied it.
+    megatron_args.apply()
+    corpus.ensure(os.path.join(str(tmp_path), "corpus"))
     # Megatron's TP>1 validation asks the GPU for its architecture: answer as the device's Hopper does
     monkeypatch.setattr(arguments, "get_device_arch_version", lambda: 9)
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", multi_gpu.run_environment()["CUDA_DEVICE_MAX_CONNECTIONS"])

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-import quality  # noqa: E402
+from benchmarks import quality
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def rows_of(table):
@@ -74,7 +75,7 @@ def real_text(tmp_path, n=12):
 
 
 def smoke_command(src, out, seeds):
-    return [sys.executable, os.path.join(os.path.dirname(quality.__file__), "quality.py"), "--out", str(out),
+    return [sys.executable, "-m", "benchmarks.quality", "--out", str(out),
             "--cpu", "--corpus-src", str(src), "--tokenizer-vocab", "300", "--full-validation", "--data-seed", "1234",
             "--seeds", str(seeds), "--recipes", "bf16,quartet2", "--steps", "3", "--layers", "2",
             "--hidden", "128", "--ffn", "256", "--heads", "2", "--seq", "64", "--micro-batch", "16",
@@ -89,7 +90,7 @@ def test_cpu_smoke_runs_resume_and_report(tmp_path, capsys):
     full validation, the report; a second command resumes (nothing left to do)."""
     src, out = real_text(tmp_path), tmp_path / "q"
     cmd = smoke_command(src, out, seeds=1)
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "bf16: exit 0, complete" in first.stdout and "quartet2: exit 0, complete" in first.stdout
     assert "trained a byte-level BPE tokenizer (300 tokens)" in first.stdout
@@ -102,7 +103,7 @@ def test_cpu_smoke_runs_resume_and_report(tmp_path, capsys):
         {"bf16": ("bf16", 1234, 1234), "quartet2": ("quartet2", 1234, 1234)}
     log = (out / "quartet2" / "log.txt").read_text()
     assert "--nvfp4-data-seed 1234" in log.splitlines()[0] and "--vocab-size 300" in log.splitlines()[0]
-    quality.main(cmd[2:])                         # the same command again (in-process): nothing to do
+    quality.main(cmd[3:])                         # the same command again (in-process): nothing to do
     second = capsys.readouterr().out
     assert "bf16: complete, skipped" in second and "quartet2: complete, skipped" in second
     assert "trained a byte-level BPE" not in second and "built corpus" not in second   # corpus, tokenizer reused
@@ -112,7 +113,7 @@ def test_cpu_smoke_runs_resume_and_report(tmp_path, capsys):
 def test_cpu_campaign_smoke_three_seeds_with_intervals(tmp_path):
     """2 recipes x 3 seeds on CPU: the report's paired gaps with 95% intervals, the run list, the band plot."""
     src, out = real_text(tmp_path), tmp_path / "q"
-    proc = subprocess.run(smoke_command(src, out, seeds=3), capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(smoke_command(src, out, seeds=3), cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     names = ["bf16", "quartet2", "bf16-seed2", "quartet2-seed2", "bf16-seed3", "quartet2-seed3"]
     summaries = {n: quality.load_summary(str(out), n) for n in names}

@@ -5,13 +5,10 @@ and plot from synthetic summaries of 3 seeds."""
 import json
 import math
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-import _stats  # noqa: E402
-import quality  # noqa: E402
+from benchmarks import _stats, quality
 
 # two-sided 95% and 99% critical values t_{0.975, df}, t_{0.995, df}, as printed in the usual tables
 # (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2), 3 decimals

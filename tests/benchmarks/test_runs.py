@@ -3,8 +3,7 @@ its time limit is killed and reported as such (the commands only print their CUD
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-import _runs  # noqa: E402
+from benchmarks import _runs
 
 PRINT_GPUS = [sys.executable, "-c", "import os, time; print('GPUS', os.environ['CUDA_VISIBLE_DEVICES']); "
               "time.sleep(1.0)"]

@@ -1,7 +1,4 @@
 """RTN / 4/6 kernel vs quantizers.quantize_nvfp4(mode="rn"): bit-exact codes, scales, tensor scale."""
-import pathlib
-import sys
-
 import pytest
 import torch
 
@@ -10,10 +7,8 @@ from megatron_fp4 import quantizers as Q
 from megatron_fp4.kernels import _common
 from megatron_fp4.kernels.rtn import quantize_nvfp4_rtn
 
+import fp4_reference as ref   # tests/fp4_reference.py: tests/ is on the path (pytest.ini)
 from kernel_test_util import INTERPRET, assert_same_operand, cpu_interp, data, gpu, needs_cuda
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # tests/: the float64 oracle
-import fp4_reference as ref  # noqa: E402
 
 
 def test_interpreter_set_before_jit():

@@ -586,9 +586,8 @@ def gpu_bf16_checks(rank, world):
 
 
 _GPU_SCRIPT = """
-import json, os, sys
+import json, os
 import torch.distributed as dist
-sys.path.insert(0, os.environ["TESTS_DIR"])
 dist.init_process_group("gloo", rank=0, world_size=1, init_method="file://" + os.environ["PG_FILE"])
 import test_attention
 print("RESULT " + json.dumps(test_attention.gpu_bf16_checks(0, 1)))
@@ -604,7 +603,8 @@ def test_bf16_on_cuda_matches_megatron_and_uses_fused_kernels(tmp_path):
     import subprocess
     import sys
     env = dict(os.environ, PYTHONWARNINGS="ignore", PG_FILE=str(tmp_path / "pg"),
-               TESTS_DIR=os.path.dirname(os.path.abspath(__file__)))
+               PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)),
+                                                        os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-c", _GPU_SCRIPT], capture_output=True, text=True, timeout=240,
                           env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

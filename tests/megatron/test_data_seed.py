@@ -104,10 +104,7 @@ def test_cpu_driver_full_validation_batches_cover_the_split_in_order():
 def test_megatron_parses_every_flag_of_a_campaign_run(bpe_corpus, tmp_path, megatron_globals):
     """The GPU route's command of a campaign run (benchmarks/quality.py --preset campaign) goes through
     Megatron's own argument parsing and the plugin's checks unchanged."""
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-    import quality
-
+    from benchmarks import quality
     from megatron_fp4.pretrain_support import build_config
     a = quality.parse_args(["--preset", "campaign", "--out", str(tmp_path)])
     corpus_dir = os.path.dirname(bpe_corpus["prefixes"]["train"])

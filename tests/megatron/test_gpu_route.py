@@ -145,8 +145,8 @@ _MODEL_SCRIPT = textwrap.dedent("""
     from megatron_fp4.pretrain_support import build_config, forward_step, train_valid_test_datasets_provider
     args, cfg = build_config(sys.argv[1:])
     dist.init_process_group("gloo", rank=0, world_size=1, init_method="file://" + os.environ["PG_FILE"])
-    from megatron_fp4.testing import cpu_shim
-    cpu_shim.install()
+    from megatron_fp4.patches import torch_cpu
+    torch_cpu.install()
     from megatron.core import parallel_state as ps
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.rerun_state_machine import initialize_rerun_state_machine

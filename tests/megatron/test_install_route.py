@@ -46,8 +46,8 @@ _CHECKOUT = textwrap.dedent("""
         print("PARSED " + json.dumps({"spec": args.spec, "impl": args.transformer_impl}))
         sys.exit(0)
     dist.init_process_group("gloo", rank=0, world_size=1, init_method="file://" + os.environ["PG_FILE"])
-    from megatron_fp4.testing import cpu_shim
-    cpu_shim.install()
+    from megatron_fp4.patches import torch_cpu
+    torch_cpu.install()
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.process_groups_config import ProcessGroupCollection

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One device call: the ~1B Megatron GPT step (GPU route, mock data, seq 2048, micro-batch 2, vocab 32000)
 # for bf16 and quartet2 with Megatron's unfused core attention and with the plugin's SDPA attention,
-# optionally with Megatron's CUDA graphs (GRAPHS=1), then (TESTS=1) the GPU tests.
-#   OUT=... bash tools/device_step.sh      (run from the repo root; .mcore/ carried)
+# optionally with Megatron's CUDA graphs (SETTINGS="megatron sdpa sdpa+graphs"), then (TESTS=1) the GPU tests.
+#   OUT=... bash tools/device/device_step.sh      (run from the repo root; .mcore/ carried)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-device_out}
-source benchmarks/_device_env.sh
+source tools/device/_device_env.sh
 STEPS=${STEPS:-25}
 SETTINGS=${SETTINGS:-"megatron sdpa"}
 RECIPES=${RECIPES:-"bf16 quartet2"}

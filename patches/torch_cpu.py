@@ -1,4 +1,4 @@
-"""Run megatron-core on CPU with gloo (tests and the CPU driver only; never imported by the layers).
+"""Run megatron-core on CPU with gloo (the CPU route and the tests; never imported by the layers).
 
 megatron-core assumes CUDA in a few places that have nothing to do with the numerics under test
 (buffers on `torch.cuda.current_device()`, the CUDA RNG tracker, `device="cuda"` literals, streams,
@@ -7,6 +7,12 @@ to CPU in the current process; call it after `init_process_group("gloo")` and be
 Traps that are settings rather than shims (documented in cpu-testing.md): use
 `use_cpu_initialization=True`, `gradient_accumulation_fusion=False`, no fused kernels, zero dropout,
 and `batch_p2p_comm=False` with virtual pipeline stages (gloo mis-orders batched p2p messages).
+Patched (process-wide, never undone): a TorchFunctionMode that maps `device="cuda"` and `Tensor.cuda()` to
+the CPU, `torch.cuda.current_device/synchronize/current_stream/
+default_stream/Stream/Event/stream/get_rng_state/manual_seed/manual_seed_all/set_rng_state`, torch's
+tensor factories (a `device="cuda"` becomes CPU), `torch.Tensor.type`, and
+`megatron.core.tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state`; written for
+megatron-core 0.19 and torch >= 2.4.
 """
 from __future__ import annotations
 

@@ -2,12 +2,13 @@
 GPU-only compile errors before spending device time. Prints shared memory and which tensor-core
 instruction the PTX uses (wgmma: Hopper warpgroup MMA; mma: the older warp-level MMA).
 
-    TRITON_INTERPRET=0 python benchmarks/aot_check.py
+    TRITON_INTERPRET=0 python -m tools.aot_check
 
 Signatures are derived from each kernel's argument names, so a new runtime argument does not need an
 edit here: `*_ptr` arguments are pointers (u8 unless named in the call's `ptrs`), the FP32 scalars are
 listed in FP32_SCALARS, every other runtime argument is an i32. Only the constexprs are given per call.
 """
+import argparse
 import os
 import sys
 
@@ -128,7 +129,8 @@ for name, (bm, bn, bk, group_m, warps, stages) in gemm.CONFIGS.items():
                 {**GEMM_PTRS, "c_ptr": "*bf16" if out_bf16 else "*fp32"}, warps, stages)
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args(argv)
     failures = 0
     for fn, const, ptrs, num_warps, num_stages in VARIANTS:
         try:   # report and go on: one broken variant must not hide the others

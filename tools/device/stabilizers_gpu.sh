@@ -7,10 +7,10 @@
 # updates from update 40 (resets at 49, 69, 89, 109). Prints, per run, the fraction of weights reset
 # per reset event and the share of input norm held by the outlier channels; writes $OUT/<recipe>.{log,json}.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-stabilizers_out}
 STEPS=${STEPS:-120}
-source benchmarks/_device_env.sh
+source tools/device/_device_env.sh
 
 FLAGS=(
   --num-layers 6 --hidden-size 512 --ffn-hidden-size 2048 --num-attention-heads 8

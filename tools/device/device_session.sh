@@ -1,28 +1,28 @@
 #!/usr/bin/env bash
 # One device session's measurements, in stages that each fit one device call (10 minutes):
 #
-#   bash benchmarks/device_session.sh check     # GPU tests + kernel benchmark          (~8 min)
-#   bash benchmarks/device_session.sh check+multigpu  # GPU tests and the one-rank multi-GPU runs side by
+#   bash tools/device/device_session.sh check     # GPU tests + kernel benchmark          (~8 min)
+#   bash tools/device/device_session.sh check+multigpu  # GPU tests and the one-rank multi-GPU runs side by
 #                                   # side, then the kernel benchmark alone, then the timed TP=1 runs
-#   bash benchmarks/device_session.sh quality   # the quality runs still missing         (~9.5 min)
-#   bash benchmarks/device_session.sh quality-seed2  # second seeds of nvidia, tetrajet2, quartet2(-no46)
-#   bash benchmarks/device_session.sh step      # ~1B Megatron GPT step, bf16 / quartet2 (~5 min)
-#   bash benchmarks/device_session.sh quality+tests  # quality runs + GPU tests alongside (one call)
-#   bash benchmarks/device_session.sh step+bench     # ~1B step, then the kernel benchmark (one call)
-#   bash benchmarks/device_session.sh variants  # leave-one-out kernel variants (BAMAX, FAST_RN, ...)
-#   bash benchmarks/device_session.sh multigpu-tp|multigpu-curves|multigpu-grads|multigpu-single
+#   bash tools/device/device_session.sh quality   # the quality runs still missing         (~9.5 min)
+#   bash tools/device/device_session.sh quality-seed2  # second seeds of nvidia, tetrajet2, quartet2(-no46)
+#   bash tools/device/device_session.sh step      # ~1B Megatron GPT step, bf16 / quartet2 (~5 min)
+#   bash tools/device/device_session.sh quality+tests  # quality runs + GPU tests alongside (one call)
+#   bash tools/device/device_session.sh step+bench     # ~1B step, then the kernel benchmark (one call)
+#   bash tools/device/device_session.sh variants  # leave-one-out kernel variants (BAMAX, FAST_RN, ...)
+#   bash tools/device/device_session.sh multigpu-tp|multigpu-curves|multigpu-grads|multigpu-single
 #                                   # the multi-GPU issue's runs, one stage per call (runs/multi_gpu stays
 #                                   # on the warm machine, so the table grows); on one GPU only the
 #                                   # one-rank runs of the stage (--single-gpu)
 #
 # Every stage writes under $OUT (the device tool returns at most 8 files, 2 levels deep: each stage
 # packs its logs into one tarball) and prints its tables last. Run from the repo root with .mcore/
-# (megatron-core wheel) and .whl/ (pytest wheels) carried; see benchmarks/_device_env.sh.
+# (megatron-core wheel) and .whl/ (pytest wheels) carried; see tools/device/_device_env.sh.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 STAGE=${1:?usage: device_session.sh check|check+multigpu|grads+tree|quality|step|quality+tests|step+bench|quality-seed2|variants|multigpu-tp|multigpu-curves|multigpu-grads|multigpu-single}
 OUT=${OUT:-device_out}
-source benchmarks/_device_env.sh
+source tools/device/_device_env.sh
 if ! $PY -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
@@ -37,7 +37,7 @@ gpu_tests() {   # $1: time limit in seconds
     tests/test_device_consistency.py tests/kernels 2>&1 | tail -40 > "$log/gpu_tests.txt"
 }
 bench() {       # $1: time limit; sections are saved as they finish, so a cut-short run keeps them
-  timeout "$1" $PY benchmarks/bench_kernels.py --out "$log/bench" 2>&1 | tail -150 > "$log/bench_stdout.txt"
+  timeout "$1" $PY -m benchmarks.bench_kernels --out "$log/bench" 2>&1 | tail -150 > "$log/bench_stdout.txt"
   cp "$log/bench/results.md" "$OUT/bench_kernels.md" 2>/dev/null
 }
 quality() {     # $1: time limit for the command, $2 per run
@@ -49,7 +49,7 @@ quality() {     # $1: time limit for the command, $2 per run
   # kernels of 2026-11-23?); the host-bound small models share the GPU
   local q=runs/quality_device
   local runs=${QUALITY_RUNS:-nvidia tetrajet2-full quartet2-plus quartet2-no46-seed2 quartet2-seed2}
-  timeout "$1" $PY benchmarks/quality.py --out $q --import-summaries docs/quality --only $runs \
+  timeout "$1" $PY -m benchmarks.quality --out $q --import-summaries docs/quality --only $runs \
     --parallel $(echo $runs | wc -w) --timeout "$2" 2>&1 | tail -80 > "$log/quality_stdout.txt"
   cp $q/table.md "$OUT/quality_table.md" 2>/dev/null
   cp $q/gap.png "$OUT/gap.png" 2>/dev/null
@@ -60,12 +60,12 @@ quality() {     # $1: time limit for the command, $2 per run
 }
 step() {        # the ~1B Megatron GPT step, bf16 then quartet2
   OUT=$log/g1b LAYERS=20 HIDDEN=2048 FFN=5632 HEADS=16 STEPS=30 BF16_TIMEOUT=${BF16_TIMEOUT:-130} \
-    RUN_TIMEOUT=${RUN_TIMEOUT:-150} bash benchmarks/gpu_check.sh 2>&1 | tail -40 > "$log/step_stdout.txt"
+    RUN_TIMEOUT=${RUN_TIMEOUT:-150} bash tools/device/gpu_check.sh 2>&1 | tail -40 > "$log/step_stdout.txt"
 }
 
 multigpu() {     # $1: time limit for the command, $2: file for its output, then multi_gpu.py's flags
   local limit=$1 file=$2; shift 2
-  timeout "$limit" $PY benchmarks/multi_gpu.py --out runs/multi_gpu "$@" 2>&1 | tail -80 > "$log/$file"
+  timeout "$limit" $PY -m benchmarks.multi_gpu --out runs/multi_gpu "$@" 2>&1 | tail -80 > "$log/$file"
 }
 multigpu_shared() {   # $1: time limit, $2: stages; their one-rank runs side by side on the one GPU
   multigpu "$1" multi_gpu_shared_stdout.txt --stage "$2" --share-gpu --single-gpu --timeout $(( $1 - 10 ))
@@ -113,14 +113,14 @@ case "$STAGE" in
     cat "$log/quality_stdout.txt" ;;
   variants)
     # each default against its slower alternative in one run (same bits required: "vs default" column)
-    timeout 560 $PY benchmarks/bench_variants.py --out "$log/var" 2>&1 | tail -120 | tee "$log/variants_stdout.txt"
+    timeout 560 $PY -m tools.bench_variants --out "$log/var" 2>&1 | tail -120 | tee "$log/variants_stdout.txt"
     ;;
   grads+tree)
     # short: the one-rank gradient runs side by side, then the fixed-order EDEN sums' cost
     multigpu_shared 300 grads
     tail -40 "$log/multi_gpu_shared_stdout.txt"
     collect_multigpu
-    VARIANTS_ONLY=tree timeout $(( 590 - SECONDS )) $PY benchmarks/bench_variants.py --out "$log/var" 2>&1 \
+    VARIANTS_ONLY=tree timeout $(( 590 - SECONDS )) $PY -m tools.bench_variants --out "$log/var" 2>&1 \
       | tail -30 | tee "$log/variants_stdout.txt" ;;
   multigpu-tp|multigpu-curves|multigpu-grads|multigpu-single)
     # on a one-GPU machine: the one-rank runs of the stage (references, controls); the rest later.

@@ -1,8 +1,8 @@
 """Static instruction counts of the quantization kernels for sm_90, without a GPU.
 
-    TRITON_INTERPRET=0 python benchmarks/sass_stats.py [--filter NAME] [--dump DIR]
+    TRITON_INTERPRET=0 python -m tools.sass_stats [--filter NAME] [--dump DIR]
 
-Compiles each kernel variant of benchmarks/aot_check.py, disassembles the cubin with Triton's bundled
+Compiles each kernel variant of tools/aot_check.py, disassembles the cubin with Triton's bundled
 nvdisasm and counts SASS instructions by class. Why: these kernels are bound by instruction issue,
 not by memory (docs/RESULTS_kernels.md: EDEN's rotate+amax pass alone ran at a quarter of copy
 bandwidth), so the instructions each element costs predict what a change buys before device time is
@@ -18,15 +18,12 @@ import collections
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
-sys.path.insert(0, os.path.dirname(__file__))
-
 import triton  # noqa: E402
 
-import aot_check  # noqa: E402
+from tools import aot_check  # noqa: E402
 
 NVDISASM = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
 SMS, CLOCK_HZ = 132, 1.755e9          # H100 SXM under load

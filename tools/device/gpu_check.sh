@@ -9,13 +9,13 @@
 # On the lent device (no network, no megatron-core): the megatron-core 0.19.2 wheel is carried in
 # .mcore/ (pip download --no-deps megatron-core==0.19.2 -d .mcore) and installed --no-deps here.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu_check_out}
 STEPS=${STEPS:-100}
 MBS=${MBS:-2}
 LAYERS=${LAYERS:-12} HIDDEN=${HIDDEN:-768} FFN=${FFN:-3072} HEADS=${HEADS:-12}
 export RECIPES=${RECIPES:-bf16 quartet2}
-source benchmarks/_device_env.sh
+source tools/device/_device_env.sh
 
 FLAGS=(
   --num-layers "$LAYERS" --hidden-size "$HIDDEN" --ffn-hidden-size "$FFN" --num-attention-heads "$HEADS"

@@ -1,6 +1,6 @@
 """Leave-one-out variant timings and exactness of the fast paths, on one CUDA GPU, in one run.
 
-    PYTHONPATH=. python benchmarks/bench_variants.py [--out DIR]
+    python -m tools.bench_variants [--out DIR]
 
 1. exact_div (reciprocal + one FMA correction) against div.rn.f32 on ~10^9 random and tie-targeted
    (x, d) pairs, bf16 numerators, subnormal numerators and quotients;
@@ -17,8 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from timing import median_ms
-
+from benchmarks.timing import median_ms
 from megatron_fp4 import quantizers as Q
 from megatron_fp4.rng import RandomStream, derive_key, random_signs
 from megatron_fp4.kernels._common import div_prep, exact_div
@@ -217,6 +216,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)
     log(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}")
     sections = (div_check, variants, epilogue)

@@ -2,25 +2,22 @@
 for the host's issue, so wall time is host time). Prints per-recipe host ms, cProfile's top functions,
 and the cost of one bare Triton launch against one torch launch.
 
-    python benchmarks/host_profile.py [--recipes quartet2,nvidia] [--tokens 256]
+    python -m tools.host_profile [--recipes quartet2,nvidia] [--tokens 256]
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
 import io
-import os
 import pstats
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import torch  # noqa: E402
-from timing import host_issue_ms  # noqa: E402
+import torch
 
-from megatron_fp4.linear import nvfp4_linear  # noqa: E402
-from megatron_fp4.recipe import QuantContext  # noqa: E402
-from megatron_fp4.registry import load_recipe  # noqa: E402
-from megatron_fp4.rng import derive_key  # noqa: E402
+from benchmarks.timing import host_issue_ms
+from megatron_fp4.linear import nvfp4_linear
+from megatron_fp4.recipe import QuantContext
+from megatron_fp4.registry import load_recipe
+from megatron_fp4.rng import derive_key
 
 
 def main():
@@ -31,6 +28,8 @@ def main():
     p.add_argument("--n", type=int, default=2048)
     p.add_argument("--top", type=int, default=35)
     a = p.parse_args()
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (it times the host side of GPU launches)")
     from megatron_fp4.kernels.rtn import tensor_amax
     x0 = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
     y0 = torch.empty_like(x0)
