@@ -12,17 +12,13 @@ from typing import Callable, Optional
 
 
 def load_summary(out: str, name: str) -> Optional[dict]:
-    """<out>/<name>/summary.json, losses as (iteration, loss) pairs (the CPU driver writes a plain list,
-    the GPU route pairs); None when the run has no summary yet."""
+    """<out>/<name>/summary.json (megatron_fp4/summary.py: the schema both launcher routes write; losses
+    as [iteration, loss] pairs); None when the run has no summary yet."""
+    from megatron_fp4 import summary
     path = os.path.join(out, name, "summary.json")
     if not os.path.exists(path):
         return None
-    with open(path) as fh:
-        summary = json.load(fh)
-    losses = summary.get("losses", [])
-    if losses and not isinstance(losses[0], (list, tuple)):
-        summary["losses"] = [(i + 1, l) for i, l in enumerate(losses)]
-    return summary
+    return summary.load(path)
 
 
 @dataclass

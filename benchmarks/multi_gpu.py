@@ -189,7 +189,7 @@ def execute(todo: list, a, gpus: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 def _tp_gather_bytes(s) -> tuple:
-    per = (s.get("collectives") or {}).get("per_iteration", {})
+    per = (s["comm"].get("collectives") or {}).get("per_iteration", {})
     rec = per.get("all_gather_into_tensor/tp")
     return (rec["bytes"], rec["calls"]) if rec else (None, None)
 
@@ -207,7 +207,7 @@ def tp_table(a) -> list:
         rows[name] = s
         step = s.get("median_step_s")
         gbytes, calls = _tp_gather_bytes(s)
-        plugin = s.get("plugin_gathers")
+        plugin = s["comm"].get("plugin_gathers")
         plug = "-"
         if plugin and s.get("iterations"):
             # the plugin's counters run from the start: per step over the iterations it saw

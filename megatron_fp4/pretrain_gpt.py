@@ -71,7 +71,8 @@ def _gpu_main(argv):
         pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
     except SystemExit as request:        # Megatron's early exits (--exit-duration-in-mins, signals) call sys.exit
         exit_request = request
-    summary = write_summary(history, args, summary_path)
+    summary = write_summary(history, args, summary_path, stopped_by=None if exit_request is None else
+                            "Megatron's early exit (--nvfp4-time-budget / --exit-duration-in-mins / signal)")
     if summary is not None:
         from .pretrain_support import json_safe
         brief = {k: v for k, v in summary.items() if k != 'losses'}
@@ -101,24 +102,26 @@ class _UsageErrorParser(argparse.ArgumentParser):
 
 
 def cpu_parser(raise_usage_errors: bool = False) -> argparse.ArgumentParser:
+    """The CPU route's flags (Megatron's names); defaults: the main job (defaults.MAIN_JOB)."""
+    from .defaults import MAIN_JOB as D
     cls = _UsageErrorParser if raise_usage_errors else argparse.ArgumentParser
     p = cls(prog="python -m megatron_fp4.pretrain_gpt",
             description="NVFP4 GPT pretraining (CPU driver; Megatron flag names)", allow_abbrev=False)
     a = p.add_argument
-    a("--num-layers", type=int, default=4)
-    a("--hidden-size", type=int, default=256)
-    a("--ffn-hidden-size", type=int, default=768)
-    a("--num-attention-heads", type=int, default=4)
-    a("--seq-length", type=int, default=128)
-    a("--micro-batch-size", type=int, default=8)
+    a("--num-layers", type=int, default=D["num_layers"])
+    a("--hidden-size", type=int, default=D["hidden_size"])
+    a("--ffn-hidden-size", type=int, default=D["ffn_hidden_size"])
+    a("--num-attention-heads", type=int, default=D["num_attention_heads"])
+    a("--seq-length", type=int, default=D["seq_length"])
+    a("--micro-batch-size", type=int, default=D["micro_batch_size"])
     a("--global-batch-size", type=int, default=None)
-    a("--train-iters", type=int, default=300)
-    a("--lr", type=float, default=2e-3)
-    a("--min-lr", type=float, default=2e-4)
-    a("--lr-warmup-iters", type=int, default=20)
-    a("--weight-decay", type=float, default=0.01)
-    a("--clip-grad", type=float, default=1.0)
-    a("--seed", type=int, default=1234)
+    a("--train-iters", type=int, default=D["train_iters"])
+    a("--lr", type=float, default=D["lr"])
+    a("--min-lr", type=float, default=D["min_lr"])
+    a("--lr-warmup-iters", type=int, default=D["lr_warmup_iters"])
+    a("--weight-decay", type=float, default=D["weight_decay"])
+    a("--clip-grad", type=float, default=D["clip_grad"])
+    a("--seed", type=int, default=D["seed"])
     a("--swiglu", action="store_true")
     a("--data-path", default=None, help="indexed-dataset prefix (train); default: build the corpus")
     a("--valid-data-path", default=None)
@@ -137,9 +140,9 @@ def cpu_parser(raise_usage_errors: bool = False) -> argparse.ArgumentParser:
            "iteration, as in Megatron)")
     a("--exit-signal-handler", action="store_true",
       help="on SIGTERM, finish the iteration, save a checkpoint and stop (exit status 3), as in Megatron")
-    a("--log-interval", type=int, default=10)
-    a("--eval-interval", type=int, default=100)
-    a("--eval-iters", type=int, default=4)
+    a("--log-interval", type=int, default=D["log_interval"])
+    a("--eval-interval", type=int, default=D["eval_interval"])
+    a("--eval-iters", type=int, default=D["eval_iters"])
     a("--nvfp4-time-budget", type=float, default=None, metavar="SECONDS",
       help="stop training after this many seconds: save a checkpoint, print 'stopped by time budget at "
            "iteration N of M; resume with --load DIR' and exit with status 3 (default: no budget)")
@@ -161,17 +164,17 @@ def cpu_parser(raise_usage_errors: bool = False) -> argparse.ArgumentParser:
     # (Llama-style GPT: RoPE, untied embeddings, no biases, local transformer), refused otherwise
     meg = p.add_argument_group("Megatron model flags (the CPU driver's fixed choices)")
     meg.add_argument("--max-position-embeddings", type=int, default=None)
-    meg.add_argument("--position-embedding-type", choices=["rope"], default="rope")
-    meg.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="RMSNorm")
+    meg.add_argument("--position-embedding-type", choices=["rope"], default=D["position_embedding_type"])
+    meg.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default=D["normalization"])
     meg.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                      help="accepted: the CPU driver always unties them")
     meg.add_argument("--disable-bias-linear", action="store_true", help="accepted: the CPU driver has no biases")
-    meg.add_argument("--transformer-impl", choices=["local"], default="local")
+    meg.add_argument("--transformer-impl", choices=["local"], default=D["transformer_impl"])
     meg.add_argument("--bf16", action="store_true", help="BF16 parameters and activations (FP32 otherwise)")
     meg.add_argument("--nvfp4-fp32", action="store_true", help="FP32 parameters and activations (the default here)")
-    meg.add_argument("--tokenizer-type", choices=["NullTokenizer"], default="NullTokenizer")
-    meg.add_argument("--vocab-size", type=int, default=256, help="vocabulary (>= 256; byte-level data)")
-    meg.add_argument("--lr-decay-style", choices=["cosine"], default="cosine")
+    meg.add_argument("--tokenizer-type", choices=["NullTokenizer"], default=D["tokenizer_type"])
+    meg.add_argument("--vocab-size", type=int, default=D["vocab_size"], help="vocabulary (>= 256; byte-level data)")
+    meg.add_argument("--lr-decay-style", choices=["cosine"], default=D["lr_decay_style"])
     meg.add_argument("--full-validation", action="store_true",
                      help="evaluate the whole held-out split (consecutive windows, full micro-batches) instead of "
                           "--eval-iters random micro-batches")
@@ -185,13 +188,6 @@ def cpu_parser(raise_usage_errors: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-# Megatron flags refused with a plugin recipe on every route -> the attribute check_supported_args reads
-REFUSED_FLAGS = {"--fp8-format": "fp8", "--fp4-format": "fp4", "--fp8-param-gather": "fp8_param_gather",
-                 "--fp4-param-gather": "fp4_param_gather", "--num-experts": "num_experts",
-                 "--use-precision-aware-optimizer": "use_precision_aware_optimizer",
-                 "--use-megatron-fsdp": "use_megatron_fsdp", "--use-torch-fsdp2": "use_torch_fsdp2",
-                 "--delay-wgrad-compute": "delay_wgrad_compute", "--mtp-num-layers": "mtp_num_layers",
-                 "--multi-latent-attention": "multi_latent_attention"}
 # the CPU driver's fixed model choices (argparse choices of cpu_parser)
 CPU_FIXED_CHOICES = ("--position-embedding-type", "--normalization", "--transformer-impl", "--tokenizer-type",
                      "--lr-decay-style")
@@ -200,12 +196,12 @@ CPU_FIXED_CHOICES = ("--position-embedding-type", "--normalization", "--transfor
 def _refusal(flag: str, value) -> Optional[str]:
     from types import SimpleNamespace
 
-    from .megatron.config import check_supported_args
-    attr = "transformer_impl" if flag == "--transformer-impl" else REFUSED_FLAGS.get(flag)
-    if attr is None:
+    from .megatron.config import REFUSED_BY_FLAG, check_supported_args
+    refusal = REFUSED_BY_FLAG.get(flag)
+    if refusal is None or refusal.args_attr is None:
         return None
     try:
-        check_supported_args(SimpleNamespace(**{attr: value}))
+        check_supported_args(SimpleNamespace(**{refusal.args_attr: value}))
     except UsageError as err:
         return str(err)
     return None
@@ -734,30 +730,36 @@ class _CpuRun:
         hist = self._history_snapshot(done)
         losses = hist["losses"]
         mean_step = float(np.mean(self.step_times)) if self.step_times else None
-        summary = {"recipe": self.args.nvfp4_recipe, "finished": failure is None and stopped is None,
-                   "stopped_by": "non-finite loss or grad norm" if failure else stopped, "error": failure,
-                   "iterations": done, "train_iters": self.s.train_steps,
-                   "resumed_from": self.start_iteration or None, "train_time_s": round(train_time, 1),
-                   "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-                   "valid": hist["valid"], "losses": losses, "mean_step_s": mean_step,
-                   "median_step_s": hist["segments"][-1]["median_step_s"],
-                   "tokens_per_step": self.tokens_per_step,
-                   "tokens_per_s": self.tokens_per_step / mean_step if mean_step else None,
-                   "parameters": self.n_params, "device": "cpu", "world_size": self.world,
-                   "layout": {**self.layout, "sequence_parallel": self.s.sequence_parallel,
-                              "distributed_optimizer": self.s.use_distributed_optimizer},
-                   "checkpoint": self.last_saved_dir, "plot": self.plot_path, "segments": hist["segments"],
-                   "oscireset_events": hist["oscireset_events"],
-                   "outcontrol": {k: {kk: vv for kk, vv in v.items() if kk != "channels_selected"}
-                                  for k, v in hist["outcontrol"].items()},
-                   **diagnostics.comm_report()}
+        from . import summary as schema
+        s = self.s
+        report = diagnostics.comm_report()
+        summary = schema.make(
+            route="cpu", recipe=self.args.nvfp4_recipe, finished=failure is None and stopped is None,
+            stopped_by="non-finite loss or grad norm" if failure else stopped, error=failure,
+            iterations=done, train_iters=s.train_steps, resumed_from=self.start_iteration or None,
+            losses=[[i + 1, v] for i, v in enumerate(losses)], valid=hist["valid"],
+            median_step_s=hist["segments"][-1]["median_step_s"], mean_step_s=mean_step,
+            train_time_s=round(train_time, 1), tokens_per_step=self.tokens_per_step,
+            tokens_per_s=self.tokens_per_step / mean_step if mean_step else None, parameters=self.n_params,
+            peak_mem_gib=None, device="cpu", world_size=self.world,
+            layout={"tp": self.layout["tp"], "pp": self.layout["pp"], "vpp": self.layout["vpp"],
+                    "dp": self.layout["dp"], "sequence_parallel": s.sequence_parallel,
+                    "distributed_optimizer": s.use_distributed_optimizer},
+            model={"num_layers": s.num_layers, "hidden_size": s.hidden_size, "ffn_hidden_size": s.ffn_hidden_size,
+                   "num_attention_heads": s.num_attention_heads, "seq_length": s.seq_length,
+                   "micro_batch_size": s.micro_batch_size, "global_batch_size": self.layout["global_batch_size"]},
+            segments=hist["segments"], checkpoint=self.last_saved_dir, plot=self.plot_path,
+            oscireset_events=hist["oscireset_events"],
+            outcontrol={k: {kk: vv for kk, vv in v.items() if kk != "channels_selected"}
+                        for k, v in hist["outcontrol"].items()},
+            comm={k: report[k] for k in ("collectives", "plugin_gathers") if k in report})
         if self.main_rank:
             _plot(hist, self.plot_path, f"GPT {self.n_params / 1e6:.1f}M, {self.args.nvfp4_recipe}, "
                                         + ("mock data" if self.args.mock_data else "byte-level corpus"))
             write_json(self.summary_path, summary)
             print(format_comm_stats(), flush=True)
             brief = {k: v for k, v in summary.items()
-                     if k not in ("losses", "oscireset_events", "outcontrol", "segments", "valid")}
+                     if k not in ("losses", "oscireset_events", "outcontrol", "segments", "valid", "comm", "model")}
             print(f"done: {brief}", flush=True)
         return summary
 

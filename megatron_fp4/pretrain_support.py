@@ -35,18 +35,6 @@ from .megatron.state import set_iteration
 
 log = logging.getLogger(__name__)
 
-# Flags (with values) the launcher adds when the user leaves them out: the main job's model and run.
-# Booleans are listed with no values. Users override any of them by passing the flag.
-MAIN_JOB_DEFAULTS = (
-    ("--num-layers", "4"), ("--hidden-size", "256"), ("--ffn-hidden-size", "768"),
-    ("--num-attention-heads", "4"), ("--seq-length", "128"), ("--max-position-embeddings", None),
-    ("--micro-batch-size", "8"), ("--train-iters", "300"), ("--lr", "2e-3"), ("--min-lr", "2e-4"),
-    ("--lr-warmup-iters", "20"), ("--lr-decay-style", "cosine"), ("--weight-decay", "0.01"),
-    ("--clip-grad", "1.0"), ("--position-embedding-type", "rope"), ("--normalization", "RMSNorm"),
-    ("--log-interval", "10"), ("--eval-interval", "100"), ("--eval-iters", "4"),
-    ("--tokenizer-type", "NullTokenizer"), ("--transformer-impl", "local"),
-)
-BOOLEAN_DEFAULTS = ("--untie-embeddings-and-output-weights", "--disable-bias-linear")
 DATA_FLAGS = ("--mock-data", "--data-path", "--train-data-path", "--valid-data-path", "--test-data-path",
               "--data-args-path", "--per-split-data-args-path")
 
@@ -89,20 +77,22 @@ def launcher_argv(argv) -> list:
     """The argument list handed to Megatron: the user's flags, then defaults for what is missing."""
     argv = list(argv)
     out = list(argv)
-    for flag, value in MAIN_JOB_DEFAULTS:
-        if _has(argv, flag):
-            continue
-        if flag == "--max-position-embeddings":
-            value = _value(argv, "--seq-length", "128")
-        out += [flag, value]
-    for flag in BOOLEAN_DEFAULTS:
-        if not _has(argv, flag):
-            out.append(flag)
+    from .defaults import MAIN_JOB, MAIN_JOB_SWITCHES, flag as flag_of
+    for name, value in MAIN_JOB.items():
+        if name == "vocab_size":
+            continue                            # NullTokenizer only (below)
+        if not _has(argv, flag_of(name)):
+            out += [flag_of(name), str(value)]
+    if not _has(argv, "--max-position-embeddings"):
+        out += ["--max-position-embeddings", _value(out, "--seq-length")]
+    for name in MAIN_JOB_SWITCHES:
+        if not _has(argv, flag_of(name)):
+            out.append(flag_of(name))
     if not (_has(argv, "--bf16") or _has(argv, "--fp16") or _has(argv, "--nvfp4-fp32")):
         out.append("--bf16")
     tokenizer = _value(out, "--tokenizer-type")
     if tokenizer == "NullTokenizer" and not _has(argv, "--vocab-size"):
-        out += ["--vocab-size", "256"]          # byte-level tokens
+        out += ["--vocab-size", str(MAIN_JOB["vocab_size"])]          # byte-level tokens
     if not any(_has(argv, f) for f in DATA_FLAGS):
         # the main job's data: the corpus builder's indexed datasets, built on first use
         save = _value(argv, "--save") or "nvfp4_run"
@@ -532,44 +522,53 @@ class TrainingHistory:
         }
 
 
-def write_summary(history: TrainingHistory, args, path: Optional[str], plot: bool = True) -> Optional[dict]:
-    """Summary JSON + loss plot, written by the last global rank (it holds the last pipeline
-    stage's reduced loss)."""
+def write_summary(history: TrainingHistory, args, path: Optional[str], plot: bool = True,
+                  stopped_by: Optional[str] = None) -> Optional[dict]:
+    """summary.json (megatron_fp4/summary.py, the schema both routes write) + loss plot, written by the
+    last global rank (it holds the last pipeline stage's reduced loss)."""
     if path is None:
         return None
     if int(os.environ.get("RANK", "0")) != int(os.environ.get("WORLD_SIZE", "1")) - 1:
         return None
-    summary = history.summary()
-    if not summary["losses"]:
-        return None
-    summary.update(recipe=args.nvfp4_recipe, num_layers=args.num_layers, hidden_size=args.hidden_size,
-                   seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-                   global_batch_size=args.global_batch_size,
-                   tokens_per_step=args.global_batch_size * args.seq_length,
-                   world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                   layout={"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size,
-                           "vpp": getattr(args, "virtual_pipeline_model_parallel_size", None),
-                           "dp": getattr(args, "data_parallel_size", None),
-                           "sequence_parallel": bool(args.sequence_parallel),
-                           "distributed_optimizer": bool(args.use_distributed_optimizer)})
-    if summary["median_step_s"]:
-        summary["tokens_per_s"] = summary["tokens_per_step"] / summary["median_step_s"]
-    summary["train_iters"] = args.train_iters
-    summary["finished"] = bool(args.train_iters) and summary["iterations"] >= args.train_iters
+    from . import summary as schema
     from .megatron.diagnostics import comm_report
     from .megatron.optimizer_hooks import stabilizer_report
-    summary.update(stabilizer_report())
-    summary.update(comm_report())
+    run = history.summary()
+    if not run["losses"]:
+        return None
+    steps = [r["step_s"] for r in history.records[run["warmup_excluded"]:] if not math.isnan(r["step_s"])]
+    tokens_per_step = args.global_batch_size * args.seq_length
+    first = history.records[0]["iteration"] if history.records else 1
+    saved = os.path.join(args.save, "iter_{:07d}".format(run["iterations"])) if args.save else None
+    report, stabilizers = comm_report(), stabilizer_report()
+    finished = bool(args.train_iters) and run["iterations"] >= args.train_iters
+    summary = schema.make(
+        route="gpu", recipe=args.nvfp4_recipe, finished=finished,
+        stopped_by=None if finished else stopped_by, error=None, iterations=run["iterations"],
+        train_iters=args.train_iters, resumed_from=first - 1 if first > 1 else None, losses=run["losses"],
+        valid=run["valid"], median_step_s=run["median_step_s"],
+        mean_step_s=sum(steps) / len(steps) if steps else None, train_time_s=None,
+        tokens_per_step=tokens_per_step,
+        tokens_per_s=tokens_per_step / run["median_step_s"] if run["median_step_s"] else None, parameters=None,
+        peak_mem_gib=run["peak_mem_gib"], device=run["device"], world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        layout={"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size,
+                "vpp": getattr(args, "virtual_pipeline_model_parallel_size", None),
+                "dp": getattr(args, "data_parallel_size", None), "sequence_parallel": bool(args.sequence_parallel),
+                "distributed_optimizer": bool(args.use_distributed_optimizer)},
+        model={"num_layers": args.num_layers, "hidden_size": args.hidden_size, "ffn_hidden_size": args.ffn_hidden_size,
+               "num_attention_heads": args.num_attention_heads, "seq_length": args.seq_length,
+               "micro_batch_size": args.micro_batch_size, "global_batch_size": args.global_batch_size},
+        segments=run["segments"], checkpoint=saved if saved and os.path.isdir(saved) else None, plot=None,
+        oscireset_events=stabilizers["oscireset_events"], outcontrol=stabilizers["outcontrol"],
+        comm={k: report[k] for k in ("collectives", "plugin_gathers") if k in report})
+    if plot:
+        try:
+            summary["plot"] = os.path.splitext(path)[0] + ".png"
+            _plot({"losses": [l for _, l in summary["losses"]]}, summary["plot"],
+                  f"GPT {args.num_layers}x{args.hidden_size}, {args.nvfp4_recipe}")
+        except ImportError:                      # matplotlib is optional
+            summary["plot"] = None
     write_json(path, summary)
-    if not plot:
-        return summary
-    try:
-        plot = os.path.splitext(path)[0] + ".png"
-        _plot({"losses": [l for _, l in summary["losses"]]}, plot,
-              f"GPT {args.num_layers}x{args.hidden_size}, {args.nvfp4_recipe}")
-        summary["plot"] = plot
-    except ImportError:                      # matplotlib is optional
-        pass
     return summary
 
 

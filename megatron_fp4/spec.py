@@ -40,11 +40,7 @@ def gpt_layer_spec(config, vp_stage: Optional[int] = None, recipe=None):
     TransformerBlockSubmodules with an SP-capable torch norm.
     """
     tcfg = _transformer_config(config)
-    if getattr(tcfg, "num_moe_experts", None):
-        raise ValueError("megatron_fp4.spec: MoE models (--num-experts) are not supported in v1")
-    if getattr(tcfg, "multi_latent_attention", False):
-        raise ValueError("megatron_fp4.spec: multi-latent attention is not supported in v1")
-    check_supported(tcfg)
+    check_supported(tcfg)           # the refusal table (megatron/config.py REFUSED): MoE, MLA, TE FP8/FP4, ...
     recipe = resolve_recipe(tcfg, recipe)
     spec = get_gpt_layer_local_spec(
         qk_layernorm=getattr(tcfg, "qk_layernorm", False),

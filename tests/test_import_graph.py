@@ -31,7 +31,7 @@ LAYERS = [
     ("Megatron glue", ["megatron_fp4.megatron", "megatron_fp4.megatron.*", "megatron_fp4.patches",
                        "megatron_fp4.patches.*"]),   # but the CPU driver, which builds models from the spec
     ("spec", ["megatron_fp4.spec"]),
-    ("launcher", ["megatron_fp4", "megatron_fp4.pretrain_gpt", "megatron_fp4.pretrain_support",
+    ("launcher", ["megatron_fp4", "megatron_fp4.defaults", "megatron_fp4.summary", "megatron_fp4.pretrain_gpt", "megatron_fp4.pretrain_support",
                   "megatron_fp4.megatron.driver"]),
 ]
 TESTING = "megatron_fp4.testing"        # outside the layers: it may import anything but the launcher

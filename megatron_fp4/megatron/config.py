@@ -95,60 +95,72 @@ def _refuse(problems) -> None:
         raise UnsupportedConfigError("unsupported configuration: " + "; ".join(problems))
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """One Megatron setting the plugin refuses with a recipe: its flag, where it lives (Megatron's parsed
+    args; TransformerConfig, where a model built without the launcher carries it) and why / the fix."""
+
+    flag: str
+    args_attr: Optional[str]
+    config_attr: Optional[str]
+    why: str
+    allowed: tuple = (None, False, 0, "")       # values that are not the refused setting
+
+    def problem(self, obj, attr: str) -> Optional[str]:
+        value = getattr(obj, attr, None)
+        if value in self.allowed:
+            return None
+        shown = self.flag if value is True else f"{self.flag} {value}"
+        return f"{shown}: {self.why}"
+
+
+_FSDP = "FSDP is not supported; use DDP (optionally --use-distributed-optimizer)"
+# The one table of refused combinations; every route checks it (check_supported_args on Megatron's args:
+# the launcher's GPU route, install(), the CPU driver's flags; check_supported on TransformerConfig: the
+# plugin spec and layers, for models built without either).
+REFUSED = (
+    Refusal("--num-experts", "num_experts", "num_moe_experts",
+            "MoE experts are not supported by megatron_fp4 v1 (dense GPT only); drop it"),
+    Refusal("--fp8-format", "fp8", "fp8", "Transformer Engine FP8 cannot be combined with --nvfp4-recipe; "
+            "drop --fp8-format"),
+    Refusal("--fp4-format", "fp4", "fp4", "Transformer Engine FP4 cannot be combined with --nvfp4-recipe; "
+            "drop --fp4-format (the recipe sets the 4-bit format)"),
+    Refusal("--fp8-param-gather", "fp8_param_gather", "fp8_param",
+            "quantized parameter all-gather (fp8/fp4 param-gather) is not supported; drop it"),
+    Refusal("--fp4-param-gather", "fp4_param_gather", "fp4_param",
+            "quantized parameter all-gather (fp8/fp4 param-gather) is not supported; drop it"),
+    Refusal("--delay-wgrad-compute", "delay_wgrad_compute", "delay_wgrad_compute",
+            "megatron_fp4 computes wgrad in the main backward; drop it"),
+    Refusal("--use-megatron-fsdp", "use_megatron_fsdp", "use_megatron_fsdp", _FSDP),
+    Refusal("--use-torch-fsdp2", "use_torch_fsdp2", "use_torch_fsdp2", _FSDP),
+    Refusal("--use-precision-aware-optimizer", "use_precision_aware_optimizer", None,
+            "master weights inside TE FusedAdam (precision-aware optimizer) are not supported; drop it"),
+    Refusal("--mtp-num-layers", "mtp_num_layers", "mtp_num_layers",
+            "multi-token-prediction layers are built from Megatron's stock spec and would not run the recipe; "
+            "drop it"),
+    Refusal("--multi-latent-attention", "multi_latent_attention", "multi_latent_attention",
+            "multi-latent attention is not supported by the plugin spec in v1; drop it"),
+    Refusal("--transformer-impl", "transformer_impl", None,
+            "megatron_fp4 needs --transformer-impl local (its own linears, no TE modules)",
+            allowed=(None, "local")),
+)
+REFUSED_BY_FLAG = {r.flag: r for r in REFUSED}
+
+
 def check_supported(config, *, is_expert: bool = False) -> None:
-    """Refuse, with a message naming the flag and the fix, combinations the plugin layers cannot honour."""
+    """Refuse, with a message naming the flag and the fix, combinations the plugin layers cannot honour
+    (the REFUSED table, read on a TransformerConfig)."""
     problems = []
     if is_expert:
         problems.append("MoE expert linears (is_expert=True): megatron_fp4 v1 quantizes dense "
                         "layers only; drop --num-experts or keep experts out of the plugin spec")
-    if getattr(config, "fp8", None):
-        problems.append(f"--fp8-format {config.fp8}: Transformer Engine FP8 cannot be combined with "
-                        "a megatron_fp4 recipe; drop --fp8-format")
-    if getattr(config, "fp4", None):
-        problems.append(f"--fp4-format {config.fp4}: Transformer Engine FP4 cannot be combined with "
-                        "a megatron_fp4 recipe; drop --fp4-format (use --nvfp4-recipe only)")
-    for flag, attr in (("--fp8-param-gather", "fp8_param"), ("--fp4-param-gather", "fp4_param")):
-        if getattr(config, attr, False):
-            problems.append(f"{flag}: quantized parameter all-gather is not supported; drop it")
-    if getattr(config, "delay_wgrad_compute", False):
-        problems.append("--delay-wgrad-compute: megatron_fp4 computes wgrad in the main backward; drop it")
-    if getattr(config, "defer_embedding_wgrad_compute", False):
-        pass  # affects only the LM head (a stock layer); refused in _forward_impl if it ever reaches us
-    if getattr(config, "use_megatron_fsdp", False) or getattr(config, "use_torch_fsdp2", False):
-        problems.append("FSDP (--use-megatron-fsdp / --use-torch-fsdp2) is not supported; use DDP "
-                        "(optionally --use-distributed-optimizer)")
+    problems += [p for r in REFUSED if r.config_attr for p in [r.problem(config, r.config_attr)] if p]
     _refuse(problems)
 
 
 def check_supported_args(args) -> None:
-    """Launcher-level refusals for options that live outside TransformerConfig."""
-    problems = []
-    if getattr(args, "use_precision_aware_optimizer", False):
-        problems.append("--use-precision-aware-optimizer: master weights inside TE FusedAdam are "
-                        "not supported; drop it")
-    if getattr(args, "use_megatron_fsdp", False) or getattr(args, "use_torch_fsdp2", False):
-        problems.append("FSDP (--use-megatron-fsdp / --use-torch-fsdp2) is not supported; use DDP "
-                        "(optionally --use-distributed-optimizer)")
-    if getattr(args, "num_experts", None):
-        problems.append(f"--num-experts {args.num_experts}: MoE experts are not supported by megatron_fp4 v1; "
-                        "drop it (dense GPT only)")
-    if getattr(args, "fp8", None):
-        problems.append(f"--fp8-format {args.fp8} cannot be combined with --nvfp4-recipe; drop --fp8-format")
-    if getattr(args, "fp4", None):
-        problems.append(f"--fp4-format {args.fp4} cannot be combined with --nvfp4-recipe; drop --fp4-format")
-    if getattr(args, "fp8_param_gather", False) or getattr(args, "fp4_param_gather", False):
-        problems.append("--fp8-param-gather / --fp4-param-gather are not supported; drop them")
-    if getattr(args, "delay_wgrad_compute", False):
-        problems.append("--delay-wgrad-compute is not supported (wgrad runs in the main backward); drop it")
-    if getattr(args, "mtp_num_layers", None):
-        problems.append(f"--mtp-num-layers {args.mtp_num_layers}: multi-token-prediction layers are built "
-                        "from Megatron's stock spec and would not run the recipe; drop it")
-    if getattr(args, "multi_latent_attention", False):
-        problems.append("--multi-latent-attention is not supported by the plugin spec in v1; drop it")
-    if getattr(args, "transformer_impl", "local") != "local":
-        problems.append(f"--transformer-impl {args.transformer_impl}: megatron_fp4 needs "
-                        "--transformer-impl local (its own linears, no TE modules)")
-    _refuse(problems)
+    """The REFUSED table on Megatron's parsed args (or the CPU driver's), before anything is built."""
+    _refuse([p for r in REFUSED if r.args_attr for p in [r.problem(args, r.args_attr)] if p])
 
 
 def layer_in_bf16(config, layer_number: int) -> bool:

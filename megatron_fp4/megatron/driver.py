@@ -15,16 +15,19 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from ..defaults import MAIN_JOB
+
 
 @dataclass
 class GPTSettings:
-    num_layers: int = 4
-    hidden_size: int = 256
-    ffn_hidden_size: int = 1024
-    num_attention_heads: int = 4
-    seq_length: int = 128
-    vocab_size: int = 256
-    micro_batch_size: int = 2
+    """The driver's run: Megatron-named model and training settings (defaults: the main job, defaults.py)."""
+    num_layers: int = MAIN_JOB["num_layers"]
+    hidden_size: int = MAIN_JOB["hidden_size"]
+    ffn_hidden_size: int = MAIN_JOB["ffn_hidden_size"]
+    num_attention_heads: int = MAIN_JOB["num_attention_heads"]
+    seq_length: int = MAIN_JOB["seq_length"]
+    vocab_size: int = MAIN_JOB["vocab_size"]
+    micro_batch_size: int = MAIN_JOB["micro_batch_size"]
     num_microbatches: int = 1
     tp: int = 1
     pp: int = 1
@@ -41,14 +44,14 @@ class GPTSettings:
     num_layers_at_end_in_bf16: int = 1
     bf16: bool = False                   # BF16 params/activations (Float16Module); FP32 otherwise
     swiglu: bool = False
-    normalization: str = "RMSNorm"
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    weight_decay: float = 0.01
-    clip_grad: float = 1.0
-    warmup_steps: int = 10
-    train_steps: int = 100
-    seed: int = 1234
+    normalization: str = MAIN_JOB["normalization"]
+    lr: float = MAIN_JOB["lr"]
+    min_lr: float = MAIN_JOB["min_lr"]
+    weight_decay: float = MAIN_JOB["weight_decay"]
+    clip_grad: float = MAIN_JOB["clip_grad"]
+    warmup_steps: int = MAIN_JOB["lr_warmup_iters"]
+    train_steps: int = MAIN_JOB["train_iters"]
+    seed: int = MAIN_JOB["seed"]
     batch_p2p_comm: bool = False          # gloo mis-orders batched p2p with VPP (cpu-testing.md)
     recompute: bool = False               # full activation recomputation
 

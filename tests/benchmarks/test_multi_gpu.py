@@ -35,11 +35,11 @@ def test_tp_stage_through_the_multinode_script(tmp_path):
         s = _summary(out, name)
         assert s["world_size"] == 2 and s["layout"]["tp"] == 2 and s["layout"]["sequence_parallel"]
         assert s["layout"]["distributed_optimizer"]                   # multinode.sh's flag reached the run
-        assert s["collectives"]["iterations"] == 5                     # 6 steps, the first excluded
-    bf, q4 = (_summary(out, f"tp2-sp-{r}")["collectives"]["per_iteration"]["all_gather_into_tensor/tp"]["bytes"]
+        assert s["comm"]["collectives"]["iterations"] == 5                     # 6 steps, the first excluded
+    bf, q4 = (_summary(out, f"tp2-sp-{r}")["comm"]["collectives"]["per_iteration"]["all_gather_into_tensor/tp"]["bytes"]
               for r in ("bf16", "quartet2"))
     assert q4 < bf                                                     # FP4 gathers move fewer bytes
-    plugin = _summary(out, "tp2-sp-quartet2")["plugin_gathers"]
+    plugin = _summary(out, "tp2-sp-quartet2")["comm"]["plugin_gathers"]
     # packed codes (1/2 byte) + E4M3 scales (1/16 byte) against 2 bytes per element; plus one FP32
     # tensor scale per gather
     ratio = plugin["fp4_bytes"] / plugin["bf16_bytes_for_same_tensors"]

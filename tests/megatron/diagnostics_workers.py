@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import driver_settings
 
 SMALL = dict(num_layers=2, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4, seq_length=64,
              micro_batch_size=2, num_microbatches=1, swiglu=True)
@@ -46,7 +47,7 @@ def counted_collectives(rank, world):
 def first_step(rank, world, settings, path, tp=1, sp=False, perturb=0.0):
     """One training step of the driver's GPT with the first-step gradient dump installed."""
     from megatron_fp4.megatron import diagnostics, driver
-    s = driver.GPTSettings(**settings, tp=tp, sequence_parallel=sp)
+    s = driver_settings.settings(**settings, tp=tp, sequence_parallel=sp)
     s.train_steps = 1
     driver.initialize_parallel(s)
     chunks, config = driver.build_model(s)
@@ -63,7 +64,7 @@ def first_step(rank, world, settings, path, tp=1, sp=False, perturb=0.0):
 
 def refusals(rank, world, settings, what):
     from megatron_fp4.megatron import diagnostics, driver
-    s = driver.GPTSettings(**settings)
+    s = driver_settings.settings(**settings)
     driver.initialize_parallel(s)
     chunks, config = driver.build_model(s)
     optimizer, _ = driver.build_optimizer(s, chunks)

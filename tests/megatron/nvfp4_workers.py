@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import driver_settings
 
 RECIPES = ("bf16", "nvidia", "tetrajet2", "quartet2")
 
@@ -204,7 +205,7 @@ def fusion_main_grad(rank, world, recipe_name):
 def gpt_train(rank, world, settings_kwargs, steps=None):
     """Train the driver's GPT for a few steps; return losses and grad norms (on every rank)."""
     from megatron_fp4.megatron import driver
-    s = driver.GPTSettings(**settings_kwargs)
+    s = driver_settings.settings(**settings_kwargs)
     if steps is not None:
         s.train_steps = steps
     hist = driver.run_training(s)
@@ -224,7 +225,7 @@ def checkpoint_save(rank, world, settings_kwargs, ckpt_dir, steps):
     """Train at the given parallel layout, save a torch_dist checkpoint, return the eval loss."""
     from megatron.core import dist_checkpointing
     from megatron_fp4.megatron import driver
-    s = driver.GPTSettings(**settings_kwargs)
+    s = driver_settings.settings(**settings_kwargs)
     s.train_steps = steps
     hist = driver.run_training(s)
     chunks = hist["chunks"]
@@ -254,7 +255,7 @@ def checkpoint_load(rank, world, settings_kwargs, ckpt_dir, steps):
     """Build at another layout, load the checkpoint, return the eval loss and one more step's loss."""
     from megatron.core import dist_checkpointing
     from megatron_fp4.megatron import driver
-    s = driver.GPTSettings(**settings_kwargs)
+    s = driver_settings.settings(**settings_kwargs)
     driver.initialize_parallel(s)
     chunks, config = driver.build_model(s)
     model = chunks[0].module
@@ -288,7 +289,7 @@ def first_step_gradients(rank, world, runs):
     from megatron_fp4.megatron.state import set_iteration
     out = []
     for settings_kwargs, perturb in runs:
-        s = driver.GPTSettings(**settings_kwargs)
+        s = driver_settings.settings(**settings_kwargs)
         driver.initialize_parallel(s)
         chunks, config = driver.build_model(s)
         optimizer, _ = driver.build_optimizer(s, chunks)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import driver_settings
 
 
 def _build(settings_kwargs):
     from megatron_fp4.megatron import driver
     from megatron_fp4.megatron.state import set_train_iters
-    s = driver.GPTSettings(**settings_kwargs)
+    s = driver_settings.settings(**settings_kwargs)
     driver.initialize_parallel(s)
     chunks, config = driver.build_model(s)
     optimizer, scheduler = driver.build_optimizer(s, chunks)
@@ -25,7 +26,7 @@ def _teardown():
 def train_with_stabilizers(rank, world, settings_kwargs):
     """run_training with a stabilizer recipe: loss history, OsciReset events, OutControl stats."""
     from megatron_fp4.megatron import driver
-    hist = driver.run_training(driver.GPTSettings(**settings_kwargs))
+    hist = driver.run_training(driver_settings.settings(**settings_kwargs))
     masks = {}
     for chunk in hist["chunks"]:
         for module in chunk.modules():
@@ -157,7 +158,7 @@ def oscireset_chained(rank, world, settings_kwargs):
     from megatron_fp4.megatron import driver
     from megatron_fp4.megatron.optimizer_hooks import install_stabilizers
     from megatron_fp4.megatron.state import set_train_iters
-    s = driver.GPTSettings(**settings_kwargs)
+    s = driver_settings.settings(**settings_kwargs)
     driver.initialize_parallel(s)
     chunks, config = driver.build_model(s)
     params = [p for p in chunks[0].parameters() if p.requires_grad]
@@ -185,7 +186,7 @@ def oscireset_chained(rank, world, settings_kwargs):
 def bf16_layer_flags(rank, world, settings_kwargs):
     """Which plugin linears of a built GPT run in BF16 (recipe-level per-layer overrides)."""
     from megatron_fp4.megatron import driver
-    s = driver.GPTSettings(**settings_kwargs)
+    s = driver_settings.settings(**settings_kwargs)
     driver.initialize_parallel(s)
     chunks, _ = driver.build_model(s)
     flags = {m.nvfp4_name: m.nvfp4_bf16 for c in chunks for m in c.modules() if hasattr(m, "nvfp4_bf16")}

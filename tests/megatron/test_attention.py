@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 
+import driver_settings
 from megatron_fp4.testing import dist
 
 pytestmark = pytest.mark.timeout(300)
@@ -375,7 +376,7 @@ def gpt_attention_runs(rank, world, settings, steps):
     runs = {}
     for name, attention, eps in (("sdpa", "sdpa", 0.0), ("megatron", "megatron", 0.0),
                                  ("megatron_perturbed", "megatron", 2.0 ** -22)):
-        s = driver.GPTSettings(**dict(settings, attention=attention, train_steps=steps))
+        s = driver_settings.settings(**dict(settings, attention=attention, train_steps=steps))
         driver.initialize_parallel(s)
         chunks, config = driver.build_model(s)
         if eps:

@@ -235,3 +235,47 @@ def test_training_history_continues_a_resumed_runs_summary(monkeypatch, tmp_path
     training.training_log({"lm loss": torch.tensor(3.0)}, {}, 1e-3, 1)
     s2 = fresh.summary(warmup=0)
     assert s2["losses"] == [(1, 3.0)] and s2["valid"] == [] and len(s2["segments"]) == 1
+
+
+def test_one_main_job_table_for_both_routes_and_the_driver(megatron_globals):
+    """The CPU route's parser, the GPU route's Megatron arguments (launcher defaults + Megatron's
+    parsing) and the driver's GPTSettings all default to defaults.MAIN_JOB."""
+    from megatron_fp4.defaults import MAIN_JOB, MAIN_JOB_SWITCHES
+    from megatron_fp4.megatron.driver import GPTSettings
+    from megatron_fp4.pretrain_support import build_config
+    cpu = pretrain_gpt.cpu_parser().parse_args([])
+    gpu, _ = build_config(["--mock-data"])
+    for name, value in MAIN_JOB.items():
+        assert getattr(cpu, name) == value, name
+        assert getattr(gpu, name) == value, name
+    assert not gpu.add_bias_linear and gpu.untie_embeddings_and_output_weights
+    assert set(MAIN_JOB_SWITCHES) == {"untie_embeddings_and_output_weights", "disable_bias_linear"}
+    s = GPTSettings()
+    driver_names = {"warmup_steps": "lr_warmup_iters", "train_steps": "train_iters"}
+    for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "seq_length", "vocab_size",
+                  "micro_batch_size", "lr", "min_lr", "weight_decay", "clip_grad", "warmup_steps", "train_steps",
+                  "seed", "normalization"):
+        assert getattr(s, field) == MAIN_JOB[driver_names.get(field, field)], field
+
+
+def test_one_summary_schema_and_earlier_summaries_upgraded(tmp_path):
+    """summary.make takes exactly the schema's fields; a summary written before the schema (CPU route:
+    losses as a plain list from iteration 1; fields absent) is read in the schema's form."""
+    import json
+
+    from megatron_fp4 import summary
+    with pytest.raises(summary.SummaryError, match="missing"):
+        summary.make(route="cpu", recipe="quartet2")
+    old_cpu = {"recipe": "quartet2", "finished": True, "iterations": 3, "losses": [5.0, 4.0, None],
+               "valid": [[3, 4.5]], "device": "cpu", "layout": {"tp": 1, "pp": 1, "vpp": None, "dp": 1,
+                                                                 "num_microbatches": 1}, "collectives": {"x": 1}}
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(old_cpu))
+    s = summary.load(str(path))
+    assert s["schema"] == summary.SCHEMA and s["route"] == "cpu"
+    assert s["losses"] == [[1, 5.0], [2, 4.0], [3, None]] and s["first_loss"] == 5.0 and s["last_loss"] == 4.0
+    assert set(s["layout"]) == set(summary.LAYOUT) and s["comm"] == {"collectives": {"x": 1}}
+    assert summary.check(json.loads(json.dumps(s))) == s          # round trip through JSON
+    path.write_text(json.dumps(dict(s, extra=1)))
+    with pytest.raises(summary.SummaryError, match="unknown \\['extra'\\]"):
+        summary.load(str(path))

@@ -152,7 +152,7 @@ INSTALL_CASES = [
      "must come from the plugin spec"),
     (["--nvfp4-recipe", "quartet2", "--nvfp4-bf16-modules", "decoder.layer.0.*"], "matches no linear"),
     (["--nvfp4-recipe", "tetrajet2"], "multiple of 128"),       # with hidden size 96 (below)
-    (["--nvfp4-recipe", "quartet2", "--fp8-format", "e4m3"], "--fp8-format e4m3 cannot be combined"),
+    (["--nvfp4-recipe", "quartet2", "--fp8-format", "e4m3"], "--fp8-format e4m3: Transformer Engine FP8 cannot be combined"),
     (["--nvfp4-recipe", "quartet2", "--num-experts", "4"], "MoE"),
     (["--nvfp4-recipe", "quartet2", "--mtp-num-layers", "1"], "--mtp-num-layers 1"),
     (["--" + "mfp4-recipe", "quartet2"], "--" + "mfp4-recipe was renamed to --nvfp4-recipe"),   # the earlier prefix

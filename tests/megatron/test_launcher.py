@@ -9,9 +9,10 @@ import types
 
 import pytest
 
-from megatron_fp4.megatron.config import (UnsupportedConfigError, check_supported, check_supported_args,
+from megatron_fp4.megatron.config import (REFUSED, UnsupportedConfigError, check_supported, check_supported_args,
                                           layer_in_bf16, module_in_bf16)
 from megatron_fp4.pretrain_gpt import add_plugin_args, cpu_parser, parse_overrides, plugin_recipe
+from megatron_fp4.errors import UsageError
 from megatron_fp4.registry import RecipeError
 
 pytestmark = pytest.mark.timeout(300)
@@ -68,6 +69,34 @@ def test_refused_config_combinations(field, value, match):
 def test_refused_launch_args(flag, match):
     with pytest.raises(UnsupportedConfigError, match=match):
         check_supported_args(types.SimpleNamespace(**flag))
+
+
+def _refused_value(refusal):
+    return "transformer_engine" if refusal.flag == "--transformer-impl" else \
+        ("e4m3" if refusal.flag in ("--fp8-format", "--fp4-format") else (8 if refusal.flag in ("--num-experts",
+                                                                                                 "--mtp-num-layers") else True))
+
+
+@pytest.mark.parametrize("refusal", REFUSED, ids=[r.flag for r in REFUSED])
+def test_one_refusal_table_on_every_route(refusal):
+    """Each refused setting of the one table is refused, with the same reason naming its flag, on Megatron's
+    args (launcher GPU route, install()), on a TransformerConfig (spec / layers) where it lives there, and
+    by the CPU driver's parser (which knows none of these flags but names the refusal, not a typo)."""
+    value = _refused_value(refusal)
+    with pytest.raises(UnsupportedConfigError) as on_args:
+        check_supported_args(types.SimpleNamespace(**{refusal.args_attr: value}))
+    assert refusal.flag in str(on_args.value) and refusal.why in str(on_args.value)
+    if refusal.config_attr:
+        with pytest.raises(UnsupportedConfigError) as on_config:
+            check_supported(types.SimpleNamespace(**{refusal.config_attr: value}))
+        assert str(on_config.value) == str(on_args.value)
+    allowed = refusal.allowed[-1]
+    check_supported_args(types.SimpleNamespace(**{refusal.args_attr: allowed}))     # the allowed value passes
+    from megatron_fp4 import pretrain_gpt
+    argv = [refusal.flag] + ([] if value is True else [str(value)])
+    with pytest.raises(UsageError) as on_cpu:
+        pretrain_gpt.parse_cpu_args(["--nvfp4-cpu", *argv])
+    assert refusal.why in str(on_cpu.value)
 
 
 def test_bf16_layer_and_module_rules():

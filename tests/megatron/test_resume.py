@@ -85,11 +85,16 @@ def _tensors(checkpoint_dir, tmp_path):
     return {k: v for k, v in torch.load(out, weights_only=False).items() if isinstance(v, torch.Tensor)}
 
 
-def _strict_json(path):
+def _strict_json(path, schema=True):
+    """The file as strict JSON (no NaN / Infinity tokens); a summary is also checked against the one
+    schema both routes write (megatron_fp4/summary.py)."""
+    from megatron_fp4 import summary
+
     def refuse(token):
         raise AssertionError(f"{path}: {token} is not JSON")
     with open(path) as fh:
-        return json.load(fh, parse_constant=refuse)
+        value = json.load(fh, parse_constant=refuse)
+    return summary.check(value) if schema else value
 
 
 def _digest(directory):
@@ -140,7 +145,7 @@ def _kill_and_resume(tmp_path, flags, ranks, seed):
     # the resumed segment's own progress lines (not the history it loaded) carry the same losses
     for i in range(tracked + 1, iters + 1):
         line = next(ln for ln in resumed_out.splitlines() if f" iteration {i:6d}/" in ln)
-        assert f"lm loss: {a['losses'][i - 1]:.6E}" in line, (i, line)
+        assert a["losses"][i - 1][0] == i and f"lm loss: {a['losses'][i - 1][1]:.6E}" in line, (i, line)
     ta = _tensors(tmp_path / "straight" / f"iter_{iters:07d}", tmp_path)
     tb = _tensors(tmp_path / "killed" / f"iter_{iters:07d}", tmp_path)
     assert ta.keys() == tb.keys() and any(k.startswith("optimizer.") for k in ta)
@@ -274,7 +279,7 @@ def test_non_finite_loss_stops_the_run_unless_asked_to_continue(tmp_path):
     rc, out = _run(_argv(tmp_path / "on", *flags, "--no-check-for-nan-in-loss-and-grad"))
     assert rc == 0, out[-3000:]
     summary = _strict_json(tmp_path / "on" / "summary.json")
-    assert summary["finished"] and summary["iterations"] == 4 and None in summary["losses"]   # NaN -> null
+    assert summary["finished"] and summary["iterations"] == 4 and None in [v for _, v in summary["losses"]]  # NaN -> null
 
 
 def test_time_budget_stop_saves_and_resumes_to_the_end(tmp_path):
@@ -323,7 +328,7 @@ def test_summary_files_are_strict_json_written_atomically(tmp_path):
     path = tmp_path / "s.json"
     path.write_text("old")
     write_json(str(path), value)
-    assert _strict_json(path)["b"] == [1.0, None, None, [2, 3]]
+    assert _strict_json(path, schema=False)["b"] == [1.0, None, None, [2, 3]]
     assert os.listdir(tmp_path) == ["s.json"]                           # no temporary file left behind
 
 
@@ -366,5 +371,5 @@ def test_gpu_route_save_folder_budget_and_strict_summary(tmp_path, monkeypatch, 
     path = tmp_path / "summary.json"
     write_summary(history, args, str(path), plot=False)
     summary = _strict_json(path)
-    assert summary["losses"] == [[1, 3.0], [2, None]] and summary["finished"] is False
+    assert summary["route"] == "gpu" and summary["losses"] == [[1, 3.0], [2, None]] and summary["finished"] is False
     assert summary["train_iters"] == 3

@@ -44,7 +44,7 @@ for r, d in s.items():
     print(r, "loss every 10:", " ".join(f"{it}:{curve[it]:.4f}" for it in sorted(curve) if it % 10 == 0 or it == 1))
     if not d.get("median_step_s"):
         print(r, "too few iterations for a step time"); continue
-    print(r, f"median step {d['median_step_s']*1000:.1f} ms (after {d['warmup_excluded']} warm-up), "
+    print(r, f"median step {d['median_step_s']*1000:.1f} ms (after the first 10 iterations), "
              f"peak mem {d['peak_mem_gib']:.2f} GiB, {d.get('tokens_per_s', 0):.0f} tok/s, device {d['device']}")
 b = s.get("bf16")
 for r, q in s.items():
