@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_fp4.rng import KEY_IV as _KEY_IV
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 FP32_MIN_NORMAL = tl.constexpr(2.0 ** -126)  # constexpr: jit code may only read constexpr globals
@@ -118,6 +120,46 @@ def hash_uniform(key, hi, lo):
     # one int-to-float conversion: a bit-assembled exact form (mantissa trick, +1/2 for the top bit)
     # took 3 more instructions per element in sass_stats, more than the conversion pipe costs here
     return (h >> 8).to(tl.float32) * (2.0 ** -24)
+
+
+KEY_IV = tl.constexpr(_KEY_IV)   # rng.derive_key's initial value
+
+
+@triton.jit
+def _fold(k, lo, hi):
+    # rng.fold on uint32: the field's low half, then its high half
+    k = _mix32((k ^ lo) + tl.full([], 0x9E3779B9, tl.uint32))
+    return _mix32(k ^ hi)
+
+
+@triton.jit
+def stream_key(key, state_ptr, role, NSTATE: tl.constexpr, NROLE: tl.constexpr):
+    """rng.RandomStream.effective_key in-kernel, as the int32 bit pattern hash_uniform takes: `key`
+    itself without a state (NSTATE == 0), else K = derive_key(key, *state[:NSTATE]) and, with NROLE,
+    derive_key(K, role). state_ptr: the stream's int64 device state (read at launch time, so a replayed
+    CUDA graph reads what was written there before the replay); unused (any pointer) when NSTATE == 0."""
+    k = key.to(tl.uint32, bitcast=True)
+    if NSTATE > 0:
+        zero = tl.full([], 0, tl.uint32)
+        iv = tl.full([], KEY_IV, tl.uint32)
+        k = _fold(iv, k, zero)
+        for i in tl.static_range(NSTATE):
+            f = tl.load(state_ptr + i).to(tl.int64)
+            k = _fold(k, (f & 0xFFFFFFFF).to(tl.uint32), ((f >> 32) & 0xFFFFFFFF).to(tl.uint32))
+        if NROLE:
+            k = _fold(_fold(iv, k, zero), role.to(tl.uint32, bitcast=True), zero)
+    return k.to(tl.int32, bitcast=True)
+
+
+def stream_args(stream, dummy: torch.Tensor) -> tuple:
+    """(key, state pointer, role) and dict(NSTATE, NROLE) for a kernel taking stream_key's arguments;
+    `dummy` stands in for the state pointer of a stream without one (or no stream)."""
+    if stream is None:
+        return (0, dummy, 0), dict(NSTATE=0, NROLE=0)
+    key, state, role, nstate, nrole = stream.kernel_key()
+    if state is not None and state.device != dummy.device:
+        raise ValueError(f"the random stream's state is on {state.device}, the operand on {dummy.device}")
+    return (key, dummy if state is None else state, role), dict(NSTATE=nstate, NROLE=nrole)
 
 
 @triton.jit
@@ -343,6 +385,27 @@ def signed_key(key: int) -> int:
     """A 32-bit key as the int32 with the same bit pattern (kernel arguments are typed by value)."""
     key &= 0xFFFFFFFF
     return key - (1 << 32) if key >= (1 << 31) else key
+
+
+@triton.jit(do_not_specialize=["role"])
+def _signs_kernel(out_ptr, N, key, state_ptr, role, NSTATE: tl.constexpr, NROLE: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    # rng.random_signs: -1 where bit 31 of H(key, 0, i) is set, i.e. where its uniform is >= 1/2
+    k = stream_key(key, state_ptr, role, NSTATE, NROLE)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    u = hash_uniform(k, tl.zeros([BLOCK], tl.uint32), i.to(tl.uint32))
+    tl.store(out_ptr + i, tl.where(u >= 0.5, -1.0, 1.0), mask=i < N)
+
+
+def random_signs(stream, n: int, device) -> torch.Tensor:
+    """rng.random_signs(stream, n) in one launch on `device` (a RandomStream; its state, if any, is
+    read on the device): graph-capturable, and one launch instead of the twin's ~35 (more with a
+    state to fold)."""
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    args, meta = stream_args(stream, out)
+    block = min(1024, triton.next_power_of_2(max(n, 16)))
+    _signs_kernel[(triton.cdiv(n, block),)](out, n, *args, BLOCK=block, **meta)
+    return out
 
 
 _SIGNED_HADAMARD_CACHE: "collections.OrderedDict" = collections.OrderedDict()

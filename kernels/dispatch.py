@@ -55,24 +55,44 @@ def _first(*checks) -> str:
 _SIGNS_CACHE: "collections.OrderedDict" = collections.OrderedDict()
 
 
-def rht_signs(key: int, n: int, device) -> torch.Tensor:
-    """rng.random_signs(key, n, device), the same values. On CUDA they are hashed on the host (about
-    35 tiny tensor ops: on the GPU each would be a kernel launch) and sent in one asynchronous copy
-    from pinned memory; the last few vectors are kept, because every backward operand of a layer
-    call uses the same signs (Quartet II: four operands; TetraJet-v2: two per vector)."""
+def rht_signs(key, n: int, device) -> torch.Tensor:
+    """rng.random_signs(key, n, device), the same values; `key` an int or a RandomStream (whose
+    device state, if any, is folded in on the device).
+
+    On CUDA: a stream with a state, or any key while a CUDA graph is being captured, runs one small
+    kernel (graph-safe: a replay recomputes the signs from what the state holds then; never a host
+    value frozen into the graph). Otherwise an int key is hashed on the host (about 35 tiny tensor ops:
+    on the GPU each would be a kernel launch) and sent in one asynchronous copy from pinned memory.
+    Outside a capture the last few vectors are kept, because every backward operand of a layer call
+    uses the same signs (Quartet II: four operands; TetraJet-v2: two per vector); an entry for a
+    stream with a state holds that state tensor and its version, so a rewrite misses."""
     device = torch.device(device) if device is not None else torch.device("cpu")
+    stream = key if isinstance(key, RandomStream) else None
     if device.type != "cuda":
         return random_signs(key, n, device)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    cache_key = (key, n, index)
-    sigma = _SIGNS_CACHE.get(cache_key)
-    if sigma is None:
-        sigma = random_signs(key, n).pin_memory().to(torch.device("cuda", index), non_blocking=True)
-        _SIGNS_CACHE[cache_key] = sigma
-        while len(_SIGNS_CACHE) > 8:
-            _SIGNS_CACHE.popitem(last=False)
+    device = torch.device("cuda", index)
+    if torch.cuda.is_current_stream_capturing():
+        from ._common import random_signs as kernel
+        return kernel(stream if stream is not None else RandomStream(int(key)), n, device)
+    if stream is not None and stream.state is None:
+        stream, key = None, stream.key
+    if stream is not None:
+        cache_key = (stream.key, stream.roles, id(stream.state), stream.state._version, n, index)
     else:
+        cache_key = (int(key), n, index)
+    entry = _SIGNS_CACHE.get(cache_key)
+    if entry is not None and (stream is None or entry[0] is stream.state):
         _SIGNS_CACHE.move_to_end(cache_key)
+        return entry[1]
+    if stream is not None:
+        from ._common import random_signs as kernel
+        sigma = kernel(stream, n, device)
+    else:
+        sigma = random_signs(int(key), n).pin_memory().to(device, non_blocking=True)
+    _SIGNS_CACHE[cache_key] = (stream.state if stream is not None else None, sigma)
+    while len(_SIGNS_CACHE) > 8:
+        _SIGNS_CACHE.popitem(last=False)
     return sigma
 
 

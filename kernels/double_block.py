@@ -36,7 +36,7 @@ from megatron_fp4.tensor import BLOCK, OUTER_BLOCK, NVFP4Tensor
 
 from .dequant import _round_bf16
 from ._common import (FP32_MIN_NORMAL, INTERPRET, block_values, div_prep, e2m1_value, e4m3_bits, exact_div,
-                      counter, dot_pm1, hash_uniform, rn_e2m1, rn_e4m3, signed_hadamard, signed_key, sr_e2m1,
+                      counter, dot_pm1, hash_uniform, rn_e2m1, rn_e4m3, signed_hadamard, stream_args, stream_key, sr_e2m1,
                       unpack_codes)
 
 N_RHT = 16
@@ -87,13 +87,14 @@ def _load_tile(src_ptr, stride_s, R, C_SRC, r0, c0, h_ptr,
     return xb
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["role"])
 def _qdb_kernel(src_ptr, stride_s, R, C, C_SRC, h_ptr,
                 packed_ptr, scales_ptr, outer_ptr, flushed_ptr, nonfinite_ptr, src_sc_ptr, src_so_ptr,
-                operand_ptr, key, row_off, row_split, row_hi, col_off, col_split, col_hi, SMAX_V, V,
+                operand_ptr, key, state_ptr, role, row_off, row_split, row_hi, col_off, col_split, col_hi, SMAX_V, V,
                 TRANS: tl.constexpr, ROT: tl.constexpr, SPLIT: tl.constexpr, SR: tl.constexpr,
                 TIES_AWAY: tl.constexpr, INTERP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-                PACKED: tl.constexpr = False, EMIT: tl.constexpr = False):
+                PACKED: tl.constexpr = False, EMIT: tl.constexpr = False, NSTATE: tl.constexpr = 0,
+                NROLE: tl.constexpr = 0):
     # EMIT: also write the "bf16" GEMM operand RNE_bf16((q * s_in) * s_out) (gemm.matmul's folding)
     NB: tl.constexpr = BC // 16
     NO: tl.constexpr = BC // 128
@@ -126,7 +127,8 @@ def _qdb_kernel(src_ptr, stride_s, R, C, C_SRC, h_ptr,
         # one uniform per element, counter (global row, global column) = RandomStream.uniform
         hi = counter(rows, row_off, row_split, row_hi)
         lo = counter((bcol * 16)[:, None] + k16[None, :], col_off, col_split, col_hi)
-        codes = sr_e2m1(y, hash_uniform(key, hi[:, None, None], lo[None, :, :]))
+        k = stream_key(key, state_ptr, role, NSTATE, NROLE)   # the stream's device state folded in
+        codes = sr_e2m1(y, hash_uniform(k, hi[:, None, None], lo[None, :, :]))
         if EMIT:
             vals = e2m1_value(codes)
     else:
@@ -265,17 +267,17 @@ def quantize_double_block(
     outer = torch.empty(rows, cols // OUTER_BLOCK, dtype=torch.float32, device=dev)
     counters = torch.zeros(2, dtype=torch.int32, device=dev)   # flushed blocks, non-finite flag
     operand = torch.empty(rows, cols, dtype=torch.bfloat16, device=dev) if emit_operand else None
-    key = signed_key(stream.key) if stream else 0
+    key_args, key_meta = stream_args(stream, counters)
     offsets = (stream or RandomStream(0)).kernel_offsets()
     v = 6.0 / sr_headroom
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     _qdb_kernel[grid](a, stride, rows, cols, c_src, h, packed, scales, outer, counters[0:1], counters[1:2],
-                      src_sc, src_so, operand if emit_operand else packed, key, *offsets,
+                      src_sc, src_so, operand if emit_operand else packed, *key_args, *offsets,
                       float(fmt.E4M3_MAX * v), float(v),
                       TRANS=transpose, ROT=sigma is not None, SPLIT=split, SR=(mode == "sr"),
                       TIES_AWAY=(ties == fmt.TIES_AWAY), INTERP=INTERPRET, BR=block_r, BC=block_c,
                       PACKED=packed_source is not None, EMIT=emit_operand, num_warps=num_warps,
-                      enable_fp_fusion=False)
+                      enable_fp_fusion=False, **key_meta)
     # a non-finite anywhere makes every outer scale NaN (quantizers._poison_nonfinite); two launches
     poisoned = counters[1:2].view(1, 1) != 0
     outer = torch.where(poisoned, float("nan"), outer)

@@ -38,7 +38,7 @@ from megatron_fp4.tensor import BLOCK, NVFP4Tensor
 from .rtn import _amax_reduce_kernel
 from ._common import (FP32_MIN_NORMAL, INTERPRET, block_values, div_prep, div_scalar, e2m1_value, e4m3_value,
                       exact_div, fp32_reciprocal, hash_uniform, pack_codes, rn_e2m1, rn_e2m1_code, rn_e4m3,
-                      counter, dot_pm1, halve, signed_hadamard, signed_key, sr_e4m3, tensor_scale, unpack_codes)
+                      counter, dot_pm1, halve, signed_hadamard, stream_args, stream_key, sr_e4m3, tensor_scale, unpack_codes)
 
 N_RHT = 128
 # Variant switches (constexpr) for benchmarks/bench_variants.py; defaults = fastest bit-exact on H100
@@ -136,19 +136,21 @@ def _rht_store_kernel(src_ptr, ssc_ptr, stride_s, R, C, h_ptr, INV_SQRT, z_ptr,
     tl.store(z_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], z, mask=(rows < R)[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["role"])
 def _eden_kernel(src_ptr, ssc_ptr, stride_s, R, C, h_ptr, INV_SQRT, amax_bits_ptr, nonfinite_ptr,
                  packed_ptr, scales_ptr, gout_ptr, flushed_ptr, clamped_ptr, operand_ptr, bamax_ptr,
-                 key, row_off, row_split, row_hi, col_off, col_split, col_hi, SMAX_V, V, INV_V,
+                 key, state_ptr, role, row_off, row_split, row_hi, col_off, col_split, col_hi, SMAX_V, V, INV_V,
                  SRC: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr,
                  TIES_AWAY: tl.constexpr, SCALAR_RECIP: tl.constexpr, BR: tl.constexpr,
                  FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr, TILES: tl.constexpr,
-                 EMIT: tl.constexpr = False, BAMAX: tl.constexpr = False, TREE: tl.constexpr = True):
+                 EMIT: tl.constexpr = False, BAMAX: tl.constexpr = False, TREE: tl.constexpr = True,
+                 NSTATE: tl.constexpr = 0, NROLE: tl.constexpr = 0):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     c0 = pid_c * 128
     g, valid = tensor_scale(amax_bits_ptr, nonfinite_ptr, gout_ptr, SMAX_V, (pid_r == 0) & (pid_c == 0))
     h = _load_h(h_ptr)
+    key = stream_key(key, state_ptr, role, NSTATE, NROLE)   # the stream's device state folded in
     for t in range(TILES):                   # TILES row tiles per program share one load of h
         r0 = (pid_r * TILES + t) * BR
         _eden_tile(src_ptr, ssc_ptr, stride_s, R, C, h, INV_SQRT, g, valid, r0, c0,
@@ -338,13 +340,14 @@ def rht_ms_eden(
     g = torch.empty(1, dtype=torch.float32, device=dev)
     counters = torch.zeros(2, dtype=torch.int32, device=dev) if partials else buf[2:4]
     operand = torch.empty(rows, cols, dtype=torch.bfloat16, device=dev) if emit_operand else None
+    key_args, key_meta = stream_args(stream, counters)
     _eden_kernel[grid](src, sc, stride, rows, cols, h, INV_SQRT_128, amax_bits, nonfinite,
                        packed_out, scales, g, counters[0:1], counters[1:2],
                        operand if emit_operand else packed_out, bamax,
-                       signed_key(stream.key), *stream.kernel_offsets(),
+                       *key_args, *stream.kernel_offsets(),
                        float(smax * v), float(v), fp32_reciprocal(v),
                        TIES_AWAY=(ties == fmt.TIES_AWAY), SCALAR_RECIP=False, EMIT=emit_operand, BAMAX=use_bamax,
-                       **common, **var)
+                       **key_meta, **common, **var)
     return NVFP4Tensor(packed=packed_out, block_scales=scales.view(torch.float8_e4m3fn),
                        tensor_scale=g.reshape(()), flushed_blocks=counters[0], clamped_scales=counters[1],
                        operand=operand)

@@ -24,7 +24,7 @@ from megatron_fp4.tensor import BLOCK, NVFP4Tensor
 from megatron_fp4.rng import RandomStream
 
 from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, div_scalar, e2m1_value, e4m3_bits, exact_div,
-                      counter, fp32_reciprocal, halve, hash_uniform, pack_codes, rn_e2m1, rn_e2m1_code, rn_e4m3, signed_key,
+                      counter, fp32_reciprocal, halve, hash_uniform, pack_codes, rn_e2m1, rn_e2m1_code, rn_e4m3, stream_args, stream_key,
                       sr_e2m1, tensor_scale)
 
 AMAX_BLOCK = 8192
@@ -123,14 +123,15 @@ def _sse32(xg, vals, s):
     return tl.sum(e * e, axis=2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["role"])
 def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
                 packed_ptr, scales_ptr, gout_ptr, flushed_ptr, operand_ptr,
-                SMAX_V, V, INV_V, key, row_off, row_split, row_hi, col_off, col_split, col_hi,
+                SMAX_V, V, INV_V, key, state_ptr, role, row_off, row_split, row_hi, col_off, col_split, col_hi,
                 SR: tl.constexpr, FOUR_SIX: tl.constexpr, TIES_AWAY: tl.constexpr, SCALAR_RECIP: tl.constexpr,
                 BR: tl.constexpr, BC: tl.constexpr, FAST_DIV: tl.constexpr, FAST_RN: tl.constexpr,
                 SSE_MODE: tl.constexpr, LOAD3D: tl.constexpr, INTERP: tl.constexpr,
-                TILE16: tl.constexpr = False, EMIT: tl.constexpr = False):
+                TILE16: tl.constexpr = False, EMIT: tl.constexpr = False, NSTATE: tl.constexpr = 0,
+                NROLE: tl.constexpr = 0):
     # TILE16: 16x16 scale tiles (NVIDIA's weights): the block amax is the tile's, every row of a tile
     # computes the same scale, and only the tile's first row stores it and counts a flushed tile
     pid_r = tl.program_id(0)
@@ -167,7 +168,8 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
         bcols = pid_c * NB + tl.arange(0, NB)
         hi = counter(rows, row_off, row_split, row_hi)
         lo = counter((bcols * 16)[:, None] + tl.arange(0, 16)[None, :], col_off, col_split, col_hi)
-        codes = sr_e2m1(y, hash_uniform(key, hi[:, None, None], lo[None, :, :]))
+        k = stream_key(key, state_ptr, role, NSTATE, NROLE)   # the stream's device state folded in
+        codes = sr_e2m1(y, hash_uniform(k, hi[:, None, None], lo[None, :, :]))
         if EMIT:
             vals = e2m1_value(codes)
     if FOUR_SIX:
@@ -323,14 +325,15 @@ def quantize_nvfp4_rtn(
     operand = torch.empty(rows, cols, dtype=torch.bfloat16, device=x.device) if emit_operand else None
     block_c = min(block_c, triton.next_power_of_2(cols))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    key_args, key_meta = stream_args(stream, zeroed)
     _rtn_kernel[grid](x, x.stride(0), rows, cols, amax_bits, nonfinite, packed, scales, g, flushed,
                       operand if emit_operand else packed,
                       float(smax * v), float(v), fp32_reciprocal(v),
-                      signed_key(stream.key) if stream else 0,
+                      *key_args,
                       *(stream.kernel_offsets() if stream else RandomStream(0).kernel_offsets()), SR=(mode == "sr"), FOUR_SIX=four_over_six, TIES_AWAY=(ties == fmt.TIES_AWAY),
                       SCALAR_RECIP=False, BR=block_r, BC=block_c, num_warps=num_warps,
                       INTERP=INTERPRET, enable_fp_fusion=False, TILE16=block_rows == BLOCK, EMIT=emit_operand,
-                      **var)
+                      **key_meta, **var)
     return NVFP4Tensor(packed=packed, block_scales=scales.view(torch.float8_e4m3fn),
                        tensor_scale=g.reshape(()), block_rows=block_rows, flushed_blocks=flushed.reshape(()),
                        operand=operand)

@@ -226,8 +226,14 @@ _layer_ids = itertools.count()
 class NVFP4Linear(torch.nn.Module):
     """A drop-in nn.Linear whose three GEMMs follow an NVFP4 recipe (outside Megatron).
 
-    Each forward call gets a fresh random stream key from (seed, layer_id, call index, dp_rank); set
-    `step` from the training loop (e.g. the iteration) to make keys resumable without saving state.
+    Each forward call draws from the stream derive_key(derive_key(seed, layer_id, dp_rank), step, call)
+    (rng.py), with `call` the forward calls since `step` was last set. Set `step` from the training
+    loop (e.g. the iteration) to make the draws resumable without saving state.
+
+    Graph-safe: (step, call) live in the non-persistent int64 buffer `stream_state` on the layer's
+    device; a forward snapshots it and advances the call on the device, and setting `step` rewrites it
+    in place (no host sync). So a forward+backward captured in a CUDA graph draws, at each replay after
+    `layer.step = s`, exactly the bits an eager first call at step s draws.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -241,15 +247,41 @@ class NVFP4Linear(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         torch.nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
         self.layer_id = next(_layer_ids) if layer_id is None else layer_id
+        if dp_rank < 0:
+            raise ValueError(f"dp_rank must be >= 0, got {dp_rank}")
         self.dp_rank = dp_rank
-        self.step = 0
-        self.calls = 0
+        self.register_buffer("stream_state", torch.zeros(2, dtype=torch.int64, device=self.weight.device),
+                             persistent=False)
+        self._step = 0
+        self.calls = 0      # host count of forward calls since `step` was set (the device state's mirror)
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        """Rewrites the device state in place ([value, 0]): a captured graph reads the new step."""
+        value = int(value)
+        if value < 0:
+            raise ValueError(f"step must be >= 0, got {value}")
+        self._step, self.calls = value, 0
+        self.stream_state[0].fill_(value)
+        self.stream_state[1].zero_()
+
+    def stream_key(self) -> int:
+        """The host-static part of this layer's stream key."""
+        return derive_key(self.recipe.seed, self.layer_id, self.dp_rank)
 
     def forward(self, x):
-        key = derive_key(self.recipe.seed, self.step, self.layer_id, self.calls, self.dp_rank)
+        if not self.recipe.quantized:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        call_state = self.stream_state.clone()      # this call's [step, call], on the device
+        self.stream_state[1:].add_(1)
         self.calls += 1
         return nvfp4_linear(x, self.weight, self.bias, self.recipe,
-                            QuantContext(key=key, seed=self.recipe.seed, backend=backend.current()))
+                            QuantContext(key=self.stream_key(), state=call_state, seed=self.recipe.seed,
+                                         backend=backend.current()))
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe.name}"

@@ -87,7 +87,7 @@ class SplitOperands:
 
 def split_context(ctx: QuantContext, split: ChannelSplit) -> QuantContext:
     """The FP4 part's context: input features are counted in gathered FP4 order."""
-    return QuantContext(key=ctx.key, seed=ctx.seed, input_amax_reduce=ctx.input_amax_reduce,
+    return QuantContext(key=ctx.key, seed=ctx.seed, state=ctx.state, input_amax_reduce=ctx.input_amax_reduce,
                         weight_amax_reduce=ctx.weight_amax_reduce,
                         grad_output_amax_reduce=ctx.grad_output_amax_reduce,
                         in_offset=split.fp4_offset, out_offset=ctx.out_offset, backend=ctx.backend)

@@ -10,7 +10,8 @@ dataclass default. Each family's methods are its row of the spec's per-recipe GE
     wgrad(dy, x_saved)                 dW = E^T X            (inner dim T, padded to token_multiple)
 
 All three GEMMs return FP32; the autograd linear casts. Randomness is drawn in backward only, from
-counter-based streams keyed by QuantContext.key (recompute-safe, layout-independent). Every quantizer
+counter-based streams keyed by QuantContext.key and .state (recompute-safe, layout-independent,
+graph-safe: rng.py). Every quantizer
 and GEMM goes through kernels/dispatch.py with the call's backend config (QuantContext.backend) and a
 site (recipe name, operand) that names the call in fallback messages.
 """
@@ -36,7 +37,11 @@ AmaxReduce = Optional[Callable[[torch.Tensor], torch.Tensor]]
 class QuantContext:
     """Per-call facts the recipe needs beyond the tensors.
 
-    key: the call's random stream key (seed, step, layer, micro-batch, DP rank folded in).
+    key: the call's random stream key (seed, step, layer, micro-batch, DP rank folded in), or with
+    `state` its host-static part (seed, layer, DP rank).
+    state: None, or an int64 device tensor of the per-call fields folded after `key` ([iteration,
+    call] in the Megatron layers): read by the twins and kernels when they draw, so a CUDA graph
+    replays fresh bits once it is rewritten in place (rng.py). Role keys: derive_key(key, *state, role).
     *_amax_reduce: MAX all-reduce over the TP group for operands that are TP-sharded (None otherwise).
     in_offset / out_offset: global index of this rank's first input / output feature, so random
     counters are global coordinates and do not depend on the TP split.
@@ -47,6 +52,7 @@ class QuantContext:
 
     key: int = 0
     seed: int = 0
+    state: Optional[torch.Tensor] = field(default=None, compare=False)
     input_amax_reduce: AmaxReduce = None
     weight_amax_reduce: AmaxReduce = None
     grad_output_amax_reduce: AmaxReduce = None
@@ -55,7 +61,11 @@ class QuantContext:
     backend: Optional[BackendConfig] = None
 
     def stream(self, role: Role, row_offset: int = 0, col_offset: int = 0) -> RandomStream:
-        return RandomStream(derive_key(self.key, int(role)), row_offset, col_offset)
+        return RandomStream(self.key, row_offset, col_offset, self.state).for_role(role)
+
+    def fixed_stream(self, role: Role) -> RandomStream:
+        """The run-wide stream of a role: the base seed's, the same for every layer, step and call."""
+        return RandomStream(derive_key(self.seed, int(role)))
 
 
 def _choice(*values):
@@ -191,6 +201,61 @@ class Recipe:
     def wgrad(self, dy: torch.Tensor, x_saved, ctx: QuantContext) -> torch.Tensor:
         raise NotImplementedError
 
+    # -- what runs where (issue #19's start table: megatron/precision.py) ---------------------------
+    # operand_table(): one dict per GEMM operand, read from this recipe's knobs (so a YAML file or an
+    # --nvfp4-override changes it): gemm (fprop / dgrad / wgrad), operand, source, format (NVFP4 /
+    # MXFP8 / BF16), block, along (the GEMM inner dim the blocks run along), quantizer, rotation,
+    # rounding, channels, and sites: the dispatch sites (the `site` operand names the methods above
+    # pass to kernels/dispatch.py) that produce the operand, so the table's backend column can ask
+    # the run's own kernel-or-twin rule about exactly those calls.
+    GEMM_OPERANDS: ClassVar[tuple] = (("fprop", "X", "W"), ("dgrad", "E", "W^T"), ("wgrad", "E^T", "X^T"))
+
+    def operand_table(self) -> list:
+        raise NotImplementedError
+
+    def bf16_operand_table(self) -> list:
+        """A linear that runs BF16 (the bf16 recipe, or one kept in BF16 by an override)."""
+        return [self._operand(gemm, operand, "as is", "BF16", "-", "-", "none", "none", "-")
+                for gemm, *operands in self.GEMM_OPERANDS for operand in operands]
+
+    @staticmethod
+    def _operand(gemm, operand, source, format, block, along, quantizer, rotation, rounding, sites=(),
+                 channels="all"):
+        return dict(gemm=gemm, operand=operand, source=source, format=format, block=block, along=along,
+                    quantizer=quantizer, rotation=rotation, rounding=rounding, channels=channels,
+                    sites=list(sites))
+
+    def _rn_text(self) -> str:
+        return f"RN (ties to {self.rtn_ties})"
+
+    def _signs_text(self, name: str = "sigma") -> str:
+        if getattr(self, "rht_signs", "fresh") == "fixed":
+            return f"RHT-{self.rht_size}, fixed {name} (one run-wide vector)"
+        return f"RHT-{self.rht_size}, fresh {name} per layer call"
+
+    def _outcontrol_rows(self, rows: list) -> list:
+        """rows with OutControl's split (numerics.md §6.2), which starts at its outlier selection: fprop
+        and wgrad gain MXFP8 outlier-channel operands, dgrad re-quantizes W from the rebuilt dense W_hat."""
+        if not self.outcontrol:
+            return rows
+        out = []
+        for row in rows:
+            row = dict(row)
+            if row["gemm"] in ("fprop", "wgrad"):
+                row["channels"] = "FP4 channels (all channels until OutControl's selection)"
+            if row["operand"] == "W^T":
+                row["source"] += "; after OutControl's selection from W_hat rebuilt of its FP4 and MXFP8 parts"
+                row["sites"] = row["sites"] + ["dgrad W_hat^T"]
+            out.append(row)
+        mx = dict(format="MXFP8", block="1x32, E8M0 scales", quantizer="RTN", rotation="none",
+                  rounding="RN (E4M3 elements)", channels="outlier channels (OutControl, from its selection on)")
+        out += [self._operand("fprop", "X[:, outliers]", "original X", along="K", **mx),
+                self._operand("fprop", "W[:, outliers]", "original W", along="K", **mx),
+                self._operand("wgrad", "E^T (outlier columns of dW)", "raw dY", along="T", **mx),
+                self._operand("wgrad", "X[:, outliers]^T", "the forward MXFP8 X_hat[:, outliers]", along="T", **mx)]
+        order = [gemm for gemm, *_ in self.GEMM_OPERANDS]
+        return sorted(out, key=lambda r: order.index(r["gemm"]))
+
 
 @dataclass
 class BF16Recipe(Recipe):
@@ -201,6 +266,9 @@ class BF16Recipe(Recipe):
     in_multiple: ClassVar[int] = 1
     out_multiple: ClassVar[int] = 1
     token_multiple: ClassVar[int] = 1
+
+    def operand_table(self) -> list:
+        return self.bf16_operand_table()
 
 
 @dataclass
@@ -249,8 +317,8 @@ class NvidiaRecipe(Recipe):
 
     def _signs(self, ctx, device):
         if self.rht_signs == "fixed":
-            return D.rht_signs(derive_key(ctx.seed, int(Role.RHT_SIGNS_FIXED)), self.rht_size, device)
-        return D.rht_signs(derive_key(ctx.key, int(Role.RHT_SIGNS)), self.rht_size, device)
+            return D.rht_signs(ctx.fixed_stream(Role.RHT_SIGNS_FIXED), self.rht_size, device)
+        return D.rht_signs(ctx.stream(Role.RHT_SIGNS), self.rht_size, device)
 
     def wgrad(self, dy, x, ctx):
         sigma = self._signs(ctx, dy.device)
@@ -263,6 +331,27 @@ class NvidiaRecipe(Recipe):
         xtq = D.quantize_nvfp4(xt, ties=self.rtn_ties, amax_reduce=ctx.input_amax_reduce, for_gemm=True,
                                backend=ctx.backend, site=(self.name, "wgrad X^T"))
         return D.matmul(etq, xtq, backend=ctx.backend, site=(self.name, "wgrad GEMM"))
+
+    def operand_table(self) -> list:
+        """numerics.md §6.3 from this recipe's knobs (see Recipe.operand_table)."""
+        fwd = "RTN + 4/6" if self.four_over_six else "RTN"
+        smax = "Smax 256" if self.four_over_six else "Smax 448"
+        scales = "E4M3 + FP32 tensor scale"
+        sr = f"SR (headroom {self.sr_headroom:g})"
+        rn, op = self._rn_text(), self._operand
+        return [
+            op("fprop", "X", "original X", "NVFP4", f"1x16, {scales} ({smax})", "K", fwd, "none", rn, ["forward X"]),
+            op("fprop", "W", "original W", "NVFP4", f"16x16 tiles, {scales} ({smax})", "K", fwd, "none", rn,
+               ["forward W (16x16 tiles)"]),
+            op("dgrad", "E", "raw dY", "NVFP4", f"1x16, {scales}", "N", "SR", "none", sr, ["dgrad E"]),
+            op("dgrad", "W^T", "the forward W_hat tiles transposed (no re-quantization)", "NVFP4",
+               "16x16 tiles (the forward's)", "N", "reused from forward", "none", "the forward's",
+               ["dgrad W^T tiles"]),
+            op("wgrad", "E^T", "raw dY (a second, independent quantization)", "NVFP4", f"1x16, {scales}", "T", "SR",
+               self._signs_text(), sr, ["wgrad RHT of E^T", "wgrad E^T"]),
+            op("wgrad", "X^T", "original X (high precision), not X_hat", "NVFP4", f"1x16, {scales} (Smax 448)", "T",
+               "RTN", self._signs_text() + " (the same as E^T)", rn, ["wgrad RHT of X^T", "wgrad X^T"]),
+        ]
 
 
 @dataclass
@@ -315,8 +404,8 @@ class TetraJet2Recipe(Recipe):
         return self._rn(w, ctx.weight_amax_reduce, ctx, "forward W", for_gemm)
 
     def _signs(self, ctx, role, device):
-        key = derive_key(ctx.seed, int(role)) if self.rht_signs == "fixed" else derive_key(ctx.key, int(role))
-        return D.rht_signs(key, self.rht_size, device)
+        stream = ctx.fixed_stream(role) if self.rht_signs == "fixed" else ctx.stream(role)
+        return D.rht_signs(stream, self.rht_size, device)
 
     def _requant_sr(self, q, sigma, stream, amax_reduce, ctx, operand, pad_multiple=1):
         """QDB SR of rht(pad_cols(q.dequantize().t(), pad_multiple), sigma), read from the packed q."""
@@ -354,6 +443,24 @@ class TetraJet2Recipe(Recipe):
         xtq = self._requant_sr(xq, d2, ctx.stream(Role.WGRAD_INPUT, ctx.in_offset, 0), ctx.input_amax_reduce,
                                ctx, "wgrad X^T", pad_multiple=self.token_padding)
         return D.matmul(etq, xtq, self.gemm_mode(dy.device), backend=ctx.backend, site=(self.name, "wgrad GEMM"))
+
+    def operand_table(self) -> list:
+        """numerics.md §6.2 (Q1..Q6, plus OutControl's split) from this recipe's knobs."""
+        block = ("double block: 1x16 E4M3 in 1x128 FP32" if self.outer_block in (128, "128")
+                 else "1x16 E4M3 in one FP32 scale per tensor")
+        sr = f"SR (headroom {self.sr_headroom:g})"
+        rn, op = self._rn_text(), self._operand
+        return self._outcontrol_rows([
+            op("fprop", "X", "original X", "NVFP4", block, "K", "QDB RTN", "none", rn, ["forward X"]),
+            op("fprop", "W", "original W", "NVFP4", block, "K", "QDB RTN", "none", rn, ["forward W"]),
+            op("dgrad", "E", "raw dY", "NVFP4", block, "N", "QDB SR", self._signs_text("d1"), sr, ["dgrad E"]),
+            op("dgrad", "W^T", "dequant(Q2(W))^T, re-quantized from the packed forward W_hat", "NVFP4", block, "N",
+               "QDB SR", self._signs_text("d1") + " (the same as E)", sr, ["dgrad W^T"]),
+            op("wgrad", "E^T", "raw dY (a second, independent quantization)", "NVFP4", block, "T", "QDB SR",
+               self._signs_text("d2"), sr, ["wgrad E^T"]),
+            op("wgrad", "X^T", "dequant(Q1(X))^T, re-quantized from the packed forward X_hat", "NVFP4", block, "T",
+               "QDB SR", self._signs_text("d2") + " (the same as E^T)", sr, ["wgrad X^T"]),
+        ])
 
 
 @dataclass
@@ -405,8 +512,8 @@ class Quartet2Recipe(Recipe):
                     amax_reduce=amax_reduce, backend=ctx.backend, site=(self.name, operand))
 
     def _signs(self, ctx, device):
-        key = derive_key(ctx.seed if self.rht_signs == "fixed" else ctx.key, int(Role.RHT_SIGNS))
-        return D.rht_signs(key, self.rht_size, device)
+        stream = ctx.fixed_stream(Role.RHT_SIGNS) if self.rht_signs == "fixed" else ctx.stream(Role.RHT_SIGNS)
+        return D.rht_signs(stream, self.rht_size, device)
 
     # Each MS-EDEN operand below is MS-EDEN(rht(A, sigma)) with A as the table says; the dispatch runs
     # the fused kernel (rotation + quantization, or unpack + transpose + rotation + quantization from
@@ -444,6 +551,28 @@ class Quartet2Recipe(Recipe):
                                 pad_multiple=self.token_padding, for_gemm=True,
                                 **self._eden_knobs(ctx.input_amax_reduce, ctx, "wgrad X^T"))
         return D.matmul(etq, xtq, scale=xq.tensor_scale, backend=ctx.backend, site=(self.name, "wgrad GEMM"))
+
+    def operand_table(self) -> list:
+        """numerics.md §6.1 (plus OutControl's split) from this recipe's knobs."""
+        fwd = "RTN + 4/6" if self.four_over_six else "RTN"
+        scales = "E4M3 + FP32 tensor scale"
+        fwd_block = f"1x16, {scales} (Smax {256 if self.four_over_six else 448})"
+        eden = f"MS-EDEN (correction per {self.eden_group})"
+        unbiased = "unbiased EDEN: RN elements, SR E4M3 scales"
+        rot = self._signs_text() + ", shared by the 4 backward operands"
+        rn, op = self._rn_text(), self._operand
+        bwd_block = f"1x16, {scales} (Smax {self.eden_smax:g})"
+        return self._outcontrol_rows([
+            op("fprop", "X", "original X", "NVFP4", fwd_block, "K", fwd, "none", rn, ["forward X"]),
+            op("fprop", "W", "original W", "NVFP4", fwd_block, "K", fwd, "none", rn, ["forward W"]),
+            op("dgrad", "E", "raw dY", "NVFP4", bwd_block, "N", eden, rot, unbiased, ["dgrad E"]),
+            op("dgrad", "W^T", "the forward W_hat, re-quantized from the packed operand", "NVFP4", bwd_block, "N",
+               eden, rot, unbiased, ["dgrad W^T"]),
+            op("wgrad", "E^T", "raw dY (a second, independent quantization)", "NVFP4", bwd_block, "T", eden, rot,
+               unbiased, ["wgrad E^T"]),
+            op("wgrad", "X^T", "the forward X_hat, re-quantized from the packed operand", "NVFP4", bwd_block, "T",
+               eden, rot, unbiased, ["wgrad X^T"]),
+        ])
 
 
 FAMILIES = {cls.family: cls for cls in (BF16Recipe, NvidiaRecipe, TetraJet2Recipe, Quartet2Recipe)}

@@ -31,14 +31,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import layers as mcore_layers
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 from .. import backend
 from .. import outcontrol as oc
+from ..patches.megatron_tensor_parallel import fusion_available, init_allowing_fusion
 from ..linear import LinearCall, LinearComm, NVFP4LinearFunction
 from ..recipe import QuantContext, Recipe
-from ..rng import TwoPieces
+from ..rng import TwoPieces, derive_key
 from ..tensor import MXFP8Tensor, NVFP4Tensor
 from . import state
 from .config import check_supported, resolve_recipe
@@ -188,6 +188,7 @@ class _NVFP4LinearMixin:
         self._nvfp4_calls = 0
         self._nvfp4_pending = deque()   # keys of checkpointed (no-grad) forwards, for recompute
         self._nvfp4_recomputing = False
+        self._nvfp4_counter = state.CallCounter()   # the call index on the device (graph-safe keys)
         self.nvfp4_last_key = None
         if self.nvfp4_recipe.outcontrol:
             self._nvfp4_init_outcontrol()
@@ -326,8 +327,11 @@ class _NVFP4LinearMixin:
     def nvfp4_quantized(self) -> bool:
         return not self.nvfp4_bf16
 
-    def _nvfp4_next_key(self) -> int:
-        """Per-call stream key: recompute-safe (a recomputed forward reuses its checkpointed key)."""
+    def _nvfp4_next_key(self, device) -> tuple:
+        """Per-call stream (static key, device state [iteration, call]): recompute-safe (a recomputed
+        forward reuses its checkpointed key and state) and graph-safe (state.py: the state is made and
+        the call counter advanced on the device, so a replayed graph reads the replay's iteration and
+        call). nvfp4_last_key: the host int the state folds to (eager runs; diagnostics)."""
         iteration = state.get_iteration()
         if iteration != self._nvfp4_iteration:
             self._nvfp4_iteration, self._nvfp4_calls = iteration, 0
@@ -335,18 +339,19 @@ class _NVFP4LinearMixin:
         self._nvfp4_recomputing = False
         if torch.is_grad_enabled() and self._nvfp4_pending:
             self._nvfp4_recomputing = True
-            self.nvfp4_last_key = self._nvfp4_pending.popleft()   # recompute: backward runs in forward order
-            return self.nvfp4_last_key
+            key, call_state, self.nvfp4_last_key = self._nvfp4_pending.popleft()   # backward runs in forward order
+            return key, call_state
         dp_rank = 0
         if parallel_state.model_parallel_is_initialized():
             dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
-        key = state.stream_key(self.nvfp4_recipe.seed, iteration, self.nvfp4_layer_number,
-                               self.nvfp4_name, self._nvfp4_calls, dp_rank)
+        key = state.static_key(self.nvfp4_recipe.seed, self.nvfp4_layer_number, self.nvfp4_name, dp_rank)
+        call_state = self._nvfp4_counter.next_state(device)
+        self.nvfp4_last_key = derive_key(key, iteration, self._nvfp4_calls)
         self._nvfp4_calls += 1
-        self.nvfp4_last_key = key
         if not torch.is_grad_enabled() and self.training:
-            self._nvfp4_pending.append(key)       # activation checkpointing: forward under no_grad
-        return key
+            # activation checkpointing: forward under no_grad
+            self._nvfp4_pending.append((key, call_state, self.nvfp4_last_key))
+        return key, call_state
 
     def _nvfp4_offsets(self, tp_rank: int) -> tuple[int, int]:
         raise NotImplementedError
@@ -367,7 +372,7 @@ class _NVFP4LinearMixin:
         group = kw.get("tp_group") or self.tp_group
         fuse = bool(kw.get("gradient_accumulation_fusion", False))
         hp = self.nvfp4_bf16
-        if hp and (not fuse or mcore_layers._grad_accum_fusion_available):
+        if hp and (not fuse or fusion_available()):
             return super()._forward_impl(input, weight, *args, **kwargs)   # stock BF16 path
         if not hp and not self._nvfp4_checked:
             self._nvfp4_check_shapes()
@@ -380,7 +385,8 @@ class _NVFP4LinearMixin:
         if not hp:
             rank = dist.get_rank(group) if world > 1 else 0
             in_off, out_off = self._nvfp4_offsets(rank)
-            qctx = QuantContext(key=self._nvfp4_next_key(), seed=self.nvfp4_recipe.seed,
+            key, call_state = self._nvfp4_next_key(weight.device)
+            qctx = QuantContext(key=key, state=call_state, seed=self.nvfp4_recipe.seed,
                                 input_amax_reduce=comm.input_amax_reduce, weight_amax_reduce=comm.weight_amax_reduce,
                                 grad_output_amax_reduce=comm.grad_output_amax_reduce, in_offset=in_off,
                                 out_offset=out_off, backend=backend.current())
@@ -396,18 +402,6 @@ class _NVFP4LinearMixin:
         """Weight gradients are computed in the main backward (delay_wgrad_compute is refused)."""
 
 
-def _init_allowing_fusion(parent_init, self, config, *args, **kwargs):
-    # The parent refuses gradient_accumulation_fusion without apex; these layers fuse into main_grad
-    # themselves, so the check is lifted for the duration of the parent's init.
-    if not getattr(config, "gradient_accumulation_fusion", False) or mcore_layers._grad_accum_fusion_available:
-        return parent_init(self, *args, config=config, **kwargs)
-    mcore_layers._grad_accum_fusion_available = True
-    try:
-        return parent_init(self, *args, config=config, **kwargs)
-    finally:
-        mcore_layers._grad_accum_fusion_available = False
-
-
 class NVFP4ColumnParallelLinear(_NVFP4LinearMixin, ColumnParallelLinear):
     """ColumnParallelLinear (weight [out/tp, in]) whose GEMMs follow an NVFP4 recipe.
 
@@ -417,7 +411,7 @@ class NVFP4ColumnParallelLinear(_NVFP4LinearMixin, ColumnParallelLinear):
     _nvfp4_kind = "column"
 
     def __init__(self, input_size, output_size, *, config, recipe=None, is_expert: bool = False, **kwargs):
-        _init_allowing_fusion(ColumnParallelLinear.__init__, self, config, input_size, output_size,
+        init_allowing_fusion(ColumnParallelLinear.__init__, self, config, input_size, output_size,
                               is_expert=is_expert, **kwargs)
         self._nvfp4_init(recipe, is_expert)
         if self.weight is None:
@@ -457,7 +451,7 @@ class NVFP4RowParallelLinear(_NVFP4LinearMixin, RowParallelLinear):
     _nvfp4_kind = "row"
 
     def __init__(self, input_size, output_size, *, config, recipe=None, is_expert: bool = False, **kwargs):
-        _init_allowing_fusion(RowParallelLinear.__init__, self, config, input_size, output_size,
+        init_allowing_fusion(RowParallelLinear.__init__, self, config, input_size, output_size,
                               is_expert=is_expert, **kwargs)
         self._nvfp4_init(recipe, is_expert)
 

@@ -6,26 +6,94 @@ a foreign loop that never calls it still gets unique keys, because each layer's 
 simply keeps growing). Keys are a pure function of (recipe seed, iteration, global layer number,
 linear name, per-step call index of that layer, data-parallel rank): identical on every TP rank,
 independent of the TP split and of activation recomputation.
+
+Graph-safe keys (rng.py): the iteration and the call index live on the device, so a CUDA graph
+captured once draws fresh bits at every replay. A layer's key is split into a host-static part
+`static_key(seed, layer_number, name, dp_rank)` and a per-call state [iteration, call] (int64, on the
+layer's device), so the effective key is derive_key(static, iteration, call) = `stream_key(...)`.
+The iteration is one tensor per device (`step_tensor`), each layer's call index a `CallCounter`
+tensor that every call advances on the device; `set_iteration` rewrites all of them in place
+(fill_ / zero_, never reallocated), before a replay as before an eager step. So a graph captured
+for micro-batch m (Megatron's `--cuda-graph-impl local` captures one runner per micro-batch and
+replays them in capture order) reads call m after set_iteration, as eager execution does.
 """
 from __future__ import annotations
 
 import threading
+import weakref
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
 
 from ..rng import derive_key
 
 _lock = threading.Lock()
 _iteration = 0
+_step_tensors: dict = {}                 # str(device) -> int64 [1] holding the iteration
+_counters: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def set_iteration(iteration: int) -> None:
-    """Declare the current optimizer step; layers restart their per-step call counters."""
+    """Declare the current optimizer step; layers restart their per-step call counters. The device
+    copies (step tensors, call counters) are rewritten in place, without a host sync."""
     global _iteration
     if iteration < 0:
         raise ValueError(f"iteration must be >= 0, got {iteration}")
+    changed = int(iteration) != _iteration
     _iteration = int(iteration)
+    for t in _step_tensors.values():
+        t.fill_(_iteration)
+    if changed:
+        reset_call_counters()
+
+
+def step_tensor(device) -> torch.Tensor:
+    """The iteration as an int64 [1] tensor on `device`: one per device, rewritten in place by
+    set_iteration (a captured graph keeps reading the same memory)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    name = str(device)
+    t = _step_tensors.get(name)
+    if t is None:
+        t = _step_tensors[name] = torch.full((1,), _iteration, dtype=torch.int64, device=device)
+    return t
+
+
+class CallCounter:
+    """A layer's call index within the iteration, on the device: `next_state(device)` returns a fresh
+    int64 [2] state [iteration, call] for this call and advances the counter on the device (two small
+    launches, capturable). set_iteration zeroes every counter when the iteration changes."""
+
+    def __init__(self):
+        self.tensor: Optional[torch.Tensor] = None
+        _counters.add(self)
+
+    def next_state(self, device) -> torch.Tensor:
+        step = step_tensor(device)
+        if self.tensor is None or self.tensor.device != step.device:
+            self.tensor = (torch.zeros(1, dtype=torch.int64, device=step.device) if self.tensor is None
+                           else self.tensor.to(step.device))
+        snapshot = torch.cat([step, self.tensor])
+        self.tensor.add_(1)
+        return snapshot
+
+    def reset(self) -> None:
+        if self.tensor is not None:
+            self.tensor.zero_()
+
+
+def reset_call_counters() -> None:
+    """Zero every layer's device call counter in place (one foreach launch per device)."""
+    by_device = defaultdict(list)
+    for counter in list(_counters):
+        if counter.tensor is not None:
+            by_device[counter.tensor.device].append(counter.tensor)
+    for tensors in by_device.values():
+        torch._foreach_zero_(tensors)
 
 
 def get_iteration() -> int:
@@ -64,8 +132,14 @@ def name_id(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
+def static_key(seed: int, layer_number: int, name: str, dp_rank: int) -> int:
+    """The host-static part of a layer's stream key (the per-call [iteration, call] state follows)."""
+    return derive_key(seed, layer_number, name_id(name), dp_rank)
+
+
 def stream_key(seed: int, iteration: int, layer_number: int, name: str, call: int, dp_rank: int) -> int:
-    return derive_key(seed, iteration, layer_number, name_id(name), call, dp_rank)
+    """The effective key of a layer's call as a host int: what its device state folds to."""
+    return derive_key(static_key(seed, layer_number, name, dp_rank), iteration, call)
 
 
 # Communication accounting ------------------------------------------------------------------------
