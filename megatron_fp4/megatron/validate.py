@@ -364,12 +364,41 @@ class RunPlan:
         return f"megatron_fp4: recipe {self.recipe.name}; linears kept in BF16: {describe_bf16(self.bf16, self.num_layers)}"
 
 
+def check_cuda_graphs(args, recipe) -> None:
+    """Megatron's CUDA graphs with the plugin: `--cuda-graph-impl local` (per-layer graphs, captured after
+    the first step) is correct — the random streams read the iteration and call index from device
+    tensors that the host rewrites in place before each step (rng.py, state.py), so every replay draws
+    fresh bits, the ones eager execution draws. Refused: OutControl (its recording and channel selection
+    run on host state in the layer's forward: a graph would freeze them), `full_iteration` (the
+    iteration's device state is rewritten inside forward_step, which such a graph captures with its
+    first value), and Transformer Engine's graph paths."""
+    impl = getattr(args, "cuda_graph_impl", "none") or "none"
+    if getattr(args, "enable_cuda_graph", False) and impl == "none":
+        impl = "local"                       # Megatron's older switch for the local implementation
+    if getattr(args, "external_cuda_graph", False) or impl == "transformer_engine":
+        flag = "--external-cuda-graph" if getattr(args, "external_cuda_graph", False) else \
+            "--cuda-graph-impl transformer_engine"
+        raise UsageError(f"{flag}: Transformer Engine's CUDA graphs need TE modules, which the plugin spec does not "
+                         "use; pass --cuda-graph-impl local")
+    if impl == "none":
+        return
+    if impl == "full_iteration":
+        raise UsageError("--cuda-graph-impl full_iteration: the plugin's per-step random state is rewritten by the "
+                         "host at the start of each step, inside what a full-iteration graph captures (every replay "
+                         "would reuse the first step's random bits); pass --cuda-graph-impl local")
+    if recipe.outcontrol:
+        raise UsageError(f"--cuda-graph-impl {impl} with recipe {recipe.name!r}: OutControl records and selects "
+                         "outlier channels on host state in each forward, which a captured graph would freeze; "
+                         "use a recipe without OutControl (e.g. quartet2, tetrajet2) or drop --cuda-graph-impl")
+
+
 def validate_run(args, world_size: Optional[int] = None) -> RunPlan:
     """Refusals, recipe and overrides, BF16 patterns, model shape and layout: the plugin's start-time
     checks. Returns the recipe and the linears kept in BF16."""
     from .config import check_supported_args, split_patterns
     check_supported_args(args)
     recipe = plugin_recipe(args)
+    check_cuda_graphs(args, recipe)
     dims = model_dims(args)
     check_sequence(args)
     check_pipeline(args, world_size)

@@ -161,6 +161,9 @@ GPU_CASES = [
     (["--nvfp4-override", "eden_group=7"], ["--nvfp4-override eden_group=7"]),
     (["--data-path", "/nonexistent/p"], ["--data-path /nonexistent/p", "not found"]),
     (["--seq-length", "0"], ["--seq-length must be >= 1"]),
+    (["--cuda-graph-impl", "full_iteration"], ["--cuda-graph-impl full_iteration", "pass --cuda-graph-impl local"]),
+    (["--cuda-graph-impl", "local", "--nvfp4-recipe", "tetrajet2-full"], ["OutControl", "tetrajet2-full"]),
+    (["--cuda-graph-impl", "transformer_engine"], ["Transformer Engine's CUDA graphs"]),
 ]
 
 
