@@ -453,3 +453,15 @@ def matmul(a: NVFP4Tensor, b: NVFP4Tensor, mode: str = "exact", *, scale: Option
     if scale is not None:
         out = out * scale
     return out if out_dtype is None else out.to(out_dtype)
+
+
+# Quantization statistics (issue #19, megatron_fp4/stats.py): on a statistics iteration every quantizer
+# entry above reports its operand and source; on any other call the wrapper tests one module flag.
+from megatron_fp4 import stats as _stats  # noqa: E402  (after the entries it wraps)
+
+quantize_nvfp4 = _stats.observing(quantize_nvfp4, _stats.plain_source)
+quantize_double_block = _stats.observing(quantize_double_block, _stats.plain_source)
+rht_ms_eden = _stats.observing(rht_ms_eden, _stats.rotated_source, eden=True)
+rht_double_block = _stats.observing(rht_double_block, _stats.rotated_source)
+requant_ms_eden = _stats.observing(requant_ms_eden, _stats.requant_unscaled_source, eden=True)
+requant_double_block = _stats.observing(requant_double_block, _stats.requant_scaled_source)

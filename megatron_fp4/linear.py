@@ -28,6 +28,7 @@ import torch
 
 from . import backend
 from . import outcontrol as oc
+from . import stats
 from .recipe import QuantContext, Recipe
 from .registry import load_recipe
 from .rng import derive_key
@@ -79,6 +80,9 @@ class LinearCall:
     fuse_wgrad: bool = False          # FP32 dW into weight.main_grad where the weight has one
     name: str = "NVFP4Linear"
     split: Optional[oc.ChannelSplit] = None   # OutControl: FP4 / MXFP8 input channels
+    # --nvfp4-bf16-from ... --nvfp4-bf16-from-scope forward: the forward GEMM in high precision (the
+    # operands are still quantized: the backward GEMMs use them as the recipe says)
+    forward_bf16: bool = False
 
 
 def _check_finite_debug(call: LinearCall, what: str, t: torch.Tensor):
@@ -107,6 +111,8 @@ class NVFP4LinearFunction(torch.autograd.Function):
         if input.shape[-1] != k:
             raise ValueError(f"{call.name}: input has {input.shape[-1]} features, weight expects {k}")
         comm, recipe, qctx = call.comm, call.recipe, call.qctx
+        if stats.active:      # quantization statistics (stats.py): name the layer its operands belong to
+            stats.set_layer(call.name)
         out_lead = comm.output_lead(input.shape[:-1])
         ctx.main_grad = getattr(weight, "main_grad", None) if call.fuse_wgrad else None
         ctx.call, ctx.use_bias = call, bias is not None
@@ -129,12 +135,14 @@ class NVFP4LinearFunction(torch.autograd.Function):
             xq, xm = comm.gather_forward(xq_local, xm_local)
             if split is not None:
                 wq_fp4, wm = oc.quantize_split_weight(recipe, weight, split, qctx)
-                y = oc.split_fprop(recipe, oc.SplitOperands(xq, xm, wq_fp4, wm), split, qctx)
+                y = torch.matmul(comm.gather_input(input).reshape(-1, k), weight.t()) if call.forward_bf16 else \
+                    oc.split_fprop(recipe, oc.SplitOperands(xq, xm, wq_fp4, wm), split, qctx)
                 # save the local rows of both parts; the saved weight part drops the gathered input
                 saved_x, wq = (xq_local, xm_local), oc.SplitOperands(None, None, wq_fp4, wm)
             else:
                 wq = recipe.quantize_weight(weight, qctx, for_gemm=True)
-                y = recipe.fprop(xq, wq, qctx, out_dtype=input.dtype)
+                y = torch.matmul(comm.gather_input(input).reshape(-1, k), weight.t()) if call.forward_bf16 else \
+                    recipe.fprop(xq, wq, qctx, out_dtype=input.dtype)
                 saved_x = xq_local
             _check_finite_debug(call, "forward output", y)
             y = y.to(input.dtype).reshape(*out_lead, n)
@@ -151,6 +159,8 @@ class NVFP4LinearFunction(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         call: LinearCall = ctx.call
         comm, recipe, qctx, split = call.comm, call.recipe, call.qctx, call.split
+        if stats.active:
+            stats.set_layer(call.name)
         n, k = weight.shape
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dy = grad_output.reshape(-1, n)

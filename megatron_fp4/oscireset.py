@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from . import format as fmt
+from . import stats
 from . import quantizers as Q
 from .recipe import QuantContext, Recipe
 from .tensor import BLOCK, OUTER_BLOCK
@@ -83,6 +84,7 @@ class MasterQuantizer:
 
     def __call__(self, master: torch.Tensor):
         """(Q_D(master), effective scale per element)."""
+        stats.set_layer(None)     # an optimizer-side quantization: no GEMM operand statistics (stats.py)
         q = self.recipe.quantize_weight(master, self.ctx)
         scale = q.expanded_block_scales()
         if q.outer_scales is not None:

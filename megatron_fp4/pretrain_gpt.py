@@ -66,6 +66,9 @@ def _gpu_main(argv):
     prepare_gpu_save_folder(args)         # an earlier run's checkpoints: resume, --overwrite or refuse
     summary_path = args.nvfp4_summary or (os.path.join(args.save, "summary.json") if args.save else None)
     history = TrainingHistory(summary_path, every=args.log_interval).install()
+    if args.nvfp4_stats_interval:         # quantization statistics after Megatron's log line (issue #19)
+        from .megatron.quant_stats import install_gpu_reporter
+        install_gpu_reporter(args)
     exit_request = None
     try:
         pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
@@ -390,6 +393,7 @@ def _dp_mean(value: float) -> float:
 def cpu_main(argv) -> dict:
     args = parse_cpu_args(argv)
     plan = validate_cpu_args(args)           # every user error before anything starts
+    plan.apply()                             # --nvfp4-bf16-from
     recipe = plan.recipe
     overrides = parse_overrides(args.nvfp4_override)
     import torch.distributed as dist
@@ -462,6 +466,8 @@ def cpu_main(argv) -> dict:
                          else [next(vit) for _ in range(args.eval_iters)])
 
     chunks, config = driver.build_model(s)
+    from .megatron.precision import announce
+    announce(chunks, s.seq_length * s.micro_batch_size, args.save)   # what runs where (issue #19)
     optimizer, scheduler = driver.build_optimizer(s, chunks)
     driver.setup_model_hooks(config, chunks, optimizer)
     oscireset = driver.setup_stabilizers(s, chunks, optimizer)
@@ -540,6 +546,11 @@ class _CpuRun:
         self.last_saved: Optional[int] = None
         self.stop_budget = args.nvfp4_time_budget
         self._signalled = False
+        from .megatron import driver
+        from .megatron.quant_stats import StatsReporter
+        # --nvfp4-stats-interval (issue #19): quantization statistics after the progress line
+        self.quant_stats = StatsReporter(args.nvfp4_stats_interval, args.save, rank, log=self.say, stabilizers=lambda: (
+            [] if self.oscireset is None else self.oscireset.history, driver.outcontrol_stats(self.chunks)))
 
     # -- setup ------------------------------------------------------------------------------------
     def _tidy_save_folder(self) -> None:
@@ -611,6 +622,7 @@ class _CpuRun:
                          f"elapsed time per iteration (ms): {dt * 1000:.1f} | tokens/s: {tokens / dt:.0f} | "
                          f"learning rate: {self.scheduler.get_lr(self.optimizer.param_groups[0]):.3E} | "
                          f"lm loss: {loss:.6E} | grad norm: {math.nan if grad_norm is None else grad_norm:.3f}")
+            self.quant_stats.finish(done)
             if not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))):
                 if self.args.check_for_nan_in_loss_and_grad:
                     failure = self._failure_message(done, loss, grad_norm)
@@ -672,8 +684,10 @@ class _CpuRun:
                     f"(resume with --load {self.save_root})")
         else:
             kept = "no checkpoint was saved (--save-interval N keeps one every N iterations)"
-        return (f"iteration {done} of {self.s.train_steps}: non-finite {what}; training stopped and this state "
-                f"was not saved; {kept}; pass --no-check-for-nan-in-loss-and-grad to train on regardless")
+        first = self.quant_stats.first_nonfinite
+        where = f" (first non-finite quantized operand: {first})" if first else ""
+        return (f"iteration {done} of {self.s.train_steps}: non-finite {what}{where}; training stopped and this "
+                f"state was not saved; {kept}; pass --no-check-for-nan-in-loss-and-grad to train on regardless")
 
     # -- checkpoints --------------------------------------------------------------------------------
     @property

@@ -115,6 +115,18 @@ def launcher_argv(argv) -> list:
     return out + missing_kernel_flags(argv)
 
 
+def _stats_interval(text: str) -> int:
+    """--nvfp4-stats-interval N: an integer >= 1 (0, the default, is off)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"needs an integer >= 1 (statistics every N iterations), got {text!r}; "
+                                         "leave the flag out to turn the statistics off")
+    return value
+
+
 def add_diagnostic_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Measurement flags of the launcher (both routes; megatron_fp4/megatron/diagnostics.py)."""
     g = parser.add_argument_group("megatron_fp4 diagnostics")
@@ -127,6 +139,11 @@ def add_diagnostic_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--nvfp4-perturb-init", type=float, default=0.0, metavar="EPS",
                    help="scale every initial weight matrix by (1 + EPS): a last-bit perturbation, to measure how "
                         "far FP4 rounding amplifies reduction-order differences (FP32 parameters only)")
+    g.add_argument("--nvfp4-stats-interval", type=_stats_interval, default=0, metavar="N",
+                   help="every N iterations: per plugin linear and GEMM operand the amax, flushed and saturated "
+                        "block fractions, relative quantization error (sampled rows) and MS-EDEN correction "
+                        "range, to <save>/nvfp4_stats.jsonl, TensorBoard / W&B and the log; the first operand "
+                        "holding a NaN / Inf is named (megatron_fp4/stats.py; default 0: off)")
     g.add_argument("--nvfp4-data-seed", type=int, default=None, metavar="SEED",
                    help="seed of the training data order (default: --seed, which also seeds the initialisation): "
                         "runs that differ only in --seed then see the same data")
@@ -389,9 +406,12 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, check_nan: b
     num_tokens = mask.sum().to(torch.int)
     if check_nan:
         from megatron.core.rerun_state_machine import get_rerun_state_machine
+        from . import stats       # --nvfp4-stats-interval: name the first non-finite operand (a sync, then only)
+        where = stats.first_nonfinite_so_far() if stats.active else None
         get_rerun_state_machine().validate_result(
-            result=total, rejection_func=torch.isnan,
-            message="megatron_fp4: NaN in the forward loss", tolerance=0.0, fatal=True)
+            result=total, rejection_func=torch.isnan, tolerance=0.0, fatal=True,
+            message="megatron_fp4: NaN in the forward loss" + (f" (first non-finite quantized operand: {where})"
+                                                               if where else ""))
     report = torch.stack([total.detach().clone(), num_tokens.detach().float()])
     return total, num_tokens, {"lm loss": report}
 

@@ -43,6 +43,11 @@ def add_plugin_args(parser: argparse.ArgumentParser, default_recipe: Optional[st
     g.add_argument("--nvfp4-attention", choices=("sdpa", "megatron"), default="sdpa",
                    help="core attention of the plugin spec: sdpa (torch scaled_dot_product_attention: flash / "
                         "memory-efficient kernels, default) or megatron (Megatron's unfused DotProductAttention)")
+    g.add_argument("--nvfp4-bf16-from", type=float, default=None, metavar="ITER|FRACTION",
+                   help="late precision switch: from this iteration on (or this fraction of --train-iters, e.g. "
+                        "0.9) the plugin linears run in BF16 (resume-safe: a function of the iteration)")
+    g.add_argument("--nvfp4-bf16-from-scope", choices=("all", "forward"), default="all",
+                   help="what --nvfp4-bf16-from switches: all GEMMs (default) or only the forward GEMM")
     g.add_argument(DEBUG_FLAG, action="store_true",
                    help=f"show the full traceback of a user error (also {DEBUG_ENV}=1); by default it is one line")
     return parser
@@ -79,8 +84,9 @@ def prepare_args(args):
     if not args.nvfp4_recipe:
         stray = [f for f, v in (("--nvfp4-override", args.nvfp4_override), ("--nvfp4-bf16-modules", args.nvfp4_bf16_modules))
                  if v]
-        if _on_command_line("--nvfp4-attention"):
-            stray.append("--nvfp4-attention")
+        for flag in ("--nvfp4-attention", "--nvfp4-bf16-from", "--nvfp4-bf16-from-scope"):
+            if _on_command_line(flag):
+                stray.append(flag)
         if spec == PLUGIN_SPEC:
             stray.append("--spec megatron_fp4.spec gpt_layer_spec")
         if stray:
@@ -158,6 +164,7 @@ def apply() -> None:
         if prepared is not None:
             from megatron_fp4.errors import reporting_rank
             plan, notes = prepared
+            plan.apply()                 # run-wide switches (--nvfp4-bf16-from) for this process's layers
             if reporting_rank():
                 print(plan.bf16_line() + "".join(f"; {n}" for n in notes), flush=True)
         return result

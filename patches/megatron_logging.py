@@ -6,7 +6,8 @@ losses (the same function serves the final test-set evaluation, told apart by th
 attributes, which `train()` and `pretrain()` look up at call time:
 
 - `on_iteration(loss_dict, iteration, learning_rate)` before Megatron's own `training_log`;
-- `on_validation(total_loss_dict)` after each validation (never for the test set).
+- `on_validation(total_loss_dict)` after each validation (never for the test set);
+- `after_iteration(iteration)` after Megatron's `training_log` (its log line printed), optional.
 
 Written for megatron-core 0.19 (`megatron.training.training.training_log`, `evaluate`,
 `evaluate_and_print_results`); each wrapper keeps the original as `__wrapped__`.
@@ -14,7 +15,7 @@ Written for megatron-core 0.19 (`megatron.training.training.training_log`, `eval
 from __future__ import annotations
 
 
-def install(on_iteration, on_validation) -> None:
+def install(on_iteration, on_validation, after_iteration=None) -> None:
     from megatron.training import training
     original_log = training.training_log
     original_evaluate = training.evaluate
@@ -23,7 +24,10 @@ def install(on_iteration, on_validation) -> None:
 
     def training_log(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs):
         on_iteration(loss_dict, iteration, learning_rate)
-        return original_log(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs)
+        result = original_log(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs)
+        if after_iteration is not None:
+            after_iteration(iteration)
+        return result
 
     def evaluate_and_print_results(prefix, *args, **kwargs):
         context["prefix"] = str(prefix)          # "iteration N on test set" for the final test evaluation

@@ -31,6 +31,10 @@ def _install_after_setup(model, optimizer) -> None:
         train_iters = args.train_samples // args.global_batch_size
     iteration = int(getattr(args, "iteration", 0) or 0)
     hooks = install_stabilizers(optimizer, model, int(train_iters or 0), iteration)
+    if getattr(args, "nvfp4_recipe", None):   # what runs where (issue #19): rank 0 logs it, --save gets precision.json
+        from megatron_fp4.megatron.precision import announce
+        announce(model, args.seq_length * args.micro_batch_size // (getattr(args, "context_parallel_size", 1) or 1),
+                 getattr(args, "save", None))
     if getattr(args, "nvfp4_perturb_init", 0.0):
         from megatron_fp4.megatron.diagnostics import perturb_initial_weights
         perturb_initial_weights(model, optimizer, args.nvfp4_perturb_init)

@@ -23,7 +23,7 @@ LAYERS = [
     ("numerics", ["megatron_fp4.format", "megatron_fp4.rng", "megatron_fp4.hadamard", "megatron_fp4.tensor"]),
     ("torch twins and reference GEMM", ["megatron_fp4.quantizers", "megatron_fp4.gemm"]),
     ("kernels", ["megatron_fp4.kernels", "megatron_fp4.kernels.*"]),   # but the dispatch, next layer
-    ("backend", ["megatron_fp4.backend", "megatron_fp4.kernels.dispatch"]),
+    ("backend", ["megatron_fp4.backend", "megatron_fp4.kernels.dispatch", "megatron_fp4.stats"]),
     ("recipes", ["megatron_fp4.recipe", "megatron_fp4.registry", "megatron_fp4.recipes", "megatron_fp4.errors"]),
     ("data", ["megatron_fp4.data", "megatron_fp4.data.*"]),   # corpus, tokenizer (their errors: errors.py)
     ("stabilizer numerics", ["megatron_fp4.outcontrol", "megatron_fp4.oscireset"]),
@@ -31,7 +31,7 @@ LAYERS = [
     ("Megatron glue", ["megatron_fp4.megatron", "megatron_fp4.megatron.*", "megatron_fp4.patches",
                        "megatron_fp4.patches.*"]),   # but the CPU driver, which builds models from the spec
     ("spec", ["megatron_fp4.spec"]),
-    ("launcher", ["megatron_fp4", "megatron_fp4.defaults", "megatron_fp4.summary", "megatron_fp4.pretrain_gpt", "megatron_fp4.pretrain_support",
+    ("launcher", ["megatron_fp4", "megatron_fp4.defaults", "megatron_fp4.summary", "megatron_fp4.report", "megatron_fp4.pretrain_gpt", "megatron_fp4.pretrain_support",
                   "megatron_fp4.megatron.driver"]),
 ]
 TESTING = "megatron_fp4.testing"        # outside the layers: it may import anything but the launcher

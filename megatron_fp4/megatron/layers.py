@@ -371,7 +371,8 @@ class _NVFP4LinearMixin:
                                       "megatron_fp4 layers")
         group = kw.get("tp_group") or self.tp_group
         fuse = bool(kw.get("gradient_accumulation_fusion", False))
-        hp = self.nvfp4_bf16
+        switch = state.bf16_switch()          # --nvfp4-bf16-from (None before the switch)
+        hp = self.nvfp4_bf16 or switch == "all"
         if hp and (not fuse or fusion_available()):
             return super()._forward_impl(input, weight, *args, **kwargs)   # stock BF16 path
         if not hp and not self._nvfp4_checked:
@@ -395,7 +396,7 @@ class _NVFP4LinearMixin:
             self._nvfp4_outcontrol_step(input, group, world, sp)
             split = self.nvfp4_channel_split()
         call = LinearCall(recipe=None if hp else self.nvfp4_recipe, qctx=qctx, comm=comm, fuse_wgrad=fuse,
-                          name=self.nvfp4_name, split=split)
+                          name=self.nvfp4_name, split=split, forward_bf16=switch == "forward")
         return NVFP4LinearFunction.apply(input, weight, kw.get("bias"), call)
 
     def backward_dw(self) -> None:

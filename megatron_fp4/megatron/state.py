@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from .. import stats
 from ..rng import derive_key
 
 _lock = threading.Lock()
@@ -48,6 +49,7 @@ def set_iteration(iteration: int) -> None:
         t.fill_(_iteration)
     if changed:
         reset_call_counters()
+    stats.on_iteration(_iteration + 1)      # quantization statistics on their iterations (1-based)
 
 
 def step_tensor(device) -> torch.Tensor:
@@ -113,6 +115,32 @@ def set_train_iters(train_iters: int) -> None:
 
 def get_train_iters():
     return _train_iters
+
+
+# --nvfp4-bf16-from: from this training iteration on (the log's 1-based numbering) the plugin linears
+# run in BF16 ("all": every GEMM; "forward": only the forward GEMM, the backward keeps the recipe).
+# A pure function of the iteration, so a resumed run switches exactly where the uninterrupted one does.
+_bf16_from = None
+_bf16_scope = "all"
+BF16_SCOPES = ("all", "forward")
+
+
+def set_bf16_from(first_iteration: Optional[int], scope: str = "all") -> None:
+    """Declare the late precision switch (None: never)."""
+    global _bf16_from, _bf16_scope
+    if scope not in BF16_SCOPES:
+        raise ValueError(f"bf16 switch scope must be one of {BF16_SCOPES}, got {scope!r}")
+    if first_iteration is not None and first_iteration < 1:
+        raise ValueError(f"the first BF16 iteration must be >= 1, got {first_iteration}")
+    _bf16_from, _bf16_scope = (None if first_iteration is None else int(first_iteration)), scope
+
+
+def bf16_switch() -> Optional[str]:
+    """None before the switch (or without one), else its scope ("all" / "forward") for the current
+    iteration (set_iteration's 0-based index is the log's iteration minus one)."""
+    if _bf16_from is None or _iteration + 1 < _bf16_from:
+        return None
+    return _bf16_scope
 
 
 def stabilizer_schedule(recipe) -> dict:

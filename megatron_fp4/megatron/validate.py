@@ -359,9 +359,40 @@ class RunPlan:
     recipe: object
     bf16: list
     num_layers: int
+    bf16_from: Optional[int] = None           # --nvfp4-bf16-from, as an iteration
+    bf16_scope: str = "all"
 
     def bf16_line(self) -> str:
-        return f"megatron_fp4: recipe {self.recipe.name}; linears kept in BF16: {describe_bf16(self.bf16, self.num_layers)}"
+        line = f"megatron_fp4: recipe {self.recipe.name}; linears kept in BF16: {describe_bf16(self.bf16, self.num_layers)}"
+        if self.bf16_from is not None:
+            what = "every linear" if self.bf16_scope == "all" else "the forward GEMM of every linear"
+            line += f"; from iteration {self.bf16_from} on {what} runs in BF16 (--nvfp4-bf16-from)"
+        return line
+
+    def apply(self) -> None:
+        """Declare the run-wide switches of the plan to the layers (megatron/state.py)."""
+        from . import state
+        state.set_bf16_from(self.bf16_from, self.bf16_scope)
+
+
+def resolve_bf16_from(args) -> Optional[int]:
+    """--nvfp4-bf16-from: an iteration (>= 1, the log's numbering) or a fraction in (0, 1) of --train-iters
+    (0.9 of 100 iterations: iterations 91-100 in BF16). None without the flag."""
+    value = getattr(args, "nvfp4_bf16_from", None)
+    if value is None:
+        return None
+    train_iters = getattr(args, "train_iters", None)
+    if 0 < value < 1:
+        if not train_iters:
+            raise UsageError(f"--nvfp4-bf16-from {value}: a fraction needs --train-iters; give an iteration instead")
+        return int(value * train_iters) + 1
+    if value < 1 or value != int(value):
+        raise UsageError(f"--nvfp4-bf16-from {value}: expected an iteration (an integer >= 1) or a fraction of "
+                         "--train-iters in (0, 1)")
+    if train_iters and value > train_iters:
+        raise UsageError(f"--nvfp4-bf16-from {int(value)} is after the last iteration (--train-iters {train_iters}): "
+                         "the switch would never happen")
+    return int(value)
 
 
 def check_cuda_graphs(args, recipe) -> None:
@@ -382,6 +413,9 @@ def check_cuda_graphs(args, recipe) -> None:
                          "use; pass --cuda-graph-impl local")
     if impl == "none":
         return
+    if getattr(args, "nvfp4_bf16_from", None) is not None:
+        raise UsageError(f"--nvfp4-bf16-from with --cuda-graph-impl {impl}: the switch is decided on the host in each "
+                         "forward, which captured graphs skip; drop one of them")
     if impl == "full_iteration":
         raise UsageError("--cuda-graph-impl full_iteration: the plugin's per-step random state is rewritten by the "
                          "host at the start of each step, inside what a full-iteration graph captures (every replay "
@@ -409,4 +443,5 @@ def validate_run(args, world_size: Optional[int] = None) -> RunPlan:
                         bool(getattr(args, "first_last_layers_bf16", False)),
                         getattr(args, "num_layers_at_start_in_bf16", 1), getattr(args, "num_layers_at_end_in_bf16", 1))
     check_shapes(recipe, dims, bf16)
-    return RunPlan(recipe, bf16, dims.num_layers)
+    return RunPlan(recipe, bf16, dims.num_layers, resolve_bf16_from(args),
+                   getattr(args, "nvfp4_bf16_from_scope", None) or "all")

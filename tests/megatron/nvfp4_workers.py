@@ -311,3 +311,51 @@ def first_step_gradients(rank, world, runs):
         out.append({"loss": loss, "grads": {k: v.numpy() for k, v in grads.items()}, "keys": keys})
         ps.destroy_model_parallel()
     return out if rank == 0 else None
+
+
+
+def bf16_switch(rank, world, recipe_name):
+    """Two identical column-parallel plugin linears (TP=1; same weights and identity, so the same random
+    streams) at log iterations 2 and 3 around --nvfp4-bf16-from 3: one with the switch declared, one
+    without. Per scope: is its output / dX / dW that of torch's F.linear, or that of the layer without the
+    switch (the recipe)?"""
+    from megatron_fp4.megatron import NVFP4ColumnParallelLinear, state
+    _init_tp(world)
+    cfg = _config(world, recipe_name)
+    layers = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        layer = NVFP4ColumnParallelLinear(256, 512, config=cfg, init_method=_init, bias=False, gather_output=False)
+        layer.set_nvfp4_identity(1, "decoder.layers.0.mlp.linear_fc1")
+        layers.append(layer)
+    torch.manual_seed(7)
+    x0, dy = torch.randn(32, 2, 256), torch.randn(32, 2, 512)
+
+    def run(layer, switch):
+        state.set_bf16_from(*switch)
+        layer.weight.grad = None
+        x = x0.clone().requires_grad_(True)
+        y, _ = layer(x)
+        y.backward(dy)
+        return y.detach(), x.grad, layer.weight.grad.clone()
+
+    out = {}
+    try:
+        for scope in ("all", "forward"):
+            for log_iteration in (2, 3):
+                state.set_iteration(log_iteration - 1)
+                switched = run(layers[0], (3, scope))
+                plain = run(layers[1], (None,))
+                w = layers[0].weight.detach().clone().requires_grad_(True)
+                xr = x0.clone().requires_grad_(True)
+                yr = torch.nn.functional.linear(xr, w)
+                yr.backward(dy)
+                reference = (yr.detach(), xr.grad, w.grad)
+                out[f"{scope}_{log_iteration}"] = {
+                    f"{what}_is_{name}": torch.equal(switched[i], other[i])
+                    for i, what in enumerate(("fwd", "dx", "dw"))
+                    for name, other in (("bf16", reference), ("recipe", plain))}
+    finally:
+        state.set_bf16_from(None)
+    return out
+

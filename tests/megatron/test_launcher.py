@@ -165,6 +165,20 @@ def test_main_job_reduced(tmp_path, recipe, extra):
     assert summary["iterations"] == 4
     assert os.path.getsize(summary["plot"]) > 1000
     assert os.path.isdir(summary["checkpoint"]) and os.listdir(summary["checkpoint"])
+    rows = json.loads((out / "precision.json").read_text())["rows"]      # the start table (issue #19)
+    assert len(rows) == 2 * 4 * 3 and f"megatron_fp4 precision: recipe {recipe}; device cpu" in proc.stdout
+    if recipe == "quartet2":    # the report command on this run directory, with a statistics file
+        with open(out / "nvfp4_stats.jsonl", "w") as fh:
+            for it in (1, 2, 3):
+                for layer in ("decoder.layers.0.mlp.linear_fc1", "decoder.layers.1.mlp.linear_fc2"):
+                    fh.write(json.dumps({"iteration": it, "layer": layer, "operand": "forward X", "amax": 2.0 * it,
+                                         "flushed_fraction": 0.0, "rel_error": 0.01 / it}) + "\n")
+        report = subprocess.run([sys.executable, "-m", "megatron_fp4.report", str(out), "--out", str(tmp_path / "rep")],
+                                capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        assert report.returncode == 0, report.stderr[-3000:]
+        assert report.stdout.startswith("megatron_fp4 precision: recipe quartet2") and "linear_qkv" in report.stdout
+        for name in ("loss_curves.png", "nvfp4_stats.png"):
+            assert os.path.getsize(tmp_path / "rep" / name) > 1000
     if recipe == "tetrajet2-full":
         assert {e["update"] for e in summary["oscireset_events"]} == {2}, summary["oscireset_events"]
         assert len(summary["outcontrol"]) == 8 and all(v["iteration"] == 2 for v in summary["outcontrol"].values())

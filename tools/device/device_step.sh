@@ -21,7 +21,8 @@ for setting in $SETTINGS; do
   for r in $RECIPES; do
     extra=(--nvfp4-attention "${setting%%+*}")
     case "$setting" in *+graphs) extra+=(--cuda-graph-impl local --no-check-for-nan-in-loss-and-grad);; esac
-    name="${setting//+/_}-$r"
+    extra+=(${EXTRA:-})                  # more launcher flags (e.g. EXTRA="--nvfp4-stats-interval 1" TAG=-stats1)
+    name="${setting//+/_}-$r${TAG:-}"
     timeout ${RUN_TIMEOUT:-150} $PY -m megatron_fp4.pretrain_gpt "${FLAGS[@]}" "${extra[@]}" --nvfp4-recipe "$r" \
       --nvfp4-summary "$OUT/$name.json" > "$OUT/$name.log" 2>&1
     echo "$name exit $?"; grep -E "Error|error:|Traceback" "$OUT/$name.log" | head -3
