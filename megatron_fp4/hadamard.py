@@ -24,9 +24,28 @@ def _hadamard_cpu(n: int) -> torch.Tensor:
     return h / math.sqrt(n)
 
 
+_ON_DEVICE: dict = {}
+
+
 def hadamard_matrix(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    """Orthonormal, symmetric Sylvester Hadamard matrix H_n."""
-    return _hadamard_cpu(n).to(dtype=dtype, device=device)
+    """Orthonormal, symmetric Sylvester Hadamard matrix H_n. On a GPU it is kept per (n, dtype, device)
+    once made outside a CUDA-graph capture; inside one (where a host-to-device copy is not allowed) it
+    is built on the device by the same Sylvester steps (the same values: +-1 / sqrt(n), exact)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cuda":
+        return _hadamard_cpu(n).to(dtype=dtype, device=device)
+    key = (n, dtype, str(device))
+    cached = _ON_DEVICE.get(key)
+    if cached is not None:
+        return cached
+    if torch.cuda.is_current_stream_capturing():
+        _hadamard_cpu(n)                     # the size check
+        h = torch.ones(1, 1, dtype=torch.float64, device=device)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        return (h / math.sqrt(n)).to(dtype)
+    h = _ON_DEVICE[key] = _hadamard_cpu(n).to(dtype=dtype, device=device)
+    return h
 
 
 def rht(a: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
