@@ -499,7 +499,9 @@ def test_launcher_flag_reaches_both_routes():
     assert flag in launcher_argv([])
     assert flag not in launcher_argv(["--nvfp4-attention", "megatron"])
     assert flag not in launcher_argv(["--reset-attention-mask"])
-    tiny = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+    from megatron_fp4.patches import megatron_args
+    megatron_args.apply()        # as on the GPU route (the plugin's shape checks run; order-independent)
+    tiny = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "32",
             "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1", "--mock-data"]
     for choice, mask_in_dataloader in (("sdpa", False), ("megatron", True)):
         unset_global_variables()

@@ -152,7 +152,7 @@ def _kill_and_resume(tmp_path, flags, ranks, seed):
     assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
     for run in ("straight", "killed"):          # nothing but the run's files: no .pg_* rendezvous files
         names = set(os.listdir(tmp_path / run))
-        assert names == {"latest_checkpointed_iteration.txt", "summary.json", "loss.png"} | {
+        assert names == {"latest_checkpointed_iteration.txt", "summary.json", "loss.png", "precision.json"} | {
             f"iter_{i:07d}" for i in range(2, iters + 1, 2)}, names
     return a, b
 
