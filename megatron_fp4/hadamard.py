@@ -14,14 +14,19 @@ import torch
 SUPPORTED_SIZES = (16, 32, 128)
 
 
-@functools.lru_cache(maxsize=None)
-def _hadamard_cpu(n: int) -> torch.Tensor:
+def _sylvester(n: int, device=None) -> torch.Tensor:
+    """H_n in float64 on `device` by Sylvester's construction (natural order), built there."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"Hadamard size must be a power of two, got {n}")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:  # Sylvester construction, natural order
+    h = torch.ones(1, 1, dtype=torch.float64, device=device)
+    while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h / math.sqrt(n)
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_cpu(n: int) -> torch.Tensor:
+    return _sylvester(n)
 
 
 _ON_DEVICE: dict = {}
@@ -39,11 +44,7 @@ def hadamard_matrix(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
     if cached is not None:
         return cached
     if torch.cuda.is_current_stream_capturing():
-        _hadamard_cpu(n)                     # the size check
-        h = torch.ones(1, 1, dtype=torch.float64, device=device)
-        while h.shape[0] < n:
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        return (h / math.sqrt(n)).to(dtype)
+        return _sylvester(n, device).to(dtype)
     h = _ON_DEVICE[key] = _hadamard_cpu(n).to(dtype=dtype, device=device)
     return h
 

@@ -90,6 +90,12 @@ def _check_finite_debug(call: LinearCall, what: str, t: torch.Tensor):
         raise FloatingPointError(f"{call.name} (recipe {call.recipe.name!r}): non-finite values in {what}")
 
 
+def _high_precision_fprop(comm: LinearComm, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Y = X W^T in the input's precision over the GEMM's rows (gathered under sequence parallelism), as
+    [rows, N] like the recipe's fprop: the forward of --nvfp4-bf16-from-scope forward."""
+    return torch.matmul(comm.gather_input(input).reshape(-1, weight.shape[1]), weight.t())
+
+
 def _main_grad_placeholder(weight, ctx, device):
     """The grad returned for a weight whose dW went into main_grad (Megatron's convention): a
     placeholder when the weight carries `grad_added_to_main_grad` (Megatron's DDP sets it), else None."""
@@ -135,13 +141,13 @@ class NVFP4LinearFunction(torch.autograd.Function):
             xq, xm = comm.gather_forward(xq_local, xm_local)
             if split is not None:
                 wq_fp4, wm = oc.quantize_split_weight(recipe, weight, split, qctx)
-                y = torch.matmul(comm.gather_input(input).reshape(-1, k), weight.t()) if call.forward_bf16 else \
+                y = _high_precision_fprop(comm, input, weight) if call.forward_bf16 else \
                     oc.split_fprop(recipe, oc.SplitOperands(xq, xm, wq_fp4, wm), split, qctx)
                 # save the local rows of both parts; the saved weight part drops the gathered input
                 saved_x, wq = (xq_local, xm_local), oc.SplitOperands(None, None, wq_fp4, wm)
             else:
                 wq = recipe.quantize_weight(weight, qctx, for_gemm=True)
-                y = torch.matmul(comm.gather_input(input).reshape(-1, k), weight.t()) if call.forward_bf16 else \
+                y = _high_precision_fprop(comm, input, weight) if call.forward_bf16 else \
                     recipe.fprop(xq, wq, qctx, out_dtype=input.dtype)
                 saved_x = xq_local
             _check_finite_debug(call, "forward output", y)

@@ -535,6 +535,7 @@ class TrainingHistory:
             "losses": losses,
             "valid": prior["valid"] + list(self.valid),
             "median_step_s": median,
+            "mean_step_s": sum(steps) / len(steps) if steps else None,
             "warmup_excluded": warmup,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "device": device,
@@ -556,7 +557,6 @@ def write_summary(history: TrainingHistory, args, path: Optional[str], plot: boo
     run = history.summary()
     if not run["losses"]:
         return None
-    steps = [r["step_s"] for r in history.records[run["warmup_excluded"]:] if not math.isnan(r["step_s"])]
     tokens_per_step = args.global_batch_size * args.seq_length
     first = history.records[0]["iteration"] if history.records else 1
     saved = os.path.join(args.save, "iter_{:07d}".format(run["iterations"])) if args.save else None
@@ -567,7 +567,7 @@ def write_summary(history: TrainingHistory, args, path: Optional[str], plot: boo
         stopped_by=None if finished else stopped_by, error=None, iterations=run["iterations"],
         train_iters=args.train_iters, resumed_from=first - 1 if first > 1 else None, losses=run["losses"],
         valid=run["valid"], median_step_s=run["median_step_s"],
-        mean_step_s=sum(steps) / len(steps) if steps else None, train_time_s=None,
+        mean_step_s=run["mean_step_s"], train_time_s=None,
         tokens_per_step=tokens_per_step,
         tokens_per_s=tokens_per_step / run["median_step_s"] if run["median_step_s"] else None, parameters=None,
         peak_mem_gib=run["peak_mem_gib"], device=run["device"], world_size=int(os.environ.get("WORLD_SIZE", "1")),

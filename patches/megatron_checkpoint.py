@@ -54,14 +54,12 @@ def atomic_save(root: str, iteration: int, write_extra=None):
 
     root = os.path.abspath(root)
     final = ck.iteration_dir(root, iteration)
-    partial = os.path.join(root, f".iter_{iteration:07d}{ck.PARTIAL_SUFFIX}")
-    replaced = os.path.join(root, f".iter_{iteration:07d}{ck.REPLACED_SUFFIX}")
+    partial = ck.partial_dir(root, iteration)
     tracker = ck.tracker_file(root)
     temp_tracker = os.path.join(root, f".{ck.TRACKER}.saving")
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)
+        ck.start_partial(root, iteration)
         if os.path.exists(temp_tracker):
             os.remove(temp_tracker)
     if dist.is_initialized():
@@ -88,14 +86,7 @@ def atomic_save(root: str, iteration: int, write_extra=None):
         if not renamed["done"]:
             # Megatron asks for the tracker on rank 0 after its barrier: every rank's files are written
             ck._pause("written", iteration)
-            if os.path.exists(final):
-                # a complete checkpoint no tracker names (a run killed between rename and tracker update,
-                # resumed from the one before): moved aside, deleted once the tracker names the new one
-                shutil.rmtree(replaced, ignore_errors=True)
-                os.rename(final, replaced)
-            os.rename(partial, final)
-            ck._fsync_dir(root)
-            ck._pause("renamed", iteration)
+            ck.rename_into_place(root, iteration)
             if os.path.exists(tracker):
                 shutil.copyfile(tracker, temp_tracker)
             renamed["done"] = True
@@ -116,8 +107,7 @@ def atomic_save(root: str, iteration: int, write_extra=None):
             os.fsync(fh.fileno())
         os.replace(temp_tracker, tracker)
         ck._fsync_dir(root)
-        shutil.rmtree(replaced, ignore_errors=True)
-        ck._pause("tracked", iteration)
+        ck.finish_tracked(root, iteration)
     if dist.is_initialized():
         dist.barrier()
 

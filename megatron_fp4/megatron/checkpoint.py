@@ -253,6 +253,42 @@ def _state_dict(chunks, optimizer, scheduler, iteration: int, run: dict, history
 
 # -- save ---------------------------------------------------------------------------------------------
 
+def partial_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f".iter_{iteration:07d}{PARTIAL_SUFFIX}")
+
+
+def _replaced_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f".iter_{iteration:07d}{REPLACED_SUFFIX}")
+
+
+def start_partial(root: str, iteration: int) -> str:
+    """Rank 0: a fresh, empty partial folder for `iteration` (the caller barriers after). Returns it."""
+    partial = partial_dir(root, iteration)
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    return partial
+
+
+def rename_into_place(root: str, iteration: int) -> str:
+    """Rank 0, once every rank has written the partial folder: rename it to iter_XXXXXXX (one rename).
+    A complete checkpoint there that no tracker names (a run killed between its rename and its tracker
+    update, then resumed from the one before) is moved aside first; `finish_tracked` deletes it."""
+    final, replaced = iteration_dir(root, iteration), _replaced_dir(root, iteration)
+    if os.path.exists(final):
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
+    os.rename(partial_dir(root, iteration), final)
+    _fsync_dir(root)
+    _pause("renamed", iteration)
+    return final
+
+
+def finish_tracked(root: str, iteration: int) -> None:
+    """Rank 0, after the tracker names `iteration`: drop what rename_into_place moved aside."""
+    shutil.rmtree(_replaced_dir(root, iteration), ignore_errors=True)
+    _pause("tracked", iteration)
+
+
 def _pause(stage: str, iteration: int) -> None:
     """Test hook: MEGATRON_FP4_TEST_SAVE_PAUSE=ITERATION:STAGE stops rank 0 at that stage of that save
     (after printing a line saying so) until the test kills the run."""
@@ -275,14 +311,12 @@ def save(root: str, iteration: int, chunks, optimizer, scheduler, run: dict, his
     from .optimizer_hooks import save_oscireset_state
     root = os.path.abspath(root)
     final = iteration_dir(root, iteration)
-    partial = os.path.join(root, f".iter_{iteration:07d}{PARTIAL_SUFFIX}")
-    replaced = os.path.join(root, f".iter_{iteration:07d}{REPLACED_SUFFIX}")
+    partial = partial_dir(root, iteration)
     rank = dist.get_rank()
     if rank == 0:
         if read_tracker(root) == iteration:
             raise CheckpointError(f"{final} is the checkpoint being resumed; it is never written again")
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)
+        start_partial(root, iteration)
     dist.barrier()
     _pause("partial", iteration)
     in_process_write_results()
@@ -293,17 +327,9 @@ def save(root: str, iteration: int, chunks, optimizer, scheduler, run: dict, his
     dist.barrier()
     _pause("written", iteration)
     if rank == 0:
-        if os.path.exists(final):
-            # a complete checkpoint that no tracker names (a run killed between its rename and its
-            # tracker update, then resumed from the one before): moved aside, then deleted
-            shutil.rmtree(replaced, ignore_errors=True)
-            os.rename(final, replaced)
-        os.rename(partial, final)
-        _fsync_dir(root)
-        _pause("renamed", iteration)
+        rename_into_place(root, iteration)
         replace_text(tracker_file(root), f"{iteration}\n")
-        shutil.rmtree(replaced, ignore_errors=True)
-        _pause("tracked", iteration)
+        finish_tracked(root, iteration)
     dist.barrier()
     return final
 
