@@ -17,6 +17,8 @@ Presets (`--preset`; any flag given explicitly overrides the preset's value):
 - `default`: 4 layers, hidden 256, SwiGLU ffn 512, 4 heads, seq 256, batch 256, 820 steps: 2.62M
   non-embedding parameters, 53.7M tokens = 20.5 tokens per parameter; byte-level Python-stdlib corpus;
   runs bf16, bf16-seed2 and one seed of each FP4 recipe (`--only nvidia-seed2 ...` adds second seeds).
+  `--only quartet2-bf16late quartet2-bf16late-seed2`: quartet2 with the late switch to BF16
+  (`--nvfp4-bf16-from 0.9`), paired with the quartet2 run of the same seed.
 - `campaign` (issue 20): 6 layers, hidden 384, 3 heads of 128, SwiGLU ffn 1024 (Quartet II's shape
   rules: head dim 128, ffn = ceil_256(8/3 d)), seq 512, batch 256 x 512 = 131,072 tokens, lr 1.5e-3:
   10.62M non-embedding parameters, 1620 steps = 212.3M tokens = 20.0 tokens per parameter; the
@@ -59,11 +61,17 @@ RUNS = [  # the default preset's runs: (run name, recipe, seed offset)
 # Second-seed runs of the FP4 recipes, on request (--only): each is paired with bf16-seed2 (same
 # initialisation), so the gap's own seed-to-seed variation can be read off.
 SEED2_RUNS = [(f"{name}-seed2", recipe, 1) for name, recipe, offset in RUNS if offset == 0 and name != "bf16"]
-ALL_RUNS = RUNS + SEED2_RUNS
+# Runs of a recipe with more launcher flags, on request (--only), paired with the plain recipe's run of
+# the same seed (same initialisation, data order and FP4 streams until the flags act): the late switch to
+# BF16 (issue 19) over the last 10% of the iterations.
+VARIANT_FLAGS = {"quartet2-bf16late": ("quartet2", ["--nvfp4-bf16-from", "0.9"])}
+VARIANT_RUNS = [(run_name_, recipe, k) for variant, (recipe, _) in VARIANT_FLAGS.items()
+                for run_name_, k in ((variant, 0), (f"{variant}-seed2", 1))]
+ALL_RUNS = RUNS + SEED2_RUNS + VARIANT_RUNS
 CAMPAIGN_RECIPES = ("bf16", "nvidia", "tetrajet2", "tetrajet2-full", "quartet2", "quartet2-plus")
 # the paired recipe differences the report gives (a - b, per seed), and the published order's pairs
 DIFFERENCES = (("quartet2", "nvidia"), ("quartet2", "tetrajet2"), ("quartet2-plus", "quartet2"),
-               ("tetrajet2-full", "tetrajet2"), ("tetrajet2", "nvidia"))
+               ("tetrajet2-full", "tetrajet2"), ("tetrajet2", "nvidia"), ("quartet2-bf16late", "quartet2"))
 PUBLISHED_ORDER = ("quartet2", "tetrajet2", "nvidia")      # Quartet II's 30M point: +1.26% < +1.58% < +1.65%
 
 PRESETS = {
@@ -143,6 +151,9 @@ def run_flags(a, name: str, recipe: str, seed: int, corpus: str, vocab: int = 25
               "--weight-decay", 0.1, "--clip-grad", 1.0, "--seed", seed, "--swiglu",
               "--eval-interval", a.eval_interval, "--eval-iters", a.eval_iters, "--log-interval", 10,
               "--vocab-size", vocab, "--nvfp4-recipe", recipe, "--save", out]
+    variant = VARIANT_FLAGS.get(split_name(name)[0])
+    if variant is not None:
+        common += variant[1]
     if a.data_seed is not None:   # the data order: the same for every seed and recipe
         common += ["--nvfp4-data-seed", a.data_seed]
     if a.full_validation:   # the whole held-out split at every evaluation (Megatron's flag)

@@ -249,3 +249,35 @@ def test_campaign_plan_builds_the_corpus_and_refuses_a_corpus_too_small(tmp_path
     manifest = json.load(open(os.path.join(out, "corpus", "corpus.json")))
     assert manifest["dedupe"] and manifest["counts"]["train_files"] + manifest["counts"]["valid_files"] == 13
     assert not os.path.exists(os.path.join(out, "bf16"))                     # nothing trained
+
+
+def test_late_bf16_switch_runs_are_the_plain_recipe_plus_the_switch(tmp_path):
+    """quartet2-bf16late(-seed2): quartet2 with --nvfp4-bf16-from 0.9, the same initialisation seed as the
+    quartet2 run of its seed (so the pair differs only by the switch), and its gap paired with
+    quartet2 in the statistics; the launcher's parser takes the flags."""
+    import types
+    a = types.SimpleNamespace(out=str(tmp_path), steps=820, layers=4, hidden=256, ffn=512, heads=4, seq=256,
+                              micro_batch=256, global_batch=256, lr=2e-3, eval_interval=100, eval_iters=4,
+                              cpu=False, save_interval=100, data_seed=None, full_validation=False)
+    plan = dict((n, (r, k)) for n, r, k in quality.ALL_RUNS)
+    assert plan["quartet2-bf16late"] == plan["quartet2"] == ("quartet2", 0)
+    assert plan["quartet2-bf16late-seed2"] == plan["quartet2-seed2"] == ("quartet2", 1)
+    late = quality.run_flags(a, "quartet2-bf16late-seed2", "quartet2", 1235, str(tmp_path / "corpus"))
+    plain = quality.run_flags(a, "quartet2-seed2", "quartet2", 1235, str(tmp_path / "corpus"))
+    value = lambda flags, f: flags[flags.index(f) + 1]
+    assert value(late, "--nvfp4-bf16-from") == "0.9" and "--nvfp4-bf16-from" not in plain
+    assert value(late, "--seed") == value(plain, "--seed") == "1235"
+    assert value(late, "--nvfp4-recipe") == "quartet2"
+    assert quality.baseline_of("quartet2-bf16late-seed2") == "bf16-seed2"
+    # the paired difference against quartet2, seed by seed
+    mk = lambda v1, v2: {"valid": [[820, v1]], "losses": [[820, v1]], "iterations": 820}
+    stats = quality.statistics({"bf16": mk(1.0, 0), "bf16-seed2": mk(1.1, 0), "quartet2": mk(1.05, 0),
+                                "quartet2-seed2": mk(1.16, 0), "quartet2-bf16late": mk(1.02, 0),
+                                "quartet2-bf16late-seed2": mk(1.12, 0)}, 820)
+    d = stats["diffs"][("quartet2-bf16late", "quartet2")]
+    assert d["per_seed"] == {1: pytest.approx(-0.03), 2: pytest.approx(-0.04)}
+    from megatron_fp4.patches.megatron_args import add_plugin_args
+    import argparse
+    p = argparse.ArgumentParser()
+    add_plugin_args(p)
+    assert p.parse_known_args(["--nvfp4-bf16-from", "0.9"])[0].nvfp4_bf16_from is not None
