@@ -28,6 +28,7 @@ from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, div_scalar, e2m1_val
                       sr_e2m1, tensor_scale)
 
 AMAX_BLOCK = 8192
+AMAX_TILES = 1      # tiles of AMAX_BLOCK per program of the amax pass (tools/bench_variants: amax rows)
 
 # Variant switches (constexpr), kept so benchmarks/bench_variants.py can time leave-one-out variants;
 # FAST_RN: 0 midpoint compares, 1 FP32-RNE value then decoded, 2 code read off the RNE sum. Without
@@ -42,17 +43,23 @@ DEFAULTS = dict(FAST_DIV=True, FAST_RN=2, SSE_MODE=1, LOAD3D=True, AMAX_MODE=0)
 
 @triton.jit
 def _amax_kernel(x_ptr, n, amax_bits_ptr, nonfinite_ptr, part_ptr, BLOCK_N: tl.constexpr,
-                 PARTIALS: tl.constexpr):
-    # one tile per program; PARTIALS: each program writes its own word (no same-address atomics),
-    # and _amax_reduce_kernel folds them; else one atomic per program on the result word
+                 PARTIALS: tl.constexpr, TILES: tl.constexpr = 1):
+    # TILES tiles per program, unrolled (all their loads in flight at once), folded elementwise, then
+    # one reduction; PARTIALS: each program writes its own word (no same-address atomics), and
+    # _amax_reduce_kernel folds them; else one atomic per program on the result word
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    a = tl.abs(tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32))
-    finite = a < float("inf")                          # false for +-Inf and NaN
-    amax = tl.max(tl.where(finite, a, 0.0), 0).to(tl.int32, bitcast=True)   # >= 0 floats order as ints
-    bad = tl.max((~finite).to(tl.int32), 0)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    bad_acc = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for t in tl.static_range(TILES):
+        offs = (pid.to(tl.int64) * TILES + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        a = tl.abs(tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32))
+        finite = a < float("inf")                      # false for +-Inf and NaN
+        acc = tl.maximum(acc, tl.where(finite, a, 0.0))
+        bad_acc = tl.maximum(bad_acc, (~finite).to(tl.int32))
+    amax = tl.max(acc, 0).to(tl.int32, bitcast=True)   # >= 0 floats order as ints
+    bad = tl.max(bad_acc, 0)
     if PARTIALS:
-        tl.store(part_ptr + pid, amax | (bad << 31))   # sign bit: this tile held a non-finite
+        tl.store(part_ptr + pid, amax | (bad << 31))   # sign bit: this program's tiles held a non-finite
     else:
         tl.atomic_max(amax_bits_ptr, amax)
         tl.atomic_max(nonfinite_ptr, bad, mask=bad > 0)
@@ -246,19 +253,23 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
                  mask=rmask[:, None] & (scols[None, :] < C // 16))
 
 
-def tensor_amax(x: torch.Tensor, amax_mode: Optional[int] = None, zeroed: Optional[torch.Tensor] = None):
+def tensor_amax(x: torch.Tensor, amax_mode: Optional[int] = None, zeroed: Optional[torch.Tensor] = None,
+                tiles: Optional[int] = None, block: Optional[int] = None):
     """(amax as an int32 bit-pattern buffer [1], non-finite flag [1]) of a contiguous tensor.
-    `zeroed`: a zero-filled int32 buffer of 2 to use (saves a memset launch) in atomics mode."""
+    `zeroed`: a zero-filled int32 buffer of 2 to use (saves a memset launch) in atomics mode.
+    `tiles` x `block` elements per program (defaults AMAX_TILES, AMAX_BLOCK)."""
     amax_mode = DEFAULTS["AMAX_MODE"] if amax_mode is None else amax_mode
+    tiles = AMAX_TILES if tiles is None else int(tiles)
+    block = AMAX_BLOCK if block is None else int(block)
     n = x.numel()
-    nparts = triton.cdiv(n, AMAX_BLOCK)
+    nparts = triton.cdiv(n, block * tiles)
     if amax_mode:
         buf = torch.empty(nparts + 2, dtype=torch.int32, device=x.device)   # written in full: no memset
         parts, amax_bits, nonfinite = buf[:nparts], buf[nparts:nparts + 1], buf[nparts + 1:]
     else:
         buf = zeroed if zeroed is not None else torch.zeros(2, dtype=torch.int32, device=x.device)
         parts, amax_bits, nonfinite = buf, buf[0:1], buf[1:2]
-    _amax_kernel[(nparts,)](x, n, amax_bits, nonfinite, parts, BLOCK_N=AMAX_BLOCK,
+    _amax_kernel[(nparts,)](x, n, amax_bits, nonfinite, parts, BLOCK_N=block, TILES=tiles,
                             PARTIALS=bool(amax_mode), num_warps=8, enable_fp_fusion=False)
     if amax_mode:
         _amax_reduce_kernel[(1,)](parts, nparts, amax_bits, nonfinite, BLOCK=1024, num_warps=4)

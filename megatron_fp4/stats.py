@@ -113,9 +113,23 @@ def sample_rows(rows: int, count: int = SAMPLE_ROWS) -> list:
     return sorted({round(i * (rows - 1) / (count - 1)) for i in range(count)})
 
 
+_INDEX: dict = {}
+
+
+def _index(rows: list, device) -> torch.Tensor:
+    """`rows` as a long tensor on `device`, made once per (rows, device): building it from a list is a
+    host-to-device copy from pageable memory, which waits for the GPU's queue (a sync per operand made
+    a statistics iteration cost 2-3 steps on the H100, docs/RESULTS.md)."""
+    key = (tuple(rows), str(device))
+    idx = _INDEX.get(key)
+    if idx is None:
+        idx = _INDEX[key] = torch.tensor(rows, dtype=torch.long, device=device)
+    return idx
+
+
 def dequantize_rows(q: NVFP4Tensor, rows: list) -> torch.Tensor:
     """The represented values (q * s * g, or q * s_in * s_out) of these rows of q, float32."""
-    idx = torch.tensor(rows, dtype=torch.long, device=q.device)
+    idx = _index(rows, q.device)
     codes = fmt.unpack_e2m1(q.packed.index_select(0, idx))
     scales = q.block_scales.index_select(0, torch.div(idx, q.block_rows, rounding_mode="floor"))
     x = fmt.decode_e2m1(codes) * scales.float().repeat_interleave(BLOCK, dim=1)
@@ -138,9 +152,10 @@ def error_norms(q: NVFP4Tensor, z_rows: torch.Tensor, rows: list):
     return (err * err).sum(), (z * z).sum()
 
 
-def eden_corrections(q: NVFP4Tensor, z_rows: torch.Tensor, rows: list, v: float, eden_group: int) -> torch.Tensor:
-    """The MS-EDEN correction factors of these rows (numerics.md §5.2 / §5.3), recomputed from the
-    rotated source rows and the operand's codes; only groups whose sum u q is a normal positive number."""
+def eden_corrections(q: NVFP4Tensor, z_rows: torch.Tensor, rows: list, v: float, eden_group: int):
+    """(min, max) of the MS-EDEN correction factors of these rows (numerics.md §5.2 / §5.3), recomputed
+    from the rotated source rows and the operand's codes, over the groups whose sum u q is a normal
+    positive number; (+inf, -inf) when there is none. 0-d float64 tensors, no host sync."""
     z = z_rows.float()
     n, cols = z.shape
     zb = z.reshape(n, cols // BLOCK, BLOCK)
@@ -155,14 +170,20 @@ def eden_corrections(q: NVFP4Tensor, z_rows: torch.Tensor, rows: list, v: float,
         keep = (s > 0) & (divisor >= fmt.FP32_MIN_NORMAL)
     u = zb / torch.where(keep, divisor, torch.ones_like(divisor))[..., None]
     u = torch.where(keep[..., None], u, torch.zeros_like(u))
-    idx = torch.tensor(rows, dtype=torch.long, device=q.device)
+    idx = _index(rows, q.device)
     codes = fmt.decode_e2m1(fmt.unpack_e2m1(q.packed.index_select(0, idx))).reshape(n, cols // BLOCK, BLOCK)
     group = eden_group // BLOCK
     u = u.reshape(n, cols // eden_group, group * BLOCK)
     codes = codes.reshape(n, cols // eden_group, group * BLOCK)
     num, den = (u * u).sum(dim=2), (u * codes).sum(dim=2)
     ok = den >= fmt.FP32_MIN_NORMAL
-    return (num / torch.where(ok, den, torch.ones_like(den)))[ok]
+    factors = (num / torch.where(ok, den, torch.ones_like(den))).double()
+    return (torch.where(ok, factors, math.inf).amin() if factors.numel() else _full(math.inf, q.device),
+            torch.where(ok, factors, -math.inf).amax() if factors.numel() else _full(-math.inf, q.device))
+
+
+def _full(value: float, device) -> torch.Tensor:
+    return torch.full((), value, dtype=torch.float64, device=device)   # a fill on the device, no copy
 
 
 def operand_values(q: NVFP4Tensor, amax: torch.Tensor, z_rows: torch.Tensor, rows: list,
@@ -170,18 +191,14 @@ def operand_values(q: NVFP4Tensor, amax: torch.Tensor, z_rows: torch.Tensor, row
     """One observation as a float64 [9] device vector: amax, flushed, saturated, clamped (-1: none),
     blocks, error^2, reference^2, EDEN min (+inf: none), EDEN max (-inf: none)."""
     dev = q.device
-    blocks = torch.tensor(float(q.block_scales.numel()), dtype=torch.float64, device=dev)
-    flushed = (q.flushed_blocks if q.flushed_blocks is not None
-               else torch.zeros((), device=dev)).double().reshape(())
-    clamped = (q.clamped_scales.double().reshape(()) if q.clamped_scales is not None
-               else torch.full((), -1.0, dtype=torch.float64, device=dev))
+    blocks = _full(float(q.block_scales.numel()), dev)
+    flushed = (q.flushed_blocks.double().reshape(()) if q.flushed_blocks is not None else _full(0.0, dev))
+    clamped = (q.clamped_scales.double().reshape(()) if q.clamped_scales is not None else _full(-1.0, dev))
     err_sq, ref_sq = error_norms(q, z_rows, rows)
-    lo = torch.full((), math.inf, dtype=torch.float64, device=dev)
-    hi = torch.full((), -math.inf, dtype=torch.float64, device=dev)
     if eden is not None:
-        factors = eden_corrections(q, z_rows, rows, *eden).double()
-        if factors.numel():
-            lo, hi = factors.min(), factors.max()
+        lo, hi = eden_corrections(q, z_rows, rows, *eden)
+    else:
+        lo, hi = _full(math.inf, dev), _full(-math.inf, dev)
     return torch.stack([amax.double().reshape(()), flushed, saturated_blocks(q).double(), clamped, blocks,
                         err_sq, ref_sq, lo, hi])
 
@@ -213,7 +230,7 @@ def _pad_to(rows: torch.Tensor, cols: int) -> torch.Tensor:
 
 
 def _rows_of(a: torch.Tensor, rows: list, transpose: bool) -> torch.Tensor:
-    idx = torch.tensor(rows, dtype=torch.long, device=a.device)
+    idx = _index(rows, a.device)
     return (a.index_select(1, idx).t() if transpose else a.index_select(0, idx)).float()
 
 

@@ -151,6 +151,26 @@ def variants(rows=16384, cols=4096):
                 row(label, "TREE=False", lambda: rht_ms_eden(sigma=sigma, stream=st, variant=dict(TREE=False), **kw),
                     nbytes, ref)
         return
+    if os.environ.get("VARIANTS_ONLY") == "amax":
+        # the amax pass: tiles per program (unrolled, all loads in flight) x tile size x atomics/partials,
+        # then the RTN kernels end to end with the amax pass's tiling changed (rtn.AMAX_TILES)
+        from megatron_fp4.kernels import rtn as _rtn
+        for m in (0, 1):
+            for tiles, block in ((1, 8192), (2, 8192), (4, 4096), (8, 4096), (4, 8192), (16, 2048)):
+                row("tensor amax alone", f"AMAX_MODE={m} tiles={tiles} block={block}",
+                    lambda: tensor_amax(x, m, tiles=tiles, block=block), 2 * n)
+        default_tiles = _rtn.AMAX_TILES
+        for four_six in (False, True):
+            kn = "RTN 1x16" + (" + 4/6" if four_six else "")
+            smax = 256.0 if four_six else 448.0
+            ref = None
+            for tiles in (1, 4, 8, 1):
+                _rtn.AMAX_TILES = tiles
+                out = row(kn, f"AMAX_TILES={tiles}", lambda: quantize_nvfp4_rtn(x, smax=smax, four_over_six=four_six),
+                          floor, ref)
+                ref = out if ref is None else ref
+        _rtn.AMAX_TILES = default_tiles
+        return
     for m in (1, 0):
         row("tensor amax alone", f"AMAX_MODE={m} ({'partials + reduce' if m else 'atomics'})",
             lambda: tensor_amax(x, m), 2 * n)

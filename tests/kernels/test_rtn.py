@@ -325,3 +325,27 @@ def test_emitted_gemm_operand_is_the_exact_dequantized_operand(kind):
     assert_same_operand(got, plain)
     assert torch.equal(got.operand.float(), got.dequantize_unscaled())
     assert (got.operand != 0).any()
+
+
+def _amax_cases(device):
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(5 * 1024 + 77, generator=gen).to(device=device, dtype=torch.bfloat16)   # a partial last tile
+    x[4000] = -37.5                                          # the amax, negative, in a middle tile
+    bad = x.clone()
+    bad[5000] = float("nan")
+    return x, bad
+
+
+@pytest.mark.parametrize("tiles,block,mode", [(1, 1024, 0), (3, 1024, 0), (4, 512, 1), (2, 2048, 1)])
+def test_amax_pass_any_tiling(tiles, block, mode):
+    """The amax pass with several tiles per program (all loads in flight) gives torch's finite amax and
+    the non-finite flag, atomics or partial words, whatever the tiling (a max has no order)."""
+    from megatron_fp4.kernels.rtn import tensor_amax
+    device = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" and not INTERPRET:
+        pytest.skip("needs the interpreter or a GPU")
+    x, bad = _amax_cases(device)
+    bits, flag = tensor_amax(x, mode, tiles=tiles, block=block)
+    assert bits.view(torch.float32).item() == 37.5 and flag.item() == 0
+    bits, flag = tensor_amax(bad, mode, tiles=tiles, block=block)
+    assert bits.view(torch.float32).item() == 37.5 and flag.item() == 1
