@@ -24,6 +24,7 @@ from .errors import UsageError, run_reporting_user_errors
 
 STATS_FILE = "nvfp4_stats.jsonl"
 KEYS = ("iteration", "layer", "operand")
+NOT_PLOTTED = KEYS + ("rank",)     # identifies a record (the writer's rank: one file per rank)
 MAX_LEGEND = 12     # more series than this: no legend (the panel title says how many)
 
 
@@ -81,7 +82,7 @@ def stats_series(records: list) -> dict:
     out = {}
     for record in sorted(records, key=lambda r: r["iteration"]):
         for name, value in record.items():
-            if name in KEYS or (_number(value) is None and value is not None):
+            if name in NOT_PLOTTED or (_number(value) is None and value is not None):
                 continue
             xs, ys = out.setdefault(name, {}).setdefault((str(record["layer"]), str(record["operand"])), ([], []))
             xs.append(record["iteration"])

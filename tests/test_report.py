@@ -40,7 +40,7 @@ def test_without_matplotlib_the_error_says_how_to_install_it(monkeypatch):
 
 def test_statistics_become_one_series_per_layer_and_operand(tmp_path):
     path = tmp_path / "nvfp4_stats.jsonl"
-    records = [{"iteration": it, "layer": layer, "operand": op, "amax": it * 10 + i, "rel_error": None, "note": "x"}
+    records = [{"iteration": it, "layer": layer, "operand": op, "amax": it * 10 + i, "rel_error": None, "note": "x", "rank": 0}
                for it in (3, 1, 2) for i, (layer, op) in enumerate([("l0", "forward X"), ("l0", "dgrad E"), ("l1", "forward X")])]
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
     series = report.stats_series(report.load_stats(str(path)))
