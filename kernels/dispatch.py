@@ -99,7 +99,7 @@ def rht_signs(key, n: int, device) -> torch.Tensor:
 def quantize_nvfp4(x: torch.Tensor, *, backend: Optional[BackendConfig] = None, site: Site = None,
                    for_gemm: bool = False, **kw) -> NVFP4Tensor:
     """Same signature and result as quantizers.quantize_nvfp4; 1x16 RN (+4/6), 1x16 SR (with a
-    stream, without 4/6) and 16x16-tile RN (without 4/6) run the kernel. for_gemm=True (an operand
+    stream, without 4/6) and 16x16-tile RN (+4/6) run the kernel. for_gemm=True (an operand
     that goes straight into D.matmul and is not kept): the kernel also writes its BF16 GEMM operand."""
     be = backend or current()
     if wants_kernel(be, x.is_cuda):
@@ -107,7 +107,7 @@ def quantize_nvfp4(x: torch.Tensor, *, backend: Optional[BackendConfig] = None, 
         stream, four_over_six = kw.get("stream"), kw.get("four_over_six", False)
         block_rows = kw.get("block_rows", 1)
         sr_ok = mode == Q.ROUND_STOCHASTIC and stream is not None and not four_over_six and block_rows == 1
-        tiles_ok = block_rows == 1 or (block_rows == 16 and mode == Q.ROUND_NEAREST and not four_over_six
+        tiles_ok = block_rows == 1 or (block_rows == 16 and mode == Q.ROUND_NEAREST
                                        and x.dim() == 2 and x.shape[0] % 16 == 0)
         if ((mode == Q.ROUND_NEAREST or sr_ok) and tiles_ok and x.dim() == 2 and x.shape[1] % 16 == 0
                 and x.numel() > 0):
@@ -124,7 +124,6 @@ def quantize_nvfp4(x: torch.Tensor, *, backend: Optional[BackendConfig] = None, 
             (mode == Q.ROUND_STOCHASTIC and stream is None, "stochastic rounding without a random stream"),
             (mode == Q.ROUND_STOCHASTIC and four_over_six, "stochastic rounding with Four Over Six"),
             (mode == Q.ROUND_STOCHASTIC and block_rows != 1, "stochastic rounding on 16x16 tiles"),
-            (block_rows == 16 and four_over_six, "Four Over Six on 16x16 tiles"),
             (block_rows == 16 and x.shape[0] % 16 != 0, f"{x.shape[0]} rows, not a multiple of 16 (16x16 tiles)"),
             (block_rows not in (1, 16), f"block_rows={block_rows}")))
     return Q.quantize_nvfp4(x, **kw)

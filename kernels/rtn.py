@@ -124,6 +124,16 @@ def _sse64(x64, vals, s, g64, BR: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
+def _tile_sum_16(x, BR: tl.constexpr, NB: tl.constexpr):
+    """[BR, NB] per-row block sums -> [BR // 16, NB] per-16x16-tile sums, the rows added in the halving
+    tree of quantizers.pairwise_sum (row r + row r + 8, then + 4, + 2, + 1): the twin's four_over_six_sse
+    sums a tile's columns first, then its rows, both in that tree."""
+    x = tl.reshape(tl.permute(tl.reshape(x, (BR // 16, 16, NB)), (0, 2, 1)), (BR // 16 * NB, 16))
+    x = halve(halve(halve(halve(x, BR // 16 * NB, 16), BR // 16 * NB, 8), BR // 16 * NB, 4), BR // 16 * NB, 2)
+    return tl.reshape(x, (BR // 16, NB))
+
+
+@triton.jit
 def _sse32(xg, vals, s):
     # the FP32 screen, in units of g (x / g <= 1536: no overflow), any order: see the bound at its use
     e = xg - vals * s[:, :, None]
@@ -195,7 +205,15 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
         # SSE_MODE 0: always FP64; 2: the FP32 screen alone (not bit-exact, for timing only).
         s4, keep4, codes4, vals4, _ = _candidate(xb, bamax, g, valid, 4.0, 0.25, TIES_AWAY, SCALAR_RECIP,
                                               FAST_DIV, FAST_RN, INTERP)
-        if SSE_MODE == 0:
+        if TILE16:
+            # 16x16 tiles (NVIDIA's weights with 4/6): one choice per tile, on its 256 FP64 squared
+            # errors summed in the twin's order (the FP32 screen's bound is for 16 terms)
+            x64 = xb.to(tl.float64)
+            g64 = g.to(tl.float64)
+            tile4 = _tile_sum_16(_sse64(x64, vals4, s4, g64, BR, NB), BR, NB) < \
+                _tile_sum_16(_sse64(x64, vals, s, g64, BR, NB), BR, NB)
+            use4 = tl.reshape(tl.broadcast_to(tile4[:, None, :], (BR // 16, 16, NB)), (BR, NB))
+        elif SSE_MODE == 0:
             x64 = xb.to(tl.float64)
             g64 = g.to(tl.float64)
             use4 = _sse64(x64, vals4, s4, g64, BR, NB) < _sse64(x64, vals, s, g64, BR, NB)
@@ -296,8 +314,8 @@ def quantize_nvfp4_rtn(
     """Kernel twin of quantizers.quantize_nvfp4(x, mode, v, smax, ties, four_over_six, stream,
     block_rows) for 1x16 blocks: RN (optionally 4/6) or SR elements (NVIDIA's backward; counters
     (row_offset + row, col_offset + column) of `stream`); and for 16x16 tiles (block_rows=16,
-    NVIDIA's weights) in RN without 4/6. 4/6 on tiles stays with the reference: its 256-term SSE
-    sums would need the reference's exact summation order to break near-ties the same way.
+    NVIDIA's weights) in RN, optionally 4/6 (nvidia-46: one choice per tile on its 256 FP64 squared
+    errors, added in the twin's order, so near-ties break the same way).
     emit_operand: also write the GEMM operand dequantize_unscaled() in BF16 (exact) into the result's
     `operand` (1x16 blocks), for a consumer that would otherwise run the dequant kernel next."""
     if mode not in ("rn", "sr"):
@@ -310,9 +328,9 @@ def quantize_nvfp4_rtn(
         raise ValueError(f"need a 2-D operand with cols % 16 == 0, got {tuple(x.shape)}")
     if block_rows not in (1, BLOCK):
         raise ValueError(f"block_rows must be 1 or 16, got {block_rows}")
-    if block_rows == BLOCK and (mode != "rn" or four_over_six or x.shape[0] % BLOCK):
-        raise ValueError("the 16x16-tile kernel does RN without 4/6 on rows divisible by 16, got "
-                         f"mode={mode!r}, four_over_six={four_over_six}, rows={x.shape[0]}")
+    if block_rows == BLOCK and (mode != "rn" or x.shape[0] % BLOCK):
+        raise ValueError("the 16x16-tile kernel does RN (optionally 4/6) on rows divisible by 16, got "
+                         f"mode={mode!r}, rows={x.shape[0]}")
     if ties not in (fmt.TIES_EVEN, fmt.TIES_AWAY):
         raise ValueError(f"rtn_ties must be 'even' or 'away', got {ties!r}")
     if x.stride(1) != 1:

@@ -154,14 +154,14 @@ def test_a_fallback_warns_once_per_recipe_and_operand(caplog):
     backend.reset_fallback_log()
     cfg = BackendConfig()
     with caplog.at_level(logging.WARNING, logger="megatron_fp4.backend"):
-        backend.fallback(cfg, ("nvidia-46", "forward W (16x16 tiles)"), "Four Over Six on 16x16 tiles")
-        backend.fallback(cfg, ("nvidia-46", "forward W (16x16 tiles)"), "Four Over Six on 16x16 tiles")
-        backend.fallback(cfg, ("nvidia-46", "dgrad E"), "another reason")
-        backend.fallback(cfg, ("nvidia", "dgrad E"), "another reason")
+        backend.fallback(cfg, ("quartet2-kernel", "dgrad E"), "eden_group=16 (the MS-EDEN kernel corrects per 128)")
+        backend.fallback(cfg, ("quartet2-kernel", "dgrad E"), "eden_group=16 (the MS-EDEN kernel corrects per 128)")
+        backend.fallback(cfg, ("quartet2-kernel", "wgrad E^T"), "another reason")
+        backend.fallback(cfg, ("nvidia", "wgrad E^T"), "another reason")
     messages = [r.getMessage() for r in caplog.records if r.name == "megatron_fp4.backend"]
     assert len(messages) == 3
-    assert "recipe 'nvidia-46', forward W (16x16 tiles): no kernel covers this call (Four Over Six on 16x16 " \
-           "tiles); it runs the torch twin on the GPU" in messages[0]
+    assert "recipe 'quartet2-kernel', dgrad E: no kernel covers this call (eden_group=16 (the MS-EDEN kernel " \
+           "corrects per 128)); it runs the torch twin on the GPU" in messages[0]
     assert "MEGATRON_FP4_ON_FALLBACK=error" in messages[0]
     backend.reset_fallback_log()
 
@@ -187,21 +187,35 @@ from megatron_fp4.recipe import QuantContext
 from megatron_fp4.registry import load_recipe
 from megatron_fp4.rng import RandomStream, random_signs
 out = {"config": backend.current().kernels}
-recipe = load_recipe("nvidia-46")        # 4/6 on the 16x16 weight tiles: no kernel
+recipe = load_recipe("quartet2-kernel")   # per-16 MS-EDEN in the backward: no kernel
 g = torch.Generator().manual_seed(3)
 x = torch.randn(128, 128, generator=g).bfloat16()
 w = (torch.randn(128, 128, generator=g) * 0.05).bfloat16()
-ys = [nvfp4_linear(x, w, None, recipe, QuantContext(key=5, seed=recipe.seed)) for _ in range(2)]
+dy = torch.randn(128, 128, generator=g).bfloat16()
+
+def grads(rec):
+    xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    y = nvfp4_linear(xx, ww, None, rec, QuantContext(key=5, seed=rec.seed))
+    y.backward(dy)
+    return y, xx.grad, ww.grad
+
+runs = [grads(recipe) for _ in range(2)]
 with backend.reference_only():
-    y_ref = nvfp4_linear(x, w, None, recipe, QuantContext(key=5, seed=recipe.seed))
-out["y_equal_twins"] = all(torch.equal(y, y_ref) for y in ys)
+    ref = grads(recipe)
+out["y_equal_twins"] = all(torch.equal(a, b) for r in runs for a, b in zip(r, ref))
 out["warnings"] = list(records)
 try:
     with backend.use(on_fallback="error"):
-        nvfp4_linear(x, w, None, recipe, QuantContext(key=5, seed=recipe.seed))
+        grads(recipe)
     out["error"] = None
 except backend.KernelFallbackError as err:
     out["error"] = str(err)
+nv46 = load_recipe("nvidia-46")          # 4/6 on 16x16 weight tiles: a kernel since 2026-12-07
+with backend.use(on_fallback="error"):
+    got = grads(nv46)
+with backend.reference_only():
+    want = grads(nv46)
+out["nvidia46_kernel_equals_twin"] = all(torch.equal(a, b) for a, b in zip(got, want))
 with backend.use(on_fallback="error"):   # covered calls run their kernel and raise nothing
     q = D.quantize_nvfp4(x, four_over_six=True, site=("direct", "1x16 RN + 4/6"))
     out["covered_matches_twin"] = torch.equal(q.packed, Q.quantize_nvfp4(x, four_over_six=True).packed)
@@ -224,10 +238,12 @@ def test_interpreted_kernel_path_falls_back_with_a_logged_reason_or_an_error():
     out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("OUT=")][-1][4:])
     assert out["config"] == "interpret"
     assert out["y_equal_twins"]              # the fallback returns exactly the twin's result
-    assert len(out["warnings"]) == 1, out["warnings"]   # two calls, one site: logged once
-    assert ("recipe 'nvidia-46', forward W (16x16 tiles): no kernel covers this call (Four Over Six on 16x16 "
-            "tiles); it runs the torch twin on the interpreter") in out["warnings"][0]
-    assert out["error"] is not None and "forward W (16x16 tiles)" in out["error"]
+    # two runs, each falling-back site logged once, with its reason
+    assert out["warnings"] and len(set(out["warnings"])) == len(out["warnings"]), out["warnings"]
+    assert any("recipe 'quartet2-kernel', dgrad E: no kernel covers this call (eden_group=16 (the MS-EDEN kernel "
+               "corrects per 128)); it runs the torch twin on the interpreter" in m for m in out["warnings"])
+    assert out["error"] is not None and "quartet2-kernel" in out["error"]
+    assert out["nvidia46_kernel_equals_twin"]     # no fallback raised, the twin's outputs and gradients
     assert out["covered_matches_twin"]
     assert "eden_group=16 (the MS-EDEN kernel corrects per 128)" in out["eden16"]
 

@@ -52,7 +52,6 @@ def _nvidia(recipe, site, k, n, tokens, t_pad) -> Optional[str]:
         return _first((k % 16, f"{k} columns, not a multiple of 16"))
     if site == "forward W (16x16 tiles)":
         return _first((k % 16, f"{k} columns, not a multiple of 16"),
-                      (recipe.four_over_six, "Four Over Six on 16x16 tiles"),
                       (n % 16, f"{n} rows, not a multiple of 16 (16x16 tiles)"))
     if site == "dgrad E":
         return _first((n % 16, f"{n} columns, not a multiple of 16"))

@@ -281,6 +281,35 @@ def test_16x16_tiles_match_reference(rows, cols, dtype, ties):
 
 
 @cpu_interp
+@pytest.mark.parametrize("rows,cols,dtype,ties", TILE_CASES)
+def test_16x16_tiles_four_over_six_match_reference(rows, cols, dtype, ties):
+    """nvidia-46's weights: 4/6 per 16x16 tile, bit-exact to the twin, and to the float64 oracle's
+    choice (tests/fp4_reference.py: exact SSEs as integers) wherever that choice is not ambiguous."""
+    x = data(rows, cols, seed=rows * cols + 1, dtype=dtype)
+    got = quantize_nvfp4_rtn(x, smax=256.0, ties=ties, block_rows=16, four_over_six=True)
+    assert_same_operand(got, Q.quantize_nvfp4(x, smax=256.0, ties=ties, block_rows=16, four_over_six=True))
+    oracle = ref.ref_q16_four_over_six(x.float(), ties=ties, block_rows=16)
+    clear = ~oracle["ambiguous"]
+    assert torch.equal(got.block_scales.float()[clear], oracle["scales"].float().reshape(clear.shape)[clear])
+
+
+@cpu_interp
+@pytest.mark.parametrize("amax", [1728.0, 1000.0])
+def test_16x16_tiles_four_over_six_near_ties(amax):
+    """Tiles balanced near the point where the two candidates' exact 256-term SSEs tie (g not a power
+    of two): the kernel's FP64 tile sums in the twin's order make the twin's choice in every tile."""
+    x = ref.four_over_six_near_ties(64, 256, seed=9, amax=amax, block_rows=16, density=0.1)
+    got = quantize_nvfp4_rtn(x, smax=256.0, block_rows=16, four_over_six=True)
+    assert_same_operand(got, Q.quantize_nvfp4(x, smax=256.0, block_rows=16, four_over_six=True))
+    oracle = ref.ref_q16_four_over_six(x, block_rows=16)
+    # 14 of the 64 tiles tie closer than an FP32 evaluation could resolve (2^-20), and both candidates win
+    assert int((oracle["rel_gap"] < 2.0 ** -20).sum()) >= 8
+    assert 0 < int(oracle["use4"].sum()) < oracle["use4"].numel()
+    clear = ~oracle["ambiguous"]
+    assert torch.equal(got.block_scales.float()[clear], oracle["scales"].float().reshape(clear.shape)[clear])
+
+
+@cpu_interp
 def test_16x16_tiles_flush_count_is_per_tile():
     x = torch.ones(32, 32)
     x[0, 0] = 2.0 ** 40          # the tensor amax dwarfs every other tile: three tiles flush
@@ -294,8 +323,6 @@ def test_16x16_tiles_bad_arguments():
     from megatron_fp4.rng import RandomStream
     with pytest.raises(ValueError, match="rows=40"):
         quantize_nvfp4_rtn(data(40, 64), block_rows=16)
-    with pytest.raises(ValueError, match="four_over_six=True"):
-        quantize_nvfp4_rtn(data(32, 64), block_rows=16, four_over_six=True)
     with pytest.raises(ValueError, match="mode='sr'"):
         quantize_nvfp4_rtn(data(32, 64), block_rows=16, mode="sr", stream=RandomStream(1))
     with pytest.raises(ValueError, match="block_rows must be 1 or 16"):
@@ -307,6 +334,8 @@ def test_16x16_tiles_bad_arguments():
 def test_16x16_tiles_gpu_match_reference():
     x = data(1024, 4096, seed=13, dtype=torch.bfloat16, device="cuda")
     assert_same_operand(quantize_nvfp4_rtn(x, block_rows=16), Q.quantize_nvfp4(x, block_rows=16))
+    assert_same_operand(quantize_nvfp4_rtn(x, smax=256.0, block_rows=16, four_over_six=True),
+                        Q.quantize_nvfp4(x, smax=256.0, block_rows=16, four_over_six=True))
 
 
 @cpu_interp
