@@ -4,14 +4,16 @@ one covers the call, the torch twin otherwise (megatron_fp4/backend.py).
 Every entry takes `backend` (a BackendConfig; None: backend.current()) and `site` ((recipe name,
 operand), for fallback messages). Under kernels="auto" CUDA tensors run the kernels and other tensors
 the twins; "reference" runs the twins everywhere; "interpret" runs the kernels on every tensor (CPU
-ones in Triton's interpreter). A call that wants a kernel but is not covered by one (SR with 4/6, 4/6
-on 16x16 tiles, eden_group=16, RHT sizes other than 128 for MS-EDEN and 16 for the double block,
+ones in Triton's interpreter). A call that wants a kernel but is not covered by one (SR with 4/6,
+SR on 16x16 tiles, RHT sizes other than 128 for MS-EDEN and 16 for the double block,
 outer_block="tensor", rotated dims that are not multiples of 128, gemm_emulation="fp32") takes the twin
 and is reported by backend.fallback (logged once per site, or raised under on_fallback="error"). Every
 call returns exactly what the twin would (up to FP32 summation order in the rotation and the EDEN /
 4/6 sums, see the kernel modules).
 """
 from __future__ import annotations
+
+import functools
 
 import collections
 from typing import Callable, Optional
@@ -130,8 +132,20 @@ def quantize_nvfp4(x: torch.Tensor, *, backend: Optional[BackendConfig] = None, 
 
 
 def _eden_reason(sigma, eden_group) -> str:
-    return _first((eden_group != 128, f"eden_group={eden_group} (the MS-EDEN kernel corrects per 128)"),
-                  (sigma.numel() != 128, f"RHT size {sigma.numel()} (the MS-EDEN kernel rotates by 128)"))
+    return _first((eden_group not in (128, 16),
+                   f"eden_group={eden_group} (the MS-EDEN kernels correct per 128 or per 16)"),
+                  (sigma.numel() != 128, f"RHT size {sigma.numel()} (the MS-EDEN kernels rotate by 128)"))
+
+
+def _eden_kernel(eden_group: int, for_gemm: bool, be: BackendConfig, smax: float):
+    """The MS-EDEN kernel of `eden_group` as f(a, sigma, stream, **kw): per 128 (kernels/eden.py, which
+    can also write the BF16 GEMM operand) or per 16 (kernels/eden16.py; its consumer dequantizes, and
+    its tensor scale comes from max r / 256, so `smax` does not apply, as in the twin)."""
+    if eden_group == 16:
+        from .eden16 import rht_ms_eden16
+        return rht_ms_eden16
+    from .eden import rht_ms_eden as per128
+    return functools.partial(per128, smax=smax, emit_operand=_emit_for_gemm(for_gemm, be))
 
 
 def _emit_for_gemm(for_gemm: bool, be: BackendConfig) -> bool:
@@ -152,8 +166,8 @@ def rht_ms_eden(a: torch.Tensor, sigma: torch.Tensor, stream: RandomStream, *, t
     """
     be = backend or current()
     if wants_kernel(be, a.is_cuda):
-        if eden_group == 128 and sigma.numel() == 128 and a.dim() == 2:
-            from .eden import rht_ms_eden as kernel
+        if eden_group in (128, 16) and sigma.numel() == 128 and a.dim() == 2:
+            kernel = _eden_kernel(eden_group, for_gemm, be, smax)
             if transpose:
                 extra = (-a.shape[0]) % max(pad_multiple, 128)   # pad rows of a == columns of a.t()
                 if extra:
@@ -162,8 +176,7 @@ def rht_ms_eden(a: torch.Tensor, sigma: torch.Tensor, stream: RandomStream, *, t
                 extra = (-a.shape[1]) % max(pad_multiple, 128)
                 if extra:
                     a = torch.nn.functional.pad(a, (0, extra))
-            return kernel(a, sigma, stream, transpose=transpose, v=v, smax=smax, ties=ties,
-                          amax_reduce=amax_reduce, emit_operand=_emit_for_gemm(for_gemm, be))
+            return kernel(a, sigma, stream, transpose=transpose, v=v, ties=ties, amax_reduce=amax_reduce)
         fallback(be, site, _first((a.dim() != 2, f"a {a.dim()}-D tensor"), (True, _eden_reason(sigma, eden_group))))
     return Q.quantize_ms_eden(_reference_rht(a, sigma, transpose, pad_multiple), stream=stream,
                               eden_group=eden_group, v=v, smax=smax, ties=ties, amax_reduce=amax_reduce)
@@ -182,11 +195,10 @@ def requant_ms_eden(q: NVFP4Tensor, sigma: torch.Tensor, stream: RandomStream, *
     be = backend or current()
     if wants_kernel(be, q.packed.is_cuda):
         rows = q.shape[0]
-        if (eden_group == 128 and sigma.numel() == 128 and q.block_rows == 1 and q.outer_scales is None
+        if (eden_group in (128, 16) and sigma.numel() == 128 and q.block_rows == 1 and q.outer_scales is None
                 and rows % 128 == 0):
-            from .eden import rht_ms_eden as kernel
-            return kernel(None, sigma, stream, packed=q, v=v, smax=smax, ties=ties, amax_reduce=amax_reduce,
-                          emit_operand=_emit_for_gemm(for_gemm, be))
+            return _eden_kernel(eden_group, for_gemm, be, smax)(None, sigma, stream, packed=q, v=v, ties=ties,
+                                                                amax_reduce=amax_reduce)
         fallback(be, site, _first((q.block_rows != 1, "a 16x16-tile operand"),
                                   (q.outer_scales is not None, "a double-block operand"),
                                   (rows % 128 != 0, f"{rows} rows, not a multiple of 128"),

@@ -154,14 +154,14 @@ def test_a_fallback_warns_once_per_recipe_and_operand(caplog):
     backend.reset_fallback_log()
     cfg = BackendConfig()
     with caplog.at_level(logging.WARNING, logger="megatron_fp4.backend"):
-        backend.fallback(cfg, ("quartet2-kernel", "dgrad E"), "eden_group=16 (the MS-EDEN kernel corrects per 128)")
-        backend.fallback(cfg, ("quartet2-kernel", "dgrad E"), "eden_group=16 (the MS-EDEN kernel corrects per 128)")
+        backend.fallback(cfg, ("quartet2-kernel", "dgrad E"), "eden_group=16 (the MS-EDEN kernels correct per 128)")
+        backend.fallback(cfg, ("quartet2-kernel", "dgrad E"), "eden_group=16 (the MS-EDEN kernels correct per 128)")
         backend.fallback(cfg, ("quartet2-kernel", "wgrad E^T"), "another reason")
         backend.fallback(cfg, ("nvidia", "wgrad E^T"), "another reason")
     messages = [r.getMessage() for r in caplog.records if r.name == "megatron_fp4.backend"]
     assert len(messages) == 3
-    assert "recipe 'quartet2-kernel', dgrad E: no kernel covers this call (eden_group=16 (the MS-EDEN kernel " \
-           "corrects per 128)); it runs the torch twin on the GPU" in messages[0]
+    assert "recipe 'quartet2-kernel', dgrad E: no kernel covers this call (eden_group=16 (the MS-EDEN kernels " \
+           "correct per 128)); it runs the torch twin on the GPU" in messages[0]
     assert "MEGATRON_FP4_ON_FALLBACK=error" in messages[0]
     backend.reset_fallback_log()
 
@@ -187,7 +187,7 @@ from megatron_fp4.recipe import QuantContext
 from megatron_fp4.registry import load_recipe
 from megatron_fp4.rng import RandomStream, random_signs
 out = {"config": backend.current().kernels}
-recipe = load_recipe("quartet2-kernel")   # per-16 MS-EDEN in the backward: no kernel
+recipe = load_recipe("tetrajet2", {"gemm_emulation": "fp32"})   # FP32 GEMM emulation: no kernel
 g = torch.Generator().manual_seed(3)
 x = torch.randn(128, 128, generator=g).bfloat16()
 w = (torch.randn(128, 128, generator=g) * 0.05).bfloat16()
@@ -210,20 +210,19 @@ try:
     out["error"] = None
 except backend.KernelFallbackError as err:
     out["error"] = str(err)
-nv46 = load_recipe("nvidia-46")          # 4/6 on 16x16 weight tiles: a kernel since 2026-12-07
-with backend.use(on_fallback="error"):
-    got = grads(nv46)
-with backend.reference_only():
-    want = grads(nv46)
-out["nvidia46_kernel_equals_twin"] = all(torch.equal(a, b) for a, b in zip(got, want))
+for name in ("nvidia-46", "quartet2-kernel"):   # 4/6 on 16x16 tiles, per-16 MS-EDEN: kernels since 2026-12-07
+    with backend.use(on_fallback="error"):
+        got = grads(load_recipe(name))
+    with backend.reference_only():
+        want = grads(load_recipe(name))
+    out[name + "_kernel_equals_twin"] = all(torch.equal(a, b) for a, b in zip(got, want))
 with backend.use(on_fallback="error"):   # covered calls run their kernel and raise nothing
     q = D.quantize_nvfp4(x, four_over_six=True, site=("direct", "1x16 RN + 4/6"))
     out["covered_matches_twin"] = torch.equal(q.packed, Q.quantize_nvfp4(x, four_over_six=True).packed)
     try:
-        D.rht_ms_eden(x.float(), random_signs(7, 128), RandomStream(9), eden_group=16,
-                      site=("quartet2-kernel", "dgrad E"))
+        D.rht_ms_eden(x.float(), random_signs(7, 64), RandomStream(9), site=("direct", "dgrad E"))
     except backend.KernelFallbackError as err:
-        out["eden16"] = str(err)
+        out["rht64"] = str(err)
 print("OUT=" + json.dumps(out))
 """
 
@@ -240,12 +239,13 @@ def test_interpreted_kernel_path_falls_back_with_a_logged_reason_or_an_error():
     assert out["y_equal_twins"]              # the fallback returns exactly the twin's result
     # two runs, each falling-back site logged once, with its reason
     assert out["warnings"] and len(set(out["warnings"])) == len(out["warnings"]), out["warnings"]
-    assert any("recipe 'quartet2-kernel', dgrad E: no kernel covers this call (eden_group=16 (the MS-EDEN kernel "
-               "corrects per 128)); it runs the torch twin on the interpreter" in m for m in out["warnings"])
-    assert out["error"] is not None and "quartet2-kernel" in out["error"]
-    assert out["nvidia46_kernel_equals_twin"]     # no fallback raised, the twin's outputs and gradients
+    assert any("recipe 'tetrajet2', fprop GEMM: no kernel covers this call (gemm_emulation='fp32' (kernels cover "
+               "'exact' and 'bf16')); it runs the torch twin on the interpreter" in m for m in out["warnings"])
+    assert out["error"] is not None and "gemm_emulation='fp32'" in out["error"]
+    # no fallback raised, and the twins' outputs and gradients bit for bit
+    assert out["nvidia-46_kernel_equals_twin"] and out["quartet2-kernel_kernel_equals_twin"]
     assert out["covered_matches_twin"]
-    assert "eden_group=16 (the MS-EDEN kernel corrects per 128)" in out["eden16"]
+    assert "RHT size 64 (the MS-EDEN kernels rotate by 128)" in out["rht64"]
 
 
 def test_interpret_without_the_interpreter_is_refused():

@@ -92,8 +92,9 @@ def _double_block(recipe, site, k, n, tokens, t_pad) -> Optional[str]:
 
 
 def _quartet2(recipe, site, k, n, tokens, t_pad) -> Optional[str]:
-    eden = ((recipe.eden_group != 128, f"eden_group={recipe.eden_group} (the MS-EDEN kernel corrects per 128)"),
-            (recipe.rht_size != 128, f"RHT size {recipe.rht_size} (the MS-EDEN kernel rotates by 128)"))
+    eden = ((recipe.eden_group not in (128, 16),
+             f"eden_group={recipe.eden_group} (the MS-EDEN kernels correct per 128 or per 16)"),
+            (recipe.rht_size != 128, f"RHT size {recipe.rht_size} (the MS-EDEN kernels rotate by 128)"))
     if site in ("forward X", "forward W"):
         return _first((k % 16, f"{k} columns, not a multiple of 16"))
     if site in ("dgrad E", "wgrad E^T", "dgrad W_hat^T"):

@@ -183,8 +183,10 @@ def test_kernel_coverage_on_cpu_and_under_reference():
     assert precision.kernel_coverage(recipe, "dgrad E", k=128, n=128, tokens=128, device="cuda",
                                      backend=BackendConfig()) == (True, "")
     assert precision.kernel_coverage(load_recipe("quartet2-kernel"), "dgrad E", k=128, n=128, tokens=128,
-                                     device="cuda", backend=BackendConfig()) == \
-        (False, "eden_group=16 (the MS-EDEN kernel corrects per 128)")
+                                     device="cuda", backend=BackendConfig()) == (True, "")
+    assert precision.kernel_coverage(load_recipe("quartet2", {"rht_size": 16}), "dgrad E", k=128, n=128,
+                                     tokens=128, device="cuda", backend=BackendConfig()) == \
+        (False, "RHT size 16 (the MS-EDEN kernels rotate by 128)")
 
 
 def _names(num_layers):
