@@ -9,8 +9,10 @@ state.set_iteration switches collection on (`on_iteration`), and megatron/quant_
 logs what `collect()` returns.
 
 Cost: off (interval 0, the default) or on any other iteration the wrappers test one module flag,
-`active`. On a statistics iteration each observation costs a few small reductions on the device,
-kept as 0-d tensors; `collect()` reads them all back with one host sync.
+`active`. On a statistics iteration each observation costs 6-13 small device operations and no host
+sync (the amax, the saturated count, the sampled rows of the source and of the operand); `collect()`
+computes the errors and MS-EDEN corrections batched over the observations of one shape (a few dozen
+operations per group, not per operand) and reads them back once per group.
 
 Definitions (per operand, i.e. per quantizer call; one layer's calls of an iteration, e.g. its
 micro-batches, are pooled: counts and squared norms add, extremes combine):
@@ -48,7 +50,7 @@ import torch
 
 from . import format as fmt
 from . import quantizers as Q
-from .hadamard import rht
+from .hadamard import hadamard_matrix
 from .tensor import BLOCK, OUTER_BLOCK, NVFP4Tensor
 
 SAMPLE_ROWS = 8
@@ -70,7 +72,7 @@ layer: Optional[str] = None    # the linear whose forward / backward runs now (l
 _interval = 0
 _iteration: Optional[int] = None
 _collected: Optional[int] = None   # the last iteration collect() returned
-_pending: list = []               # (layer, operand, values [7] float64 device tensor, blocks)
+_pending: list = []               # (layer, operand, Observation)
 
 
 def configure(interval: int) -> None:
@@ -127,80 +129,99 @@ def _index(rows: list, device) -> torch.Tensor:
     return idx
 
 
-def dequantize_rows(q: NVFP4Tensor, rows: list) -> torch.Tensor:
-    """The represented values (q * s * g, or q * s_in * s_out) of these rows of q, float32."""
-    idx = _index(rows, q.device)
-    codes = fmt.unpack_e2m1(q.packed.index_select(0, idx))
-    scales = q.block_scales.index_select(0, torch.div(idx, q.block_rows, rounding_mode="floor"))
-    x = fmt.decode_e2m1(codes) * scales.float().repeat_interleave(BLOCK, dim=1)
-    if q.outer_scales is not None:
-        x = x * q.outer_scales.index_select(0, idx).repeat_interleave(OUTER_BLOCK, dim=1)
-    if q.tensor_scale is not None:
-        x = x * q.tensor_scale
-    return x
+class Observation:
+    """What one operand leaves for collect(): a few small device tensors taken at the quantizer call
+    (the sampled source rows, the operand's sampled packed rows and scales, its amax and counts); the
+    errors and corrections are computed in collect(), batched over observations of one shape."""
+    __slots__ = ("amax", "flushed", "clamped", "saturated", "blocks", "src", "cols", "sigma", "packed",
+                 "scales", "outer", "tensor_scale", "block_rows", "eden")
+
+    def __init__(self, q: NVFP4Tensor, amax: torch.Tensor, src_rows: torch.Tensor, sigma, rows: list,
+                 eden: Optional[tuple]):
+        idx = _index(rows, q.device)
+        self.amax = amax
+        self.flushed, self.clamped = q.flushed_blocks, q.clamped_scales
+        self.saturated = ((q.block_scales.view(torch.uint8) & 0x7F) == E4M3_MAX_BITS).sum()
+        self.blocks = q.block_scales.numel()
+        self.src, self.cols, self.sigma = src_rows, q.shape[1], sigma
+        self.packed = q.packed.index_select(0, idx)
+        self.block_rows = q.block_rows
+        self.scales = q.block_scales.index_select(
+            0, idx if q.block_rows == 1 else _index([r // q.block_rows for r in rows], q.device))
+        self.outer = q.outer_scales.index_select(0, idx) if q.outer_scales is not None else None
+        self.tensor_scale = q.tensor_scale
+        self.eden = eden
+
+    def group_key(self) -> tuple:
+        return (str(self.amax.device), tuple(self.src.shape), self.cols, 0 if self.sigma is None else self.sigma.numel(),
+                self.outer is not None, self.tensor_scale is not None, self.eden)
 
 
-def saturated_blocks(q: NVFP4Tensor) -> torch.Tensor:
-    """Block scales stored at E4M3's maximum 448 (0-d int64)."""
-    return ((q.block_scales.view(torch.uint8) & 0x7F) == E4M3_MAX_BITS).sum()
+def _stack(tensors: list) -> torch.Tensor:
+    return torch.stack([t.reshape(()) if t.dim() == 0 else t for t in tensors])
 
 
-def error_norms(q: NVFP4Tensor, z_rows: torch.Tensor, rows: list):
-    """(||dequant(q)[rows] - z_rows||^2, ||z_rows||^2) in float64."""
-    z = z_rows.double()
-    err = dequantize_rows(q, rows).double() - z
-    return (err * err).sum(), (z * z).sum()
+def _group_values(obs: list) -> torch.Tensor:
+    """float64 [len(obs), 8] for observations of one group_key: amax, flushed, saturated, clamped (-1:
+    none), error^2, reference^2, EDEN min (+inf: none), EDEN max (-inf: none). (The block counts are
+    host numbers: collect() inserts them.)"""
+    first = obs[0]
+    dev = first.amax.device
+    m = len(obs)
+    src = torch.stack([o.src for o in obs]).float()                       # [m, n, C_src]
+    if src.shape[-1] < first.cols:
+        src = torch.nn.functional.pad(src, (0, first.cols - src.shape[-1]))
+    if first.sigma is not None:                                           # z = rht(src rows, sigma), per obs
+        k = first.sigma.numel()
+        sig = torch.stack([o.sigma.to(dev, torch.float32).reshape(-1) for o in obs])     # [m, k]
+        chunks = src.reshape(m, src.shape[1], first.cols // k, k) * sig[:, None, None, :]
+        z = (chunks @ hadamard_matrix(k, torch.float32, dev)).reshape(src.shape)
+    else:
+        z = src
+    codes = fmt.unpack_e2m1(torch.stack([o.packed for o in obs]))        # [m, n, C]
+    deq = fmt.decode_e2m1(codes) * torch.stack([o.scales for o in obs]).float().repeat_interleave(BLOCK, dim=2)
+    if first.outer is not None:
+        deq = deq * torch.stack([o.outer for o in obs]).repeat_interleave(OUTER_BLOCK, dim=2)
+    g = _stack([o.tensor_scale for o in obs]).float() if first.tensor_scale is not None else None
+    if g is not None:
+        deq = deq * g[:, None, None]
+    z64 = z.double()
+    err = deq.double() - z64
+    err_sq, ref_sq = (err * err).sum(dim=(1, 2)), (z64 * z64).sum(dim=(1, 2))
+    lo = torch.full((m,), math.inf, dtype=torch.float64, device=dev)
+    hi = torch.full((m,), -math.inf, dtype=torch.float64, device=dev)
+    if first.eden is not None:
+        lo, hi = _eden_range(z, codes, g, *first.eden)
+    zeros = torch.zeros(m, dtype=torch.float64, device=dev)
+    flushed = _stack([o.flushed for o in obs]).double() if first.flushed is not None else zeros
+    clamped = (_stack([o.clamped for o in obs]).double() if obs[0].clamped is not None else zeros - 1.0)
+    return torch.stack([_stack([o.amax for o in obs]).double(), flushed, _stack([o.saturated for o in obs]).double(),
+                        clamped, err_sq, ref_sq, lo, hi], dim=1)
 
 
-def eden_corrections(q: NVFP4Tensor, z_rows: torch.Tensor, rows: list, v: float, eden_group: int):
-    """(min, max) of the MS-EDEN correction factors of these rows (numerics.md §5.2 / §5.3), recomputed
-    from the rotated source rows and the operand's codes, over the groups whose sum u q is a normal
-    positive number; (+inf, -inf) when there is none. 0-d float64 tensors, no host sync."""
-    z = z_rows.float()
-    n, cols = z.shape
-    zb = z.reshape(n, cols // BLOCK, BLOCK)
-    block_amax = zb.abs().amax(dim=2)
+def _eden_range(z: torch.Tensor, codes: torch.Tensor, g: Optional[torch.Tensor], v: float, eden_group: int):
+    """(min, max) per observation [m] of the MS-EDEN correction factors of the sampled rows (numerics.md
+    §5.2 / §5.3), recomputed from the rotated source rows z [m, n, C] and the operand's codes, over the
+    groups whose sum u q is a normal positive number; (+inf, -inf) where there is none."""
+    m, n, cols = z.shape
+    zb = z.reshape(m, n, cols // BLOCK, BLOCK)
+    block_amax = zb.abs().amax(dim=3)
     if eden_group == 16:
         divisor = Q.truncate_mantissa(Q.div_scalar(block_amax, v), 4)
         keep = divisor >= fmt.FP32_MIN_NORMAL
     else:
-        g = q.tensor_scale.float()
-        s = fmt.round_to_e4m3(Q.div_scalar(block_amax, v) / g).float()
-        divisor = s * g
+        s = fmt.round_to_e4m3(Q.div_scalar(block_amax, v) / g[:, None, None]).float()
+        divisor = s * g[:, None, None]
         keep = (s > 0) & (divisor >= fmt.FP32_MIN_NORMAL)
     u = zb / torch.where(keep, divisor, torch.ones_like(divisor))[..., None]
     u = torch.where(keep[..., None], u, torch.zeros_like(u))
-    idx = _index(rows, q.device)
-    codes = fmt.decode_e2m1(fmt.unpack_e2m1(q.packed.index_select(0, idx))).reshape(n, cols // BLOCK, BLOCK)
-    group = eden_group // BLOCK
-    u = u.reshape(n, cols // eden_group, group * BLOCK)
-    codes = codes.reshape(n, cols // eden_group, group * BLOCK)
-    num, den = (u * u).sum(dim=2), (u * codes).sum(dim=2)
+    q = fmt.decode_e2m1(codes).reshape(m, n, cols // eden_group, eden_group)
+    u = u.reshape(m, n, cols // eden_group, eden_group)
+    num, den = (u * u).sum(dim=3), (u * q).sum(dim=3)
     ok = den >= fmt.FP32_MIN_NORMAL
     factors = (num / torch.where(ok, den, torch.ones_like(den))).double()
-    return (torch.where(ok, factors, math.inf).amin() if factors.numel() else _full(math.inf, q.device),
-            torch.where(ok, factors, -math.inf).amax() if factors.numel() else _full(-math.inf, q.device))
-
-
-def _full(value: float, device) -> torch.Tensor:
-    return torch.full((), value, dtype=torch.float64, device=device)   # a fill on the device, no copy
-
-
-def operand_values(q: NVFP4Tensor, amax: torch.Tensor, z_rows: torch.Tensor, rows: list,
-                   eden: Optional[tuple] = None) -> torch.Tensor:
-    """One observation as a float64 [9] device vector: amax, flushed, saturated, clamped (-1: none),
-    blocks, error^2, reference^2, EDEN min (+inf: none), EDEN max (-inf: none)."""
-    dev = q.device
-    blocks = _full(float(q.block_scales.numel()), dev)
-    flushed = (q.flushed_blocks.double().reshape(()) if q.flushed_blocks is not None else _full(0.0, dev))
-    clamped = (q.clamped_scales.double().reshape(()) if q.clamped_scales is not None else _full(-1.0, dev))
-    err_sq, ref_sq = error_norms(q, z_rows, rows)
-    if eden is not None:
-        lo, hi = eden_corrections(q, z_rows, rows, *eden)
-    else:
-        lo, hi = _full(math.inf, dev), _full(-math.inf, dev)
-    return torch.stack([amax.double().reshape(()), flushed, saturated_blocks(q).double(), clamped, blocks,
-                        err_sq, ref_sq, lo, hi])
+    return (torch.where(ok, factors, math.inf).amin(dim=(1, 2)),
+            torch.where(ok, factors, -math.inf).amax(dim=(1, 2)))
 
 
 def combine(values: list) -> dict:
@@ -224,29 +245,23 @@ def combine(values: list) -> dict:
 
 # -- sources: (args, kwargs of the dispatch entry, result) -> (amax, z rows, rows) -----------------
 
-def _pad_to(rows: torch.Tensor, cols: int) -> torch.Tensor:
-    extra = cols - rows.shape[1]
-    return torch.nn.functional.pad(rows, (0, extra)) if extra > 0 else rows
-
-
 def _rows_of(a: torch.Tensor, rows: list, transpose: bool) -> torch.Tensor:
     idx = _index(rows, a.device)
-    return (a.index_select(1, idx).t() if transpose else a.index_select(0, idx)).float()
+    return a.index_select(1, idx).t() if transpose else a.index_select(0, idx)
 
 
 def plain_source(args, kwargs, out: NVFP4Tensor):
     """quantize_nvfp4 / quantize_double_block: A = x, no rotation."""
-    x = args[0]
+    x = args[0].detach()
     rows = sample_rows(out.shape[0])
-    return x.detach().abs().amax().float(), _rows_of(x.detach(), rows, False), rows
+    return x.abs().amax().float(), _rows_of(x, rows, False), None, rows
 
 
 def rotated_source(args, kwargs, out: NVFP4Tensor):
     """rht_ms_eden / rht_double_block: A = a (or a.t()), padded to the operand's width, rotated."""
     a, sigma = args[0].detach(), args[1]
     rows = sample_rows(out.shape[0])
-    z = rht(_pad_to(_rows_of(a, rows, kwargs.get("transpose", False)), out.shape[1]), sigma)
-    return a.abs().amax().float(), z, rows
+    return a.abs().amax().float(), _rows_of(a, rows, kwargs.get("transpose", False)), sigma, rows
 
 
 def _requant_source(scaled: bool):
@@ -258,7 +273,7 @@ def _requant_source(scaled: bool):
         if not scaled and q.tensor_scale is not None:
             amax = amax * q.tensor_scale            # the represented values' amax
         rows = sample_rows(out.shape[0])
-        return amax.float(), rht(_pad_to(_rows_of(values, rows, True), out.shape[1]), sigma), rows
+        return amax.float(), _rows_of(values, rows, True), sigma, rows
     return source
 
 
@@ -283,9 +298,9 @@ def _observe(source, args, kwargs, out, eden: bool) -> None:
     site = kwargs.get("site") or ("", "operand")
     operand = OPERAND_NAMES.get(site[1], site[1])
     with torch.no_grad():
-        amax, z_rows, rows = source(args, kwargs, out)
-        eden_args = (kwargs.get("v", Q.EDEN_V), kwargs.get("eden_group", 128)) if eden else None
-        _pending.append((layer, operand, operand_values(out, amax, z_rows, rows, eden_args)))
+        amax, src_rows, sigma, rows = source(args, kwargs, out)
+        eden_args = (float(kwargs.get("v", Q.EDEN_V)), int(kwargs.get("eden_group", 128))) if eden else None
+        _pending.append((layer, operand, Observation(out, amax, src_rows, sigma, rows, eden_args)))
 
 
 def collect(iteration: int):
@@ -300,13 +315,15 @@ def collect(iteration: int):
     active, _collected = False, iteration
     if not pending:
         return [], None
-    by_device: dict = {}
-    for i, (_, _, v) in enumerate(pending):
-        by_device.setdefault(v.device, []).append(i)
+    groups: dict = {}
+    for i, (_, _, o) in enumerate(pending):       # observations alike (shape, rotation, scales) together
+        groups.setdefault(o.group_key(), []).append(i)
     host = [None] * len(pending)
-    for indices in by_device.values():       # one device (one read-back) in practice
-        for i, values in zip(indices, torch.stack([pending[i][2] for i in indices]).cpu().tolist()):
-            host[i] = values
+    with torch.no_grad():
+        computed = [(indices, _group_values([pending[i][2] for i in indices])) for indices in groups.values()]
+    for indices, values in computed:              # one device (one read-back per group) in practice
+        for i, row in zip(indices, values.cpu().tolist()):
+            host[i] = row[:4] + [float(pending[i][2].blocks)] + row[4:]     # combine()'s order
     order, pooled, first_bad = [], {}, None
     for (name, operand, _), values in zip(pending, host):
         key = (name, operand)
@@ -325,5 +342,5 @@ def first_nonfinite_so_far() -> Optional[str]:
     NaN / Inf, or None (one host sync; call it on statistics iterations only, e.g. before a NaN check)."""
     if not _pending:
         return None
-    bad = torch.stack([~torch.isfinite(v[0]) for _, _, v in _pending]).cpu().tolist()
+    bad = torch.stack([~torch.isfinite(o.amax.reshape(())) for _, _, o in _pending]).cpu().tolist()
     return next((f"{name} {operand}" for (name, operand, _), b in zip(_pending, bad) if b), None)
