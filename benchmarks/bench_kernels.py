@@ -32,6 +32,7 @@ from megatron_fp4.rng import RandomStream, Role, derive_key, random_signs
 from megatron_fp4.kernels import dispatch as D
 from megatron_fp4.kernels.dequant import dequantize_unscaled_bf16
 from megatron_fp4.kernels.eden import rht128, rht_ms_eden
+from megatron_fp4.kernels.eden16 import rht_ms_eden16
 from megatron_fp4.kernels.rtn import quantize_nvfp4_rtn, tensor_amax
 
 # BENCH_DRYRUN=1: run every code path on CPU under the Triton interpreter at tiny shapes (checks the
@@ -146,6 +147,12 @@ def bandwidth(rows, cols):
          lambda: rht_ms_eden(x, sigma, stream, transpose=True), 2 * n + out_bytes),
         ("re-quantize from packed (X̂^T / Ŵ^T)", lambda: rht_ms_eden(None, sigma, stream, packed=xq),
          2 * out_bytes),
+        ("RTN 16x16 tiles + 4/6 (nvidia-46 W)",
+         lambda: quantize_nvfp4_rtn(x, smax=256.0, four_over_six=True, block_rows=16), 2 * n + n // 2 + n // 256 + 4),
+        ("RHT-128 + MS-EDEN per-16, row-major (quartet2-kernel E)", lambda: rht_ms_eden16(x, sigma, stream),
+         2 * n + out_bytes),
+        ("RHT-128 + MS-EDEN per-16, transposed (quartet2-kernel E^T)",
+         lambda: rht_ms_eden16(x, sigma, stream, transpose=True), 2 * n + out_bytes),
         ("dequant packed -> bf16 (GEMM operand)", lambda: dequantize_unscaled_bf16(xq), n // 2 + n // 16 + 2 * n),
     ]
     refs = [
