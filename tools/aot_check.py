@@ -17,7 +17,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from megatron_fp4.kernels import dequant, double_block, eden, gemm, rtn  # noqa: E402
+from megatron_fp4.kernels import dequant, double_block, eden, eden16, gemm, rtn  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 FP32_SCALARS = {"SMAX_V", "V", "INV_V", "INV_SQRT"}
@@ -51,6 +51,9 @@ def compile_variant(fn, const, ptrs, num_warps=4, num_stages=3):
     # (Triton's "D" hint), which is what lets it vectorize loads; at the benchmark shapes that is every
     # pointer and integer but the random key, so the AOT build gets the same hints.
     sig = signature(fn, ptrs)
+    # constexprs the call leaves out take their defaults, as at a launch
+    const = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default and p.name not in const},
+             **const}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if sig[name] != "constexpr" and sig[name] != "fp32" and name != "key"}
     src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
@@ -73,6 +76,11 @@ for sr, four_six, var in [(False, False, base), (False, False, dict(base, FAST_R
                               "BR": 32, "BC": 128, "INTERP": False, **var}, {**I32, "x_ptr": "*bf16"})
 attempt(rtn._rtn_kernel, {"SR": False, "FOUR_SIX": False, "TIES_AWAY": False, "SCALAR_RECIP": False, "BR": 32,
                           "BC": 128, "INTERP": False, "TILE16": True, **base}, {**I32, "x_ptr": "*bf16"})
+for tiles in (1, 4):      # the amax pass with several tiles per program (AMAX_TILES)
+    attempt(rtn._amax_kernel, {"BLOCK_N": 4096, "PARTIALS": False, "TILES": tiles}, {**I32, "x_ptr": "*bf16"}, 8)
+attempt(rtn._rtn_kernel, {"SR": False, "FOUR_SIX": True, "TIES_AWAY": False, "SCALAR_RECIP": False, "BR": 32,   # nvidia-46 W
+                          "BC": 128, "INTERP": False, "TILE16": True, **dict(base, FAST_RN=1, LOAD3D=False)},
+        {**I32, "x_ptr": "*bf16"})
 for sr, four_six in ((True, False), (False, False), (False, True)):   # operands that also write their GEMM operand
     attempt(rtn._rtn_kernel, {"SR": sr, "FOUR_SIX": four_six, "TIES_AWAY": False, "SCALAR_RECIP": False, "BR": 32,
                               "BC": 128, "INTERP": False, "EMIT": True,
@@ -90,6 +98,14 @@ for mode, dt, split, br in ((0, "*bf16", 1, 64), (1, "*bf16", 1, 64), (0, "*fp32
             attempt(eden._eden_kernel, {"SRC": mode, "SPLIT": split, "INTERP": False, "TIES_AWAY": False,
                                         "SCALAR_RECIP": False, "BR": br, "TILES": eden.DEFAULTS["TILES"],
                                         "EMIT": emit, "BAMAX": bamax, **evar}, ptrs)
+
+for mode, dt, split in ((0, "*bf16", 1), (1, "*bf16", 1), (0, "*fp32", 3), (2, "*u8", 1)):   # per-16 MS-EDEN
+    attempt(eden16._eden16_codes_kernel, {"SRC": mode, "SPLIT": split, "INTERP": False, "BR": 64, "TILES": 4,
+                                          "TIES_AWAY": False},
+            {**I32, "src_ptr": dt, "ssc_ptr": "*u8" if mode == 2 else dt, "h_ptr": "*bf16", "rmax_bits_ptr": "*i32",
+             "r_ptr": "*fp32"})
+attempt(eden16._eden16_scales_kernel, {"BR": 64, "NB": 64, "NSTATE": 0, "NROLE": 0},
+        {**I32, "r_ptr": "*fp32", "rmax_bits_ptr": "*i32", "state_ptr": "*i64"})
 
 for trans, rot, split, sr, dt in ((False, False, 1, False, "*bf16"), (False, False, 1, True, "*bf16"),
                                   (False, True, 1, True, "*bf16"), (True, True, 1, True, "*bf16"),

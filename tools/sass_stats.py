@@ -68,12 +68,14 @@ def elements_per_program(fn_name: str, const: dict):
     """Elements one program (one trip of its row-tile loop) handles, None where not element-wise."""
     if fn_name in ("_rtn_kernel", "_qdb_kernel", "_rht16_store_kernel", "_dequant_kernel"):
         return const["BR"] * const["BC"]
-    if fn_name in ("_eden_kernel", "_rht_amax_kernel"):
+    if fn_name in ("_eden_kernel", "_rht_amax_kernel", "_eden16_codes_kernel"):
         return const["BR"] * 128
+    if fn_name == "_eden16_scales_kernel":      # one scale per 16 elements
+        return const["BR"] * const["NB"] * 16
+    if fn_name == "_amax_kernel":
+        return const["BLOCK_N"] * const.get("TILES", 1)
     if fn_name == "_dequant_double_block_kernel":
         return const["BR"] * 128
-    if fn_name == "_amax_kernel":
-        return const["BLOCK_N"]
     if fn_name == "_scale_cast_kernel":
         return const["BLOCK"]
     return None
