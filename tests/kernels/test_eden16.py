@@ -104,3 +104,18 @@ def test_eden16_from_packed_gpu_bit_exact():
     x = data(1024, 512, seed=23, dtype=torch.bfloat16, device="cuda")
     xq = Q.quantize_nvfp4(x, smax=256.0, four_over_six=True)
     _check(None, _sigma(3, "cuda"), _stream(4), packed=xq)
+
+
+@cpu_interp
+def test_eden16_two_piece_counters_match_the_reference():
+    """SwiGLU fc1 at TP > 1: the rotated dim is two pieces of the global one (rng.TwoPieces); the scale
+    SR's counters follow the pieces as the twin's do (columns for E, rows for E^T)."""
+    from megatron_fp4.rng import TwoPieces
+    pieces = TwoPieces(offset=128, split=128, offset_hi=384)
+    dy = data(64, 256, seed=21, dtype=torch.bfloat16, spread=False)
+    _check(dy, _sigma(9), _stream(10, col_offset=pieces))
+    _check(data(128, 256, seed=22, spread=False), _sigma(9), _stream(11, row_offset=pieces), transpose=True)
+    got = rht_ms_eden16(dy, _sigma(9), _stream(10, col_offset=pieces))
+    plain = rht_ms_eden16(dy, _sigma(9), _stream(10, col_offset=128))
+    assert torch.equal(got.block_scales[:, :8].view(torch.uint8), plain.block_scales[:, :8].view(torch.uint8))
+    assert not torch.equal(got.block_scales[:, 8:].view(torch.uint8), plain.block_scales[:, 8:].view(torch.uint8))
