@@ -32,7 +32,6 @@ from .eden import INV_SQRT_128, N_RHT, _load_h, _load_rotate, _source
 from .rtn import _halving_sum_16
 
 
-
 @triton.jit
 def _bf16_rne(x):
     """FP32 -> the nearest BF16 value (ties to even) as FP32, for finite x, by integer rounding of the
