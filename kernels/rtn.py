@@ -28,6 +28,7 @@ from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, div_scalar, e2m1_val
                       sr_e2m1, tensor_scale)
 
 AMAX_BLOCK = 8192
+TILE46_CONFIG = (16, 128, 4)   # block_r, block_c, num_warps of 16x16 tiles with 4/6 (below)
 AMAX_TILES = 1      # tiles of AMAX_BLOCK per program of the amax pass (tools/bench_variants: amax rows)
 
 # Variant switches (constexpr), kept so benchmarks/bench_variants.py can time leave-one-out variants;
@@ -128,9 +129,13 @@ def _tile_sum_16(x, BR: tl.constexpr, NB: tl.constexpr):
     """[BR, NB] per-row block sums -> [BR // 16, NB] per-16x16-tile sums, the rows added in the halving
     tree of quantizers.pairwise_sum (row r + row r + 8, then + 4, + 2, + 1): the twin's four_over_six_sse
     sums a tile's columns first, then its rows, both in that tree."""
-    x = tl.reshape(tl.permute(tl.reshape(x, (BR // 16, 16, NB)), (0, 2, 1)), (BR // 16 * NB, 16))
-    x = halve(halve(halve(halve(x, BR // 16 * NB, 16), BR // 16 * NB, 8), BR // 16 * NB, 4), BR // 16 * NB, 2)
-    return tl.reshape(x, (BR // 16, NB))
+    # as [tiles, 16 rows x NB] (row-major), one halving step adds row r and row r + 8 of each column,
+    # the next r and r + 4, ...: no permute of the tile (Triton 3.6 lowered the [tiles, 16, NB] -> [tiles,
+    # NB, 16] permute of these FP64 sums through local memory: ~1,400 spill instructions, 59 ms a
+    # [16384 x 4096] operand on the H100)
+    T: tl.constexpr = BR // 16
+    x = tl.reshape(x, (T, 16 * NB))
+    return tl.reshape(halve(halve(halve(halve(x, T, 16 * NB), T, 8 * NB), T, 4 * NB), T, 2 * NB), (T, NB))
 
 
 @triton.jit
@@ -206,13 +211,39 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
         s4, keep4, codes4, vals4, _ = _candidate(xb, bamax, g, valid, 4.0, 0.25, TIES_AWAY, SCALAR_RECIP,
                                               FAST_DIV, FAST_RN, INTERP)
         if TILE16:
-            # 16x16 tiles (NVIDIA's weights with 4/6): one choice per tile, on its 256 FP64 squared
-            # errors summed in the twin's order (the FP32 screen's bound is for 16 terms)
-            x64 = xb.to(tl.float64)
-            g64 = g.to(tl.float64)
-            tile4 = _tile_sum_16(_sse64(x64, vals4, s4, g64, BR, NB), BR, NB) < \
-                _tile_sum_16(_sse64(x64, vals, s, g64, BR, NB), BR, NB)
-            use4 = tl.reshape(tl.broadcast_to(tile4[:, None, :], (BR // 16, 16, NB)), (BR, NB))
+            # 16x16 tiles (NVIDIA's weights with 4/6): one choice per tile, the twin's on its 256 FP64
+            # squared errors summed in its order (columns, then rows). SSE_MODE 1 screens with FP32 tile
+            # sums first, as for 1x16 blocks, with the bound widened to 256 terms: the 255 adds (any
+            # order) give 255 u S' instead of 15 u S', so per candidate |S' - T| <= 260.2 u S' + 2.03 u
+            # A' + 2^-103, and C = 2^-13 (S4' + S6') + 2^-20 A' + 2^-100 is about twice (S') and four
+            # times (A') the two candidates' bounds together (the FP64 sums' own 2^-45 are far below).
+            # Tiles whose candidates coincide (equal scales in all 16 rows, e.g. all-zero tiles) keep
+            # "max->6" without a redo: identical candidates have identical FP64 sums.
+            T: tl.constexpr = BR // 16
+            same = tl.min(tl.reshape((s4 == s).to(tl.int32), (T, 16, NB)), axis=1) > 0
+            if SSE_MODE == 0:
+                x64 = xb.to(tl.float64)
+                g64 = g.to(tl.float64)
+                tile4 = _tile_sum_16(_sse64(x64, vals4, s4, g64, BR, NB), BR, NB) < \
+                    _tile_sum_16(_sse64(x64, vals, s, g64, BR, NB), BR, NB)
+            else:
+                if FAST_DIV:
+                    gdn, gp, grc = div_prep(g)
+                    xg = exact_div(xb, gdn, gp, grc, INTERP)
+                else:
+                    xg = tl.math.div_rn(xb, g)
+                t4 = tl.sum(tl.reshape(_sse32(xg, vals4, s4), (T, 16, NB)), axis=1)
+                t6 = tl.sum(tl.reshape(_sse32(xg, vals, s), (T, 16, NB)), axis=1)
+                tile4 = (t4 < t6) & (~same)
+                if SSE_MODE == 1:
+                    a2 = tl.sum(tl.reshape(tl.sum(xg * xg, axis=2), (T, 16, NB)), axis=1)
+                    close = (tl.abs(t4 - t6) <= (t4 + t6) * (2.0 ** -13) + a2 * (2.0 ** -20) + 2.0 ** -100) & (~same)
+                    if tl.max(tl.max(close.to(tl.int32), axis=1), axis=0) > 0:
+                        x64 = xb.to(tl.float64)
+                        g64 = g.to(tl.float64)
+                        tile4 = _tile_sum_16(_sse64(x64, vals4, s4, g64, BR, NB), BR, NB) < \
+                            _tile_sum_16(_sse64(x64, vals, s, g64, BR, NB), BR, NB)
+            use4 = tl.reshape(tl.broadcast_to(tile4[:, None, :], (T, 16, NB)), (BR, NB))
         elif SSE_MODE == 0:
             x64 = xb.to(tl.float64)
             g64 = g.to(tl.float64)
@@ -347,6 +378,12 @@ def quantize_nvfp4_rtn(
     scales = torch.empty(rows // block_rows, cols // BLOCK, dtype=torch.uint8, device=x.device)
     g = torch.empty(1, dtype=torch.float32, device=x.device)
     flushed = zeroed[2:3]
+    if block_rows == BLOCK and four_over_six and (block_r, block_c, num_warps) == (32, 128, 4):
+        # 32 x 128 made Triton 3.6 spill the tile choice's FP64 sums to local memory (~1,400 spill
+        # instructions before the FP32 screen, 338 after; 59 ms a [16384 x 4096] operand on the H100).
+        # 16 x 128: 2 spill instructions, in the FP64 redo only; the screened path ~103 instructions an
+        # element (Triton 3.6's SASS for sm_90, compiled on CPU)
+        block_r, block_c, num_warps = TILE46_CONFIG
     if block_rows == BLOCK:
         block_r = max(16, block_r - block_r % 16)   # whole tiles per program
         if emit_operand:

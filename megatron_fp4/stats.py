@@ -250,30 +250,36 @@ def _rows_of(a: torch.Tensor, rows: list, transpose: bool) -> torch.Tensor:
     return a.index_select(1, idx).t() if transpose else a.index_select(0, idx)
 
 
+def _amax(a: torch.Tensor) -> torch.Tensor:
+    """max |a| as 0-d float32, one reduction and no |a| temporary (NaN carried; exact: a maximum)."""
+    return torch.linalg.vector_norm(a, float("inf")).float()
+
+
 def plain_source(args, kwargs, out: NVFP4Tensor):
     """quantize_nvfp4 / quantize_double_block: A = x, no rotation."""
     x = args[0].detach()
     rows = sample_rows(out.shape[0])
-    return x.abs().amax().float(), _rows_of(x, rows, False), None, rows
+    return _amax(x), _rows_of(x, rows, False), None, rows
 
 
 def rotated_source(args, kwargs, out: NVFP4Tensor):
     """rht_ms_eden / rht_double_block: A = a (or a.t()), padded to the operand's width, rotated."""
     a, sigma = args[0].detach(), args[1]
     rows = sample_rows(out.shape[0])
-    return a.abs().amax().float(), _rows_of(a, rows, kwargs.get("transpose", False)), sigma, rows
+    return _amax(a), _rows_of(a, rows, kwargs.get("transpose", False)), sigma, rows
 
 
 def _requant_source(scaled: bool):
     def source(args, kwargs, out: NVFP4Tensor):
         """requant_*: A = the saved forward operand's values, transposed, padded, rotated."""
         q, sigma = args[0], args[1]
-        values = q.dequantize() if scaled else q.dequantize_unscaled()
-        amax = values.abs().amax()
+        # from the packed operand: its amax from each block's largest code, and only the sampled
+        # columns dequantized (a full dequantization per operand was most of a statistics iteration)
+        amax = q.represented_amax(scaled)
         if not scaled and q.tensor_scale is not None:
             amax = amax * q.tensor_scale            # the represented values' amax
         rows = sample_rows(out.shape[0])
-        return amax.float(), _rows_of(values, rows, True), sigma, rows
+        return amax.float(), q.column_values(_index(rows, q.device), scaled).t(), sigma, rows
     return source
 
 

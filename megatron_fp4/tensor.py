@@ -77,6 +77,42 @@ class NVFP4Tensor:
             x = x * self.tensor_scale
         return x
 
+    def column_values(self, idx: torch.Tensor, scaled: bool = True) -> torch.Tensor:
+        """dequantize()[:, idx] (scaled) or dequantize_unscaled()[:, idx], from those columns only (the
+        statistics' sampled rows of a transposed operand: no pass over the whole tensor). Same
+        products in the same order as the full dequantization, so the same bits."""
+        idx = idx.to(self.packed.device)
+        byte = self.packed.index_select(1, idx // 2)
+        codes = torch.where((idx % 2 == 1)[None, :], byte >> 4, byte & 15)
+        s = self.block_scales.float().index_select(1, idx // BLOCK)
+        if self.block_rows > 1:
+            s = s.repeat_interleave(self.block_rows, dim=0)
+        x = fmt.decode_e2m1(codes) * s
+        if scaled:
+            if self.outer_scales is not None:
+                x = x * self.outer_scales.index_select(1, idx // OUTER_BLOCK)
+            if self.tensor_scale is not None:
+                x = x * self.tensor_scale
+        return x
+
+    def represented_amax(self, scaled: bool = True) -> torch.Tensor:
+        """dequantize().abs().amax() (scaled) or dequantize_unscaled().abs().amax(), 0-d float32, from
+        each block's largest code magnitude: the scales are >= 0 and each product is monotonic in
+        |q|, so the maximum of the products is the product of the maxima, bit for bit (NaN carried)."""
+        mag = torch.maximum(self.packed & 7, (self.packed >> 4) & 7)
+        rows, half = self.packed.shape
+        top = mag.reshape(rows, half // (BLOCK // 2), BLOCK // 2).amax(dim=2)
+        s = self.block_scales.float()
+        if self.block_rows > 1:
+            s = s.repeat_interleave(self.block_rows, dim=0)
+        v = fmt.decode_e2m1(top) * s
+        if scaled and self.outer_scales is not None:
+            v = v * self.outer_scales.repeat_interleave(OUTER_BLOCK // BLOCK, dim=1)
+        a = v.amax()
+        if scaled and self.tensor_scale is not None:
+            a = a * self.tensor_scale
+        return a
+
     def nbytes(self) -> int:
         total = self.packed.numel() + self.block_scales.numel()
         if self.outer_scales is not None:

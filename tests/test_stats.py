@@ -207,3 +207,25 @@ def test_a_statistics_iteration_does_not_sync_the_host(recipe):
         records, bad = stats.collect(it)
         assert bad is None and len(records) == (5 if recipe == "nvidia" else 6)   # nvidia reuses its W tiles
         assert all(r["rel_error"] is not None and 0 < r["rel_error"] < 0.5 for r in records)
+
+
+@pytest.mark.parametrize("kind", ["1x16", "16x16", "double-block", "nonfinite"])
+def test_packed_column_values_and_amax_match_the_full_dequantization(kind):
+    """The re-quantized operands' statistics read the packed operand without dequantizing it whole:
+    the sampled columns and the amax equal the full dequantization's, bit for bit (scaled and
+    unscaled; 16x16 tiles; double blocks with outer scales; a NaN source)."""
+    from megatron_fp4 import quantizers as Q
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 256, generator=gen) * torch.logspace(-3, 3, 64)[:, None]
+    if kind == "nonfinite":
+        x[5, 17] = float("nan")
+    if kind == "double-block":
+        q = Q.quantize_double_block(x)
+    else:
+        q = Q.quantize_nvfp4(x, block_rows=16 if kind == "16x16" else 1)
+    idx = torch.tensor([0, 1, 15, 16, 17, 127, 128, 200, 255])
+    for scaled in (True, False):
+        full = q.dequantize() if scaled else q.dequantize_unscaled()
+        torch.testing.assert_close(q.column_values(idx, scaled), full[:, idx], rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(q.represented_amax(scaled), full.abs().amax(), rtol=0, atol=0, equal_nan=True)
+    assert math.isnan(q.represented_amax()) == (kind == "nonfinite")

@@ -310,6 +310,38 @@ def test_16x16_tiles_four_over_six_near_ties(amax):
 
 
 @cpu_interp
+@pytest.mark.parametrize("variant", [None, {"SSE_MODE": 0}])
+def test_16x16_tiles_screen_decides_tiles_alone(variant):
+    """One tile per program (16 x 16), gaps between the candidates' exact 256-term SSEs from FP32
+    resolution up to ~2^-6 and beyond, an all-zero tile (identical candidates): the FP32 tile screen decides the
+    wider gaps on its own, redoes the close ones in FP64, and every tile gets the twin's choice (the
+    screen with SSE_MODE 1, always FP64 with 0)."""
+    x = ref.four_over_six_near_ties(64, 128, seed=5, amax=1000.0, block_rows=16, density=0.1, shifts=(-1, 16))
+    x[16:32, 32:48] = 0.0
+    expected = ref.ref_q16_four_over_six(x, block_rows=16)
+    xg = (x / torch.tensor(expected["g"], dtype=torch.float32)).reshape(4, 16, 8, 16)
+    sse = []
+    for c in (expected["r6"], expected["r4"]):
+        m = ref.decode_codes(c["codes"]).float().reshape(64, 128) * c["scales"].float().repeat_interleave(
+            16, 0).repeat_interleave(16, 1)
+        sse.append(((xg - m.reshape(4, 16, 8, 16)) ** 2).sum(dim=(1, 3)))
+    a2 = (xg * xg).sum(dim=(1, 3))
+    close = (sse[1] - sse[0]).abs() <= (sse[0] + sse[1]) * 2.0 ** -13 + a2 * 2.0 ** -20 + 2.0 ** -100
+    gap = expected["rel_gap"].reshape(4, 8)
+    assert int((~close).sum()) >= 8 and int((~close & (gap < 2.0 ** -6)).sum()) >= 1   # decided by the screen alone
+    assert int((close & (gap > 0)).sum()) >= 2                # rechecked in FP64
+    got = quantize_nvfp4_rtn(x, smax=256.0, block_rows=16, four_over_six=True, block_r=16, block_c=16,
+                             variant=variant)
+    assert_same_operand(got, Q.quantize_nvfp4(x, smax=256.0, block_rows=16, four_over_six=True))
+    clear = ~expected["ambiguous"]
+    assert torch.equal(got.block_scales.float()[clear], expected["scales"].float().reshape(clear.shape)[clear])
+    # the FP32 screen alone (SSE_MODE 2, timing only) misorders a tile here: the redo is needed
+    alone = quantize_nvfp4_rtn(x, smax=256.0, block_rows=16, four_over_six=True, block_r=16, block_c=16,
+                               variant={"SSE_MODE": 2})
+    assert (alone.block_scales.view(torch.uint8) != got.block_scales.view(torch.uint8)).any()
+
+
+@cpu_interp
 def test_16x16_tiles_flush_count_is_per_tile():
     x = torch.ones(32, 32)
     x[0, 0] = 2.0 ** 40          # the tensor amax dwarfs every other tile: three tiles flush
