@@ -78,7 +78,7 @@ attempt(rtn._rtn_kernel, {"SR": False, "FOUR_SIX": False, "TIES_AWAY": False, "S
                           "BC": 128, "INTERP": False, "TILE16": True, **base}, {**I32, "x_ptr": "*bf16"})
 for tiles in (1, 4):      # the amax pass with several tiles per program (AMAX_TILES)
     attempt(rtn._amax_kernel, {"BLOCK_N": 4096, "PARTIALS": False, "TILES": tiles}, {**I32, "x_ptr": "*bf16"}, 8)
-attempt(rtn._rtn_kernel, {"SR": False, "FOUR_SIX": True, "TIES_AWAY": False, "SCALAR_RECIP": False, "BR": 32,   # nvidia-46 W
+attempt(rtn._rtn_kernel, {"SR": False, "FOUR_SIX": True, "TIES_AWAY": False, "SCALAR_RECIP": False, "BR": 16,   # nvidia-46 W
                           "BC": 128, "INTERP": False, "TILE16": True, **dict(base, FAST_RN=1, LOAD3D=False)},
         {**I32, "x_ptr": "*bf16"})
 for sr, four_six in ((True, False), (False, False), (False, True)):   # operands that also write their GEMM operand
