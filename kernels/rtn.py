@@ -139,6 +139,16 @@ def _tile_sum_16(x, BR: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
+def _x_over_g(xb, g, FAST_DIV: tl.constexpr, INTERP: tl.constexpr):
+    """x / g correctly rounded (the 4/6 screens' units): the fast exact division or IEEE div_rn."""
+    if FAST_DIV:
+        gdn, gp, grc = div_prep(g)
+        return exact_div(xb, gdn, gp, grc, INTERP)
+    else:
+        return tl.math.div_rn(xb, g)
+
+
+@triton.jit
 def _sse32(xg, vals, s):
     # the FP32 screen, in units of g (x / g <= 1536: no overflow), any order: see the bound at its use
     e = xg - vals * s[:, :, None]
@@ -227,11 +237,7 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
                 tile4 = _tile_sum_16(_sse64(x64, vals4, s4, g64, BR, NB), BR, NB) < \
                     _tile_sum_16(_sse64(x64, vals, s, g64, BR, NB), BR, NB)
             else:
-                if FAST_DIV:
-                    gdn, gp, grc = div_prep(g)
-                    xg = exact_div(xb, gdn, gp, grc, INTERP)
-                else:
-                    xg = tl.math.div_rn(xb, g)
+                xg = _x_over_g(xb, g, FAST_DIV, INTERP)
                 t4 = tl.sum(tl.reshape(_sse32(xg, vals4, s4), (T, 16, NB)), axis=1)
                 t6 = tl.sum(tl.reshape(_sse32(xg, vals, s), (T, 16, NB)), axis=1)
                 tile4 = (t4 < t6) & (~same)
@@ -249,11 +255,7 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
             g64 = g.to(tl.float64)
             use4 = _sse64(x64, vals4, s4, g64, BR, NB) < _sse64(x64, vals, s, g64, BR, NB)
         else:
-            if FAST_DIV:
-                gdn, gp, grc = div_prep(g)
-                xg = exact_div(xb, gdn, gp, grc, INTERP)
-            else:
-                xg = tl.math.div_rn(xb, g)
+            xg = _x_over_g(xb, g, FAST_DIV, INTERP)
             sse4 = _sse32(xg, vals4, s4)
             sse6 = _sse32(xg, vals, s)
             use4 = sse4 < sse6
