@@ -28,7 +28,8 @@ from ._common import (FP32_MIN_NORMAL, INTERPRET, div_prep, div_scalar, e2m1_val
                       sr_e2m1, tensor_scale)
 
 AMAX_BLOCK = 8192
-TILE46_CONFIG = (16, 128, 4)   # block_r, block_c, num_warps of 16x16 tiles with 4/6 (below)
+RTN_CONFIG = (32, 128, 4)      # block_r, block_c, num_warps of quantize_nvfp4_rtn's programs by default,
+TILE46_CONFIG = (16, 128, 4)   # and of 16x16 tiles with 4/6 (why: quantize_nvfp4_rtn)
 AMAX_TILES = 1      # tiles of AMAX_BLOCK per program of the amax pass (tools/bench_variants: amax rows)
 
 # Variant switches (constexpr), kept so benchmarks/bench_variants.py can time leave-one-out variants;
@@ -139,6 +140,15 @@ def _tile_sum_16(x, BR: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
+def _tile4_fp64(xb, g, vals4, s4, vals, s, BR: tl.constexpr, NB: tl.constexpr):
+    """Per 16x16 tile: does "max->4" win on the tile's 256 FP64 squared errors (the twin's choice)?"""
+    x64 = xb.to(tl.float64)
+    g64 = g.to(tl.float64)
+    return _tile_sum_16(_sse64(x64, vals4, s4, g64, BR, NB), BR, NB) < \
+        _tile_sum_16(_sse64(x64, vals, s, g64, BR, NB), BR, NB)
+
+
+@triton.jit
 def _x_over_g(xb, g, FAST_DIV: tl.constexpr, INTERP: tl.constexpr):
     """x / g correctly rounded (the 4/6 screens' units): the fast exact division or IEEE div_rn."""
     if FAST_DIV:
@@ -232,10 +242,7 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
             T: tl.constexpr = BR // 16
             same = tl.min(tl.reshape((s4 == s).to(tl.int32), (T, 16, NB)), axis=1) > 0
             if SSE_MODE == 0:
-                x64 = xb.to(tl.float64)
-                g64 = g.to(tl.float64)
-                tile4 = _tile_sum_16(_sse64(x64, vals4, s4, g64, BR, NB), BR, NB) < \
-                    _tile_sum_16(_sse64(x64, vals, s, g64, BR, NB), BR, NB)
+                tile4 = _tile4_fp64(xb, g, vals4, s4, vals, s, BR, NB)
             else:
                 xg = _x_over_g(xb, g, FAST_DIV, INTERP)
                 t4 = tl.sum(tl.reshape(_sse32(xg, vals4, s4), (T, 16, NB)), axis=1)
@@ -245,10 +252,7 @@ def _rtn_kernel(x_ptr, stride_r, R, C, amax_bits_ptr, nonfinite_ptr,
                     a2 = tl.sum(tl.reshape(tl.sum(xg * xg, axis=2), (T, 16, NB)), axis=1)
                     close = (tl.abs(t4 - t6) <= (t4 + t6) * (2.0 ** -13) + a2 * (2.0 ** -20) + 2.0 ** -100) & (~same)
                     if tl.max(tl.max(close.to(tl.int32), axis=1), axis=0) > 0:
-                        x64 = xb.to(tl.float64)
-                        g64 = g.to(tl.float64)
-                        tile4 = _tile_sum_16(_sse64(x64, vals4, s4, g64, BR, NB), BR, NB) < \
-                            _tile_sum_16(_sse64(x64, vals, s, g64, BR, NB), BR, NB)
+                        tile4 = _tile4_fp64(xb, g, vals4, s4, vals, s, BR, NB)
             use4 = tl.reshape(tl.broadcast_to(tile4[:, None, :], (T, 16, NB)), (BR, NB))
         elif SSE_MODE == 0:
             x64 = xb.to(tl.float64)
@@ -335,9 +339,9 @@ def quantize_nvfp4_rtn(
     ties: str = fmt.TIES_EVEN,
     four_over_six: bool = False,
     amax_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-    block_r: int = 32,
-    block_c: int = 128,
-    num_warps: int = 4,
+    block_r: Optional[int] = None,
+    block_c: Optional[int] = None,
+    num_warps: Optional[int] = None,
     variant: Optional[dict] = None,
     mode: str = "rn",
     stream: Optional[RandomStream] = None,
@@ -380,12 +384,12 @@ def quantize_nvfp4_rtn(
     scales = torch.empty(rows // block_rows, cols // BLOCK, dtype=torch.uint8, device=x.device)
     g = torch.empty(1, dtype=torch.float32, device=x.device)
     flushed = zeroed[2:3]
-    if block_rows == BLOCK and four_over_six and (block_r, block_c, num_warps) == (32, 128, 4):
-        # 32 x 128 made Triton 3.6 spill the tile choice's FP64 sums to local memory (~1,400 spill
-        # instructions before the FP32 screen, 338 after; 59 ms a [16384 x 4096] operand on the H100).
-        # 16 x 128: 2 spill instructions, in the FP64 redo only; the screened path ~103 instructions an
-        # element (Triton 3.6's SASS for sm_90, compiled on CPU)
-        block_r, block_c, num_warps = TILE46_CONFIG
+    # left out: RTN_CONFIG, or TILE46_CONFIG for 16x16 tiles with 4/6. 32 x 128 made Triton 3.6 spill the
+    # tile choice's FP64 sums to local memory (~1,400 spill instructions before the FP32 screen, 338 after;
+    # 59 ms a [16384 x 4096] operand on the H100). 16 x 128: 2 spill instructions, in the FP64 redo only;
+    # the screened path ~103 instructions an element (Triton 3.6's SASS for sm_90, compiled on CPU)
+    config = TILE46_CONFIG if block_rows == BLOCK and four_over_six else RTN_CONFIG
+    block_r, block_c, num_warps = (c if v is None else v for v, c in zip((block_r, block_c, num_warps), config))
     if block_rows == BLOCK:
         block_r = max(16, block_r - block_r % 16)   # whole tiles per program
         if emit_operand:

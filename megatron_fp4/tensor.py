@@ -56,13 +56,14 @@ class NVFP4Tensor:
     def codes(self) -> torch.Tensor:
         return fmt.unpack_e2m1(self.packed)
 
+    def row_block_scales(self) -> torch.Tensor:
+        """Float32 scale per row and 16-block, [rows, cols/16] (16x16 tiles repeated over their rows)."""
+        s = self.block_scales.float()
+        return s.repeat_interleave(self.block_rows, dim=0) if self.block_rows > 1 else s
+
     def expanded_block_scales(self) -> torch.Tensor:
         """Float32 scale per element, [rows, cols]."""
-        s = self.block_scales.float()
-        s = s.repeat_interleave(BLOCK, dim=1)
-        if self.block_rows > 1:
-            s = s.repeat_interleave(self.block_rows, dim=0)
-        return s
+        return self.row_block_scales().repeat_interleave(BLOCK, dim=1)
 
     def dequantize_unscaled(self) -> torch.Tensor:
         """e2m1(q) * e4m3(s) in float32; every value is exact in BF16."""
@@ -84,10 +85,7 @@ class NVFP4Tensor:
         idx = idx.to(self.packed.device)
         byte = self.packed.index_select(1, idx // 2)
         codes = torch.where((idx % 2 == 1)[None, :], byte >> 4, byte & 15)
-        s = self.block_scales.float().index_select(1, idx // BLOCK)
-        if self.block_rows > 1:
-            s = s.repeat_interleave(self.block_rows, dim=0)
-        x = fmt.decode_e2m1(codes) * s
+        x = fmt.decode_e2m1(codes) * self.row_block_scales().index_select(1, idx // BLOCK)
         if scaled:
             if self.outer_scales is not None:
                 x = x * self.outer_scales.index_select(1, idx // OUTER_BLOCK)
@@ -102,10 +100,7 @@ class NVFP4Tensor:
         mag = torch.maximum(self.packed & 7, (self.packed >> 4) & 7)
         rows, half = self.packed.shape
         top = mag.reshape(rows, half // (BLOCK // 2), BLOCK // 2).amax(dim=2)
-        s = self.block_scales.float()
-        if self.block_rows > 1:
-            s = s.repeat_interleave(self.block_rows, dim=0)
-        v = fmt.decode_e2m1(top) * s
+        v = fmt.decode_e2m1(top) * self.row_block_scales()
         if scaled and self.outer_scales is not None:
             v = v * self.outer_scales.repeat_interleave(OUTER_BLOCK // BLOCK, dim=1)
         a = v.amax()
