@@ -167,9 +167,13 @@ def dot_pm1(a, h, SPLIT: tl.constexpr, INTERP: tl.constexpr):
     """a @ h with FP32 sums and every product exact, for a +-1 matrix h (the signed Hadamard, BF16 on
     the GPU): a BF16 source is one tensor-core dot (SPLIT=1); an FP32 source is split into three BF16
     parts hi + mid + lo == a exactly and dotted three times into one FP32 accumulator (SPLIT=3).
-    The interpreter reads BF16 dot operands as integers, so there it multiplies in FP32."""
+    The interpreter reads BF16 dot operands as integers, and its FP32 dot is numpy's BLAS, whose
+    summation order depends on the CPU (OpenBLAS picks a different sgemm kernel on AVX2 and AVX-512
+    machines). So there it sums in FP64 and rounds once to FP32, as hadamard.rht does on the CPU:
+    the FP64 sum of n FP32 terms is exact (any order gives it) when the terms' magnitudes lie within
+    2^(29 - log2 n) of the largest, so both give the correctly rounded FP32 sum whatever the BLAS (and +0 for a zero sum)."""
     if INTERP:
-        acc = tl.dot(a.to(tl.float32), h.to(tl.float32))
+        acc = tl.dot(a.to(tl.float64), h.to(tl.float64)).to(tl.float32) + 0.0   # a zero sum: +0
     elif SPLIT == 1:
         acc = tl.dot(a.to(tl.bfloat16), h)
     else:

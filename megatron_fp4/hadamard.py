@@ -49,14 +49,34 @@ def hadamard_matrix(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
     return h
 
 
+@functools.lru_cache(maxsize=None)
+def _pm1_cpu(n: int) -> torch.Tensor:
+    return torch.sign(_hadamard_cpu(n))
+
+
 def rht(a: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """Rotate the last dim of `a` in n-chunks: (a * sigma) @ H_n, n = len(signs), in float32."""
+    """Rotate the last dim of `a` in n-chunks: (a * sigma) @ H_n, n = len(signs), as FP32.
+
+    On the CPU the result is RN_fp32(sum of the +-sigma*a terms) * RN_fp32(n^-1/2): the sum is taken
+    in FP64 and rounded once, which is what the kernels compute under the interpreter (dot_pm1, then
+    the same FP32 scaling). An FP32 matmul would not do: its summation order is the BLAS's, and
+    OpenBLAS (numpy, under the interpreter) and MKL (torch) pick different sgemm kernels on different
+    CPUs, so kernel and twin would differ by an ulp on some machines and agree on others. The FP64
+    sum of n FP32 terms is exact, hence order-free, while the terms lie within 2^(29 - log2 n) of
+    the largest one (beyond that it differs from the exact sum by less than 2^-29 of it); a zero sum is
+    +0. On a GPU:
+    an FP32 matmul with H's entries +-RN_fp32(n^-1/2) (TF32 as the caller has set it)."""
     n = signs.numel()
     if a.shape[-1] % n:
         raise ValueError(f"RHT-{n} needs the rotated dim ({a.shape[-1]}) to be a multiple of {n}")
+    sigma = signs.to(a.device, torch.float32)
+    if a.device.type == "cpu":
+        chunks = a.double().reshape(*a.shape[:-1], a.shape[-1] // n, n) * sigma.double()
+        sums = (chunks @ _pm1_cpu(n)).float() + 0.0   # + 0: an all-zero chunk gives +0 whatever the BLAS
+        return (sums * torch.tensor(1.0 / math.sqrt(n), dtype=torch.float32)).reshape(a.shape)
     # contiguous first: the same values then always take the same BLAS path (bitwise reproducible
     # whether the operand arrived transposed, padded or sliced)
-    chunks = a.float().contiguous().reshape(*a.shape[:-1], a.shape[-1] // n, n) * signs.to(a.device, torch.float32)
+    chunks = a.float().contiguous().reshape(*a.shape[:-1], a.shape[-1] // n, n) * sigma
     rotated = chunks @ hadamard_matrix(n, torch.float32, a.device)
     return rotated.reshape(a.shape)
 

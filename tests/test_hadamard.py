@@ -76,6 +76,34 @@ def test_rht_matches_float64_definition(n):
     assert ((out[:, n:2 * n].double() - direct).abs() <= _chunk_norm_bound(chunk, n)).all()
 
 
+def _round_f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).to(F64)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_cpu_rotation_is_the_rounded_exact_sum_scaled_in_fp32(n):
+    """On the CPU, rht = RN32(sum of +-sigma*a) * RN32(n^-1/2), bit for bit, whatever the BLAS: the
+    reference forms the exact sum by the closed-form signs (every term a multiple of 2^-10 below 2^21:
+    FP64 holds every partial sum exactly, while FP32 sums of such spread round), rounds it once, then
+    applies the FP32 scaling as one FP32 product."""
+    gen = torch.Generator().manual_seed(7 * n)
+    a = (torch.randint(-1024, 1025, (40, 4 * n), generator=gen)
+         * torch.exp2(torch.randint(-10, 11, (40, 4 * n), generator=gen).float())).float()
+    a[0, :n] = 0.0                                   # an all-zero chunk: +0 everywhere
+    a[1, :n] = -0.0
+    sigma = _signs(n, 2000 + n)
+    pm1 = sylvester_reference(n) * math.sqrt(n)      # exactly +-1
+    chunks = a.to(F64).reshape(40, 4, n) * sigma.to(F64)
+    exact = torch.zeros(40, 4, n, dtype=F64)
+    for j in range(n):                               # left to right; every partial sum is exact
+        exact = exact + chunks[:, :, j:j + 1] * pm1[j]
+    scale = float(torch.tensor(1.0 / math.sqrt(n), dtype=torch.float32))
+    expected = _round_f32(_round_f32(exact) * scale).reshape(40, 4 * n)
+    out = rht(a, sigma)
+    assert torch.equal(out.double(), expected)
+    assert not torch.signbit(out[:2, :n]).any()
+
+
 @pytest.mark.parametrize("n", SIZES)
 def test_shared_sigma_cancels_in_the_product(n):
     gen = torch.Generator().manual_seed(7 * n)

@@ -294,9 +294,11 @@ def test_qdb_scale_ties_follow_the_spec_order():
 
 @pytest.mark.parametrize("ties", ["even", "away"])
 def test_ms_eden_element_ties_follow_the_spec_order(ties):
-    z = _rotated_operand(rows=16, cols=256, seed=69)
+    # data on which every rival order changes the outcome of some planted ties (the power check below;
+    # for about one tensor scale in three, one rival agrees with the spec order on every tie)
+    z = _rotated_operand(rows=16, cols=256, seed=71)
     r = ref.ref_ms_eden_per128(z)
-    zt, planted, others = _plant_element_ties(z, r["s"], torch.full_like(r["s"], r["g"]), 70, ties)
+    zt, planted, others = _plant_element_ties(z, r["s"], torch.full_like(r["s"], r["g"]), 72, ties)
     expected = ref.ref_ms_eden_per128(zt, ties)
     assert expected["g"] == r["g"] and torch.equal(expected["s"], r["s"])
     assert torch.isin(expected["u"][planted].abs(), E2M1_TIES).all() and planted.sum() > 500
