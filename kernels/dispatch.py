@@ -470,9 +470,40 @@ def matmul(a: NVFP4Tensor, b: NVFP4Tensor, mode: str = "exact", *, scale: Option
 # entry above reports its operand and source; on any other call the wrapper tests one module flag.
 from megatron_fp4 import stats as _stats  # noqa: E402  (after the entries it wraps)
 
-quantize_nvfp4 = _stats.observing(quantize_nvfp4, _stats.plain_source)
-quantize_double_block = _stats.observing(quantize_double_block, _stats.plain_source)
-rht_ms_eden = _stats.observing(rht_ms_eden, _stats.rotated_source, eden=True)
-rht_double_block = _stats.observing(rht_double_block, _stats.rotated_source)
-requant_ms_eden = _stats.observing(requant_ms_eden, _stats.requant_unscaled_source, eden=True)
-requant_double_block = _stats.observing(requant_double_block, _stats.requant_scaled_source)
+
+def _observation_reason(spec) -> Optional[str]:
+    """Why kernels/stats.observe cannot write this observation's row, or None."""
+    q = spec.q
+    if spec.packed_src is not None:
+        p = spec.packed_src
+        if not (p.packed.is_contiguous() and p.block_scales.is_contiguous()):
+            return "a non-contiguous packed source"
+    elif spec.flat is None:
+        return "a source that is neither contiguous nor a contiguous tensor's transpose"
+    if not (q.packed.is_contiguous() and q.block_scales.is_contiguous()) or q.packed.data_ptr() % 4:
+        return "a non-contiguous or unaligned packed operand"
+    return None
+
+
+def write_observation(spec, row: torch.Tensor) -> None:
+    """One statistics row: kernels/stats.observe (one launch) where the backend wants kernels on this
+    operand's device and the layout allows it, stats.write_twin otherwise (with backend.fallback)."""
+    be = current()
+    if wants_kernel(be, spec.q.packed.is_cuda):
+        reason = _observation_reason(spec)
+        if reason is None:
+            from .stats import observe
+            observe(spec, row)
+            return
+        fallback(be, ("statistics", "observation"), reason)
+    _stats.write_twin(spec, row)
+
+
+quantize_nvfp4 = _stats.observing(quantize_nvfp4, _stats.plain_source, write=write_observation)
+quantize_double_block = _stats.observing(quantize_double_block, _stats.plain_source, write=write_observation)
+rht_ms_eden = _stats.observing(rht_ms_eden, _stats.rotated_source, eden=True, write=write_observation)
+rht_double_block = _stats.observing(rht_double_block, _stats.rotated_source, write=write_observation)
+requant_ms_eden = _stats.observing(requant_ms_eden, _stats.requant_unscaled_source, eden=True,
+                                   write=write_observation)
+requant_double_block = _stats.observing(requant_double_block, _stats.requant_scaled_source,
+                                        write=write_observation)

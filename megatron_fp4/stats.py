@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -81,7 +81,7 @@ def configure(interval: int) -> None:
     if int(interval) < 0:
         raise ValueError(f"the statistics interval must be >= 0, got {interval}")
     _interval, active, _iteration, _collected = int(interval), False, None, None
-    _pending.clear()
+    _reset()
 
 
 def interval() -> int:
@@ -98,7 +98,7 @@ def on_iteration(iteration: int) -> None:
     _iteration = iteration
     active = bool(_interval) and iteration % _interval == 0 and iteration != _collected
     if not active:
-        _pending.clear()
+        _reset()
 
 
 def set_layer(name: Optional[str]) -> None:
@@ -129,60 +129,167 @@ def _index(rows: list, device) -> torch.Tensor:
     return idx
 
 
-class Observation:
-    """What one operand leaves for collect(): a few small device tensors taken at the quantizer call
-    (the sampled source rows, the operand's sampled packed rows and scales, its amax and counts); the
-    errors and corrections are computed in collect(), batched over observations of one shape."""
-    __slots__ = ("amax", "flushed", "clamped", "saturated", "blocks", "src", "cols", "sigma", "packed",
-                 "scales", "outer", "tensor_scale", "block_rows", "eden")
+# -- one observation = one row of FP32 words ------------------------------------------------------
 
-    def __init__(self, q: NVFP4Tensor, amax: torch.Tensor, src_rows: torch.Tensor, sigma, rows: list,
-                 eden: Optional[tuple]):
-        idx = _index(rows, q.device)
-        self.amax = amax
-        self.flushed, self.clamped = q.flushed_blocks, q.clamped_scales
-        self.saturated = ((q.block_scales.view(torch.uint8) & 0x7F) == E4M3_MAX_BITS).sum()
+class Layout(NamedTuple):
+    """The words of one observation's row (kernels/stats.py writes them, write_twin is its twin):
+    [0] max |A| (FP32), [1] the saturated-scale count (int32), then the n sampled source rows as FP32
+    [n, cols] (zero beyond c_src), the operand's packed rows as int32 words [n, cols/8], its scale bytes
+    one per int32 word [n, cols/16] (row r // block_rows for 16x16 tiles), its outer scales [n, cols/128]."""
+    n: int
+    cols: int
+    c_src: int
+    outer: bool
+
+    @property
+    def off_src(self) -> int:
+        return 2
+
+    @property
+    def off_q(self) -> int:
+        return 2 + self.n * self.cols
+
+    @property
+    def off_s(self) -> int:
+        return self.off_q + self.n * self.cols // 8
+
+    @property
+    def off_o(self) -> int:
+        return self.off_s + self.n * self.cols // BLOCK
+
+    @property
+    def width(self) -> int:
+        return self.off_o + (self.n * self.cols // OUTER_BLOCK if self.outer else 0)
+
+
+class Observe:
+    """What one quantizer call hands to the row writer: the operand q, the source A (dense: `src` with
+    its memory `flat` and A's strides in it; or `packed_src`, a forward operand whose represented values
+    transposed are A, `scaled` whether they include the outer / tensor scales), the sampled rows."""
+    __slots__ = ("q", "layout", "rows", "row_index", "src", "flat", "src_strides", "packed_src", "scaled")
+
+    def __init__(self, q: NVFP4Tensor, rows: list, src: Optional[torch.Tensor] = None,
+                 packed_src: Optional[NVFP4Tensor] = None, scaled: bool = True):
+        self.q, self.rows, self.src, self.packed_src, self.scaled = q, rows, src, packed_src, scaled
+        self.row_index = _index(rows, q.device)
+        c_src = src.shape[1] if src is not None else packed_src.shape[0]
+        self.layout = _layout(len(rows), q.shape[1], c_src, q.outer_scales is not None)
+        self.flat, self.src_strides = None, None
+        if src is not None:
+            if src.is_contiguous():
+                self.flat = src
+            elif src.t().is_contiguous():
+                self.flat = src.t()
+            self.src_strides = src.stride()
+
+
+@functools.lru_cache(maxsize=None)
+def _layout(n: int, cols: int, c_src: int, outer: bool) -> Layout:
+    return Layout(n, cols, c_src, outer)
+
+
+def write_twin(spec: Observe, row: torch.Tensor) -> None:
+    """The torch twin of kernels/stats.observe: fill `row` (FP32 [layout.width], words 0-1 zeroed)."""
+    lay, q, idx = spec.layout, spec.q, spec.row_index
+    words = row.view(torch.int32)
+    if spec.packed_src is not None:
+        p = spec.packed_src
+        # from the packed operand: its amax from each block's largest code, and only the sampled
+        # columns dequantized (a full dequantization per operand was most of a statistics iteration)
+        amax = p.represented_amax(spec.scaled)
+        if not spec.scaled and p.tensor_scale is not None:
+            amax = amax * p.tensor_scale            # the represented values' amax
+        src_rows = p.column_values(idx, spec.scaled).t()
+    else:
+        amax = torch.linalg.vector_norm(spec.src, float("inf")).float()   # max |A|, NaN carried
+        src_rows = spec.src.index_select(0, idx)
+    row[0] = amax.reshape(())
+    words[1] = ((q.block_scales.view(torch.uint8) & 0x7F) == E4M3_MAX_BITS).sum().to(torch.int32)
+    src_view = row[lay.off_src:lay.off_q].view(lay.n, lay.cols)
+    src_view[:, :lay.c_src] = src_rows.float()
+    src_view[:, lay.c_src:] = 0.0
+    words[lay.off_q:lay.off_s] = q.packed.index_select(0, idx).contiguous().view(torch.int32).reshape(-1)
+    scale_idx = idx if q.block_rows == 1 else _index([r // q.block_rows for r in spec.rows], q.device)
+    words[lay.off_s:lay.off_o] = q.block_scales.view(torch.uint8).index_select(0, scale_idx).reshape(-1).to(torch.int32)
+    if lay.outer:
+        row[lay.off_o:lay.width] = q.outer_scales.index_select(0, idx).reshape(-1)
+
+
+def write_observation(spec: Observe, row: torch.Tensor) -> None:
+    """The row writer the quantizer entries use (kernels/dispatch.py replaces it with its choice of the
+    kernel or this twin)."""
+    write_twin(spec, row)
+
+
+# -- arenas: the rows of one group (same layout and statistics kind) in one growing tensor ---------
+
+class _Group:
+    __slots__ = ("layout", "sigma_n", "has_g", "eden", "device", "chunks", "capacity", "count", "members")
+
+    def __init__(self, layout: Layout, sigma_n: int, has_g: bool, eden: Optional[tuple], device):
+        self.layout, self.sigma_n, self.has_g, self.eden, self.device = layout, sigma_n, has_g, eden, device
+        self.chunks, self.capacity, self.count, self.members = [], 0, 0, []
+
+    def next_row(self) -> torch.Tensor:
+        """A zeroed row: chunks of 8, 16, ... 64 rows, each one torch.zeros for its rows."""
+        if self.count == self.capacity:
+            size = min(64, max(8, self.capacity))
+            self.chunks.append(torch.zeros(size, self.layout.width, dtype=torch.float32, device=self.device))
+            self.capacity += size
+        offset = self.count
+        for chunk in self.chunks:
+            if offset < chunk.shape[0]:
+                self.count += 1
+                return chunk[offset]
+            offset -= chunk.shape[0]
+        raise AssertionError("unreachable: the arena has room")
+
+    def rows(self) -> torch.Tensor:
+        rows = self.chunks[0] if len(self.chunks) == 1 else torch.cat(self.chunks)
+        return rows[:self.count]
+
+
+class _Member:
+    """Host-side facts of one observation: where its row is, and the small device tensors it refers to."""
+    __slots__ = ("layer", "operand", "group", "index", "sigma", "tensor_scale", "flushed", "clamped", "blocks")
+
+    def __init__(self, layer, operand, group, index, q: NVFP4Tensor, sigma):
+        self.layer, self.operand, self.group, self.index, self.sigma = layer, operand, group, index, sigma
+        self.tensor_scale, self.flushed, self.clamped = q.tensor_scale, q.flushed_blocks, q.clamped_scales
         self.blocks = q.block_scales.numel()
-        self.src, self.cols, self.sigma = src_rows, q.shape[1], sigma
-        self.packed = q.packed.index_select(0, idx)
-        self.block_rows = q.block_rows
-        self.scales = q.block_scales.index_select(
-            0, idx if q.block_rows == 1 else _index([r // q.block_rows for r in rows], q.device))
-        self.outer = q.outer_scales.index_select(0, idx) if q.outer_scales is not None else None
-        self.tensor_scale = q.tensor_scale
-        self.eden = eden
 
-    def group_key(self) -> tuple:
-        return (str(self.amax.device), tuple(self.src.shape), self.cols, 0 if self.sigma is None else self.sigma.numel(),
-                self.outer is not None, self.tensor_scale is not None, self.eden)
+
+_groups: dict = {}
 
 
 def _stack(tensors: list) -> torch.Tensor:
     return torch.stack([t.reshape(()) if t.dim() == 0 else t for t in tensors])
 
 
-def _group_values(obs: list) -> torch.Tensor:
-    """float64 [len(obs), 8] for observations of one group_key: amax, flushed, saturated, clamped (-1:
-    none), error^2, reference^2, EDEN min (+inf: none), EDEN max (-inf: none). (The block counts are
-    host numbers: collect() inserts them.)"""
-    first = obs[0]
-    dev = first.amax.device
-    m = len(obs)
-    src = torch.stack([o.src for o in obs]).float()                       # [m, n, C_src]
-    if src.shape[-1] < first.cols:
-        src = torch.nn.functional.pad(src, (0, first.cols - src.shape[-1]))
-    if first.sigma is not None:                                           # z = rht(src rows, sigma), per obs
-        k = first.sigma.numel()
-        sig = torch.stack([o.sigma.to(dev, torch.float32).reshape(-1) for o in obs])     # [m, k]
-        chunks = src.reshape(m, src.shape[1], first.cols // k, k) * sig[:, None, None, :]
+def _group_values(group: _Group) -> torch.Tensor:
+    """float64 [count, 8] for one group's rows: amax, flushed, saturated, clamped (-1: none), error^2,
+    reference^2, EDEN min (+inf: none), EDEN max (-inf: none). (The block counts are host numbers:
+    collect() inserts them.)"""
+    lay, members = group.layout, group.members
+    rows = group.rows()
+    m, n, cols = rows.shape[0], lay.n, lay.cols
+    dev = rows.device
+    src = rows[:, lay.off_src:lay.off_q].reshape(m, n, cols)
+    if group.sigma_n:                                                     # z = rht(src rows, sigma), per obs
+        k = group.sigma_n
+        sig = torch.stack([o.sigma.to(dev, torch.float32).reshape(-1) for o in members])     # [m, k]
+        chunks = src.reshape(m, n, cols // k, k) * sig[:, None, None, :]
         z = (chunks @ hadamard_matrix(k, torch.float32, dev)).reshape(src.shape)
     else:
         z = src
-    codes = fmt.unpack_e2m1(torch.stack([o.packed for o in obs]))        # [m, n, C]
-    deq = fmt.decode_e2m1(codes) * torch.stack([o.scales for o in obs]).float().repeat_interleave(BLOCK, dim=2)
-    if first.outer is not None:
-        deq = deq * torch.stack([o.outer for o in obs]).repeat_interleave(OUTER_BLOCK, dim=2)
-    g = _stack([o.tensor_scale for o in obs]).float() if first.tensor_scale is not None else None
+    packed = rows[:, lay.off_q:lay.off_s].contiguous().view(torch.uint8).reshape(m, n, cols // 2)
+    codes = fmt.unpack_e2m1(packed)                                       # [m, n, C]
+    scale_bytes = rows[:, lay.off_s:lay.off_o].view(torch.int32).to(torch.uint8)
+    scales = scale_bytes.view(torch.float8_e4m3fn).float().reshape(m, n, cols // BLOCK)
+    deq = fmt.decode_e2m1(codes) * scales.repeat_interleave(BLOCK, dim=2)
+    if lay.outer:
+        deq = deq * rows[:, lay.off_o:lay.width].reshape(m, n, cols // OUTER_BLOCK).repeat_interleave(OUTER_BLOCK, dim=2)
+    g = _stack([o.tensor_scale for o in members]).float() if group.has_g else None
     if g is not None:
         deq = deq * g[:, None, None]
     z64 = z.double()
@@ -190,13 +297,14 @@ def _group_values(obs: list) -> torch.Tensor:
     err_sq, ref_sq = (err * err).sum(dim=(1, 2)), (z64 * z64).sum(dim=(1, 2))
     lo = torch.full((m,), math.inf, dtype=torch.float64, device=dev)
     hi = torch.full((m,), -math.inf, dtype=torch.float64, device=dev)
-    if first.eden is not None:
-        lo, hi = _eden_range(z, codes, g, *first.eden)
+    if group.eden is not None:
+        lo, hi = _eden_range(z, codes, g, *group.eden)
     zeros = torch.zeros(m, dtype=torch.float64, device=dev)
-    flushed = _stack([o.flushed for o in obs]).double() if first.flushed is not None else zeros
-    clamped = (_stack([o.clamped for o in obs]).double() if obs[0].clamped is not None else zeros - 1.0)
-    return torch.stack([_stack([o.amax for o in obs]).double(), flushed, _stack([o.saturated for o in obs]).double(),
-                        clamped, err_sq, ref_sq, lo, hi], dim=1)
+    first = members[0]
+    flushed = _stack([o.flushed for o in members]).double() if first.flushed is not None else zeros
+    clamped = _stack([o.clamped for o in members]).double() if first.clamped is not None else zeros - 1.0
+    saturated = rows[:, 1].view(torch.int32).double()
+    return torch.stack([rows[:, 0].double(), flushed, saturated, clamped, err_sq, ref_sq, lo, hi], dim=1)
 
 
 def _eden_range(z: torch.Tensor, codes: torch.Tensor, g: Optional[torch.Tensor], v: float, eden_group: int):
@@ -243,43 +351,23 @@ def combine(values: list) -> dict:
     }
 
 
-# -- sources: (args, kwargs of the dispatch entry, result) -> (amax, z rows, rows) -----------------
-
-def _rows_of(a: torch.Tensor, rows: list, transpose: bool) -> torch.Tensor:
-    idx = _index(rows, a.device)
-    return a.index_select(1, idx).t() if transpose else a.index_select(0, idx)
-
-
-def _amax(a: torch.Tensor) -> torch.Tensor:
-    """max |a| as 0-d float32, one reduction and no |a| temporary (NaN carried; exact: a maximum)."""
-    return torch.linalg.vector_norm(a, float("inf")).float()
-
+# -- sources: (args, kwargs of the dispatch entry, result) -> (Observe, sigma) ----------------------
 
 def plain_source(args, kwargs, out: NVFP4Tensor):
     """quantize_nvfp4 / quantize_double_block: A = x, no rotation."""
-    x = args[0].detach()
-    rows = sample_rows(out.shape[0])
-    return _amax(x), _rows_of(x, rows, False), None, rows
+    return Observe(out, sample_rows(out.shape[0]), src=args[0].detach()), None
 
 
 def rotated_source(args, kwargs, out: NVFP4Tensor):
     """rht_ms_eden / rht_double_block: A = a (or a.t()), padded to the operand's width, rotated."""
-    a, sigma = args[0].detach(), args[1]
-    rows = sample_rows(out.shape[0])
-    return _amax(a), _rows_of(a, rows, kwargs.get("transpose", False)), sigma, rows
+    a = args[0].detach()
+    return Observe(out, sample_rows(out.shape[0]), src=a.t() if kwargs.get("transpose", False) else a), args[1]
 
 
 def _requant_source(scaled: bool):
     def source(args, kwargs, out: NVFP4Tensor):
         """requant_*: A = the saved forward operand's values, transposed, padded, rotated."""
-        q, sigma = args[0], args[1]
-        # from the packed operand: its amax from each block's largest code, and only the sampled
-        # columns dequantized (a full dequantization per operand was most of a statistics iteration)
-        amax = q.represented_amax(scaled)
-        if not scaled and q.tensor_scale is not None:
-            amax = amax * q.tensor_scale            # the represented values' amax
-        rows = sample_rows(out.shape[0])
-        return amax.float(), q.column_values(_index(rows, q.device), scaled).t(), sigma, rows
+        return Observe(out, sample_rows(out.shape[0]), packed_src=args[0], scaled=scaled), args[1]
     return source
 
 
@@ -287,52 +375,65 @@ requant_unscaled_source = _requant_source(False)    # requant_ms_eden rotates q*
 requant_scaled_source = _requant_source(True)       # requant_double_block rotates q.dequantize()
 
 
-def observing(entry: Callable, source: Callable, eden: bool = False) -> Callable:
-    """`entry` (a dispatch quantizer) reporting its operand on statistics iterations."""
+def observing(entry: Callable, source: Callable, eden: bool = False,
+              write: Optional[Callable] = None) -> Callable:
+    """`entry` (a dispatch quantizer) reporting its operand on statistics iterations through `write`
+    (spec, row) (default: write_observation, the twin)."""
 
     @functools.wraps(entry)
     def observed(*args, **kwargs):
         out = entry(*args, **kwargs)
         if active and layer is not None:
-            _observe(source, args, kwargs, out, eden)
+            _observe(source, write or write_observation, args, kwargs, out, eden)
         return out
     observed.__wrapped__ = entry
     return observed
 
 
-def _observe(source, args, kwargs, out, eden: bool) -> None:
+def _observe(source, write, args, kwargs, out, eden: bool) -> None:
     site = kwargs.get("site") or ("", "operand")
     operand = OPERAND_NAMES.get(site[1], site[1])
     with torch.no_grad():
-        amax, src_rows, sigma, rows = source(args, kwargs, out)
+        spec, sigma = source(args, kwargs, out)
         eden_args = (float(kwargs.get("v", Q.EDEN_V)), int(kwargs.get("eden_group", 128))) if eden else None
-        _pending.append((layer, operand, Observation(out, amax, src_rows, sigma, rows, eden_args)))
+        key = (str(out.device), spec.layout, 0 if sigma is None else sigma.numel(), out.tensor_scale is not None,
+               eden_args)
+        group = _groups.get(key)
+        if group is None:
+            group = _groups[key] = _Group(spec.layout, key[2], key[3], eden_args, out.device)
+        member = _Member(layer, operand, group, group.count, out, sigma)
+        write(spec, group.next_row())
+        group.members.append(member)
+        _pending.append(member)
+
+
+def _reset() -> None:
+    _pending.clear()
+    _groups.clear()
 
 
 def collect(iteration: int):
     """(records, first non-finite (layer, operand) or None) of `iteration` if it was a statistics
     iteration, else None. Records: one dict per (layer, operand) in first-execution order, with
-    "layer", "operand" and FIELDS. One host sync. Collection stops until the next statistics iteration."""
+    "layer", "operand" and FIELDS. One read-back per group. Collection stops until the next statistics
+    iteration."""
     global active, _collected
     if not _interval or iteration % _interval or iteration == _collected:
         return None
-    pending = list(_pending)
-    _pending.clear()
+    pending, groups = list(_pending), list(_groups.values())
+    _reset()
     active, _collected = False, iteration
     if not pending:
         return [], None
-    groups: dict = {}
-    for i, (_, _, o) in enumerate(pending):       # observations alike (shape, rotation, scales) together
-        groups.setdefault(o.group_key(), []).append(i)
-    host = [None] * len(pending)
     with torch.no_grad():
-        computed = [(indices, _group_values([pending[i][2] for i in indices])) for indices in groups.values()]
-    for indices, values in computed:              # one device (one read-back per group) in practice
-        for i, row in zip(indices, values.cpu().tolist()):
-            host[i] = row[:4] + [float(pending[i][2].blocks)] + row[4:]     # combine()'s order
+        computed = [(group, _group_values(group)) for group in groups]
+    host = {}
+    for group, values in computed:
+        for member, row in zip(group.members, values.cpu().tolist()):
+            host[id(member)] = row[:4] + [float(member.blocks)] + row[4:]     # combine()'s order
     order, pooled, first_bad = [], {}, None
-    for (name, operand, _), values in zip(pending, host):
-        key = (name, operand)
+    for member in pending:
+        key, values = (member.layer, member.operand), host[id(member)]
         if key not in pooled:
             order.append(key)
             pooled[key] = []
@@ -345,8 +446,13 @@ def collect(iteration: int):
 
 def first_nonfinite_so_far() -> Optional[str]:
     """'<layer> <operand>' of the first operand observed so far this iteration whose source held a
-    NaN / Inf, or None (one host sync; call it on statistics iterations only, e.g. before a NaN check)."""
+    NaN / Inf, or None (one read-back per group; call it on statistics iterations only, e.g. before a
+    NaN check)."""
     if not _pending:
         return None
-    bad = torch.stack([~torch.isfinite(o.amax.reshape(())) for _, _, o in _pending]).cpu().tolist()
-    return next((f"{name} {operand}" for (name, operand, _), b in zip(_pending, bad) if b), None)
+    bad = {}
+    for group in _groups.values():
+        flags = (~torch.isfinite(group.rows()[:, 0])).cpu().tolist()
+        for member, flag in zip(group.members, flags):
+            bad[id(member)] = flag
+    return next((f"{m.layer} {m.operand}" for m in _pending if bad[id(m)]), None)
