@@ -485,7 +485,7 @@ def _observation_reason(spec) -> Optional[str]:
     return None
 
 
-def write_observation(spec, row: torch.Tensor) -> None:
+def write_observation(spec, arena: torch.Tensor, index: int) -> None:
     """One statistics row: kernels/stats.observe (one launch) where the backend wants kernels on this
     operand's device and the layout allows it, stats.write_twin otherwise (with backend.fallback)."""
     be = current()
@@ -493,10 +493,10 @@ def write_observation(spec, row: torch.Tensor) -> None:
         reason = _observation_reason(spec)
         if reason is None:
             from .stats import observe
-            observe(spec, row)
+            observe(spec, arena, index)
             return
         fallback(be, ("statistics", "observation"), reason)
-    _stats.write_twin(spec, row)
+    _stats.write_twin(spec, arena, index)
 
 
 quantize_nvfp4 = _stats.observing(quantize_nvfp4, _stats.plain_source, write=write_observation)

@@ -42,10 +42,11 @@ def _scale_value(bits):
 @triton.jit
 def _observe_kernel(src_ptr, s_r, s_c, numel, qsrc_ptr, qsrc_scales_ptr, qsrc_outer_ptr, qsrc_g_ptr, qsrc_c,
                     qsrc_block_rows, packed_ptr, scales_ptr, n_scales, outer_ptr, rows_ptr, c_src, C,
-                    block_rows, row_ptr, off_src, off_q, off_s, off_o, NP_AMAX, N_CHUNKS,
+                    block_rows, arena_ptr, row_base, off_src, off_q, off_s, off_o, NP_AMAX, N_CHUNKS,
                     PACKED_SRC: tl.constexpr, SCALED: tl.constexpr, HAS_G: tl.constexpr,
                     SRC_OUTER: tl.constexpr, OUTER: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     pid = tl.program_id(0)
+    row_ptr = arena_ptr + row_base.to(tl.int64)
     row_i32 = row_ptr.to(tl.pointer_type(tl.int32))
     if pid < NP_AMAX:
         offs = tl.arange(0, BLOCK)
@@ -120,11 +121,11 @@ def _observe_kernel(src_ptr, s_r, s_c, numel, qsrc_ptr, qsrc_scales_ptr, qsrc_ou
             tl.store(row_ptr + off_o + j * (C // 128) + o, ov, mask=om)
 
 
-def observe(spec, row) -> None:
-    """Write one observation row (stats.Observe `spec`, FP32 `row` of spec.layout.width words, words 0-1
-    zeroed) on the device: the kernel twin of stats.write_twin."""
+def observe(spec, arena, index: int) -> None:
+    """Write observation row `index` of `arena` (stats.Observe `spec`; FP32 [rows, spec.layout.width],
+    the row's words 0-1 zeroed) on the device: the kernel twin of stats.write_twin."""
     lay, q = spec.layout, spec.q
-    dummy = row
+    dummy = arena
     if spec.packed_src is not None:
         p = spec.packed_src
         numel = p.packed.numel()
@@ -146,6 +147,6 @@ def observe(spec, row) -> None:
     _observe_kernel[grid](
         flat, s_r, s_c, numel, *qsrc,
         q.packed, scales, scales.numel(), q.outer_scales if q.outer_scales is not None else dummy,
-        spec.row_index, lay.c_src, lay.cols, q.block_rows, row, lay.off_src, lay.off_q, lay.off_s, lay.off_o,
+        spec.row_index, lay.c_src, lay.cols, q.block_rows, arena, index * lay.width, lay.off_src, lay.off_q, lay.off_s, lay.off_o,
         np_amax, n_chunks, PACKED_SRC=spec.packed_src is not None, SCALED=spec.scaled, HAS_G=has_g,
         SRC_OUTER=src_outer, OUTER=q.outer_scales is not None, BLOCK=AMAX_BLOCK, CHUNK=ROW_CHUNK)

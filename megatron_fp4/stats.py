@@ -108,24 +108,25 @@ def set_layer(name: Optional[str]) -> None:
 
 # -- pure statistics ------------------------------------------------------------------------------
 
-def sample_rows(rows: int, count: int = SAMPLE_ROWS) -> list:
+@functools.lru_cache(maxsize=None)
+def sample_rows(rows: int, count: int = SAMPLE_ROWS) -> tuple:
     """Evenly spaced row indices, first and last included (all rows when there are fewer)."""
     if rows <= count:
-        return list(range(rows))
-    return sorted({round(i * (rows - 1) / (count - 1)) for i in range(count)})
+        return tuple(range(rows))
+    return tuple(sorted({round(i * (rows - 1) / (count - 1)) for i in range(count)}))
 
 
 _INDEX: dict = {}
 
 
-def _index(rows: list, device) -> torch.Tensor:
+def _index(rows: tuple, device) -> torch.Tensor:
     """`rows` as a long tensor on `device`, made once per (rows, device): building it from a list is a
     host-to-device copy from pageable memory, which waits for the GPU's queue (a sync per operand made
     a statistics iteration cost 2-3 steps on the H100, docs/RESULTS.md)."""
-    key = (tuple(rows), str(device))
+    key = (rows, device)
     idx = _INDEX.get(key)
     if idx is None:
-        idx = _INDEX[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        idx = _INDEX[key] = torch.tensor(list(rows), dtype=torch.long, device=device)
     return idx
 
 
@@ -168,7 +169,7 @@ class Observe:
     transposed are A, `scaled` whether they include the outer / tensor scales), the sampled rows."""
     __slots__ = ("q", "layout", "rows", "row_index", "src", "flat", "src_strides", "packed_src", "scaled")
 
-    def __init__(self, q: NVFP4Tensor, rows: list, src: Optional[torch.Tensor] = None,
+    def __init__(self, q: NVFP4Tensor, rows: tuple, src: Optional[torch.Tensor] = None,
                  packed_src: Optional[NVFP4Tensor] = None, scaled: bool = True):
         self.q, self.rows, self.src, self.packed_src, self.scaled = q, rows, src, packed_src, scaled
         self.row_index = _index(rows, q.device)
@@ -188,9 +189,11 @@ def _layout(n: int, cols: int, c_src: int, outer: bool) -> Layout:
     return Layout(n, cols, c_src, outer)
 
 
-def write_twin(spec: Observe, row: torch.Tensor) -> None:
-    """The torch twin of kernels/stats.observe: fill `row` (FP32 [layout.width], words 0-1 zeroed)."""
+def write_twin(spec: Observe, arena: torch.Tensor, index: int) -> None:
+    """The torch twin of kernels/stats.observe: fill row `index` of `arena` (FP32 [rows, layout.width],
+    the row's words 0-1 zeroed)."""
     lay, q, idx = spec.layout, spec.q, spec.row_index
+    row = arena[index]
     words = row.view(torch.int32)
     if spec.packed_src is not None:
         p = spec.packed_src
@@ -209,16 +212,16 @@ def write_twin(spec: Observe, row: torch.Tensor) -> None:
     src_view[:, :lay.c_src] = src_rows.float()
     src_view[:, lay.c_src:] = 0.0
     words[lay.off_q:lay.off_s] = q.packed.index_select(0, idx).contiguous().view(torch.int32).reshape(-1)
-    scale_idx = idx if q.block_rows == 1 else _index([r // q.block_rows for r in spec.rows], q.device)
+    scale_idx = idx if q.block_rows == 1 else _index(tuple(r // q.block_rows for r in spec.rows), q.device)
     words[lay.off_s:lay.off_o] = q.block_scales.view(torch.uint8).index_select(0, scale_idx).reshape(-1).to(torch.int32)
     if lay.outer:
         row[lay.off_o:lay.width] = q.outer_scales.index_select(0, idx).reshape(-1)
 
 
-def write_observation(spec: Observe, row: torch.Tensor) -> None:
-    """The row writer the quantizer entries use (kernels/dispatch.py replaces it with its choice of the
+def write_observation(spec: Observe, arena: torch.Tensor, index: int) -> None:
+    """The row writer the quantizer entries use by default (kernels/dispatch.py passes its own: the
     kernel or this twin)."""
-    write_twin(spec, row)
+    write_twin(spec, arena, index)
 
 
 # -- arenas: the rows of one group (same layout and statistics kind) in one growing tensor ---------
@@ -230,19 +233,16 @@ class _Group:
         self.layout, self.sigma_n, self.has_g, self.eden, self.device = layout, sigma_n, has_g, eden, device
         self.chunks, self.capacity, self.count, self.members = [], 0, 0, []
 
-    def next_row(self) -> torch.Tensor:
-        """A zeroed row: chunks of 8, 16, ... 64 rows, each one torch.zeros for its rows."""
+    def next_row(self) -> tuple:
+        """(chunk, index) of a zeroed row: chunks of 8, 16, 32, then 64 rows, each one torch.zeros."""
         if self.count == self.capacity:
             size = min(64, max(8, self.capacity))
             self.chunks.append(torch.zeros(size, self.layout.width, dtype=torch.float32, device=self.device))
             self.capacity += size
-        offset = self.count
-        for chunk in self.chunks:
-            if offset < chunk.shape[0]:
-                self.count += 1
-                return chunk[offset]
-            offset -= chunk.shape[0]
-        raise AssertionError("unreachable: the arena has room")
+        chunk = self.chunks[-1]
+        index = chunk.shape[0] - (self.capacity - self.count)
+        self.count += 1
+        return chunk, index
 
     def rows(self) -> torch.Tensor:
         rows = self.chunks[0] if len(self.chunks) == 1 else torch.cat(self.chunks)
@@ -378,7 +378,7 @@ requant_scaled_source = _requant_source(True)       # requant_double_block rotat
 def observing(entry: Callable, source: Callable, eden: bool = False,
               write: Optional[Callable] = None) -> Callable:
     """`entry` (a dispatch quantizer) reporting its operand on statistics iterations through `write`
-    (spec, row) (default: write_observation, the twin)."""
+    (spec, arena, row index) (default: write_observation, the twin)."""
 
     @functools.wraps(entry)
     def observed(*args, **kwargs):
@@ -402,7 +402,7 @@ def _observe(source, write, args, kwargs, out, eden: bool) -> None:
         if group is None:
             group = _groups[key] = _Group(spec.layout, key[2], key[3], eden_args, out.device)
         member = _Member(layer, operand, group, group.count, out, sigma)
-        write(spec, group.next_row())
+        write(spec, *group.next_row())
         group.members.append(member)
         _pending.append(member)
 

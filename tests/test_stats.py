@@ -82,7 +82,7 @@ def test_saturated_flushed_and_zero_blocks_against_brute_force():
     assert r["flushed_fraction"] == ((scales == 0) & (blocks > 0)).sum() / 16 == 1 / 16
     assert r["amax"] == amax
     deq, _ = _decode64(xq)
-    rows = stats.sample_rows(4)
+    rows = list(stats.sample_rows(4))
     assert rows == [0, 1, 2, 3]
     want = np.linalg.norm(deq[rows] - x64[rows]) / np.linalg.norm(x64[rows])
     assert r["rel_error"] == pytest.approx(want, rel=1e-6)   # the code dequantizes in FP32
@@ -92,7 +92,7 @@ def test_saturated_flushed_and_zero_blocks_against_brute_force():
 def test_sampled_rows_relative_error_of_a_double_block_operand():
     x = torch.randn(40, 256, generator=torch.Generator().manual_seed(1))
     xq, rec, _ = _collect(lambda: D.quantize_double_block(x, site=("t", "forward W")))
-    rows = stats.sample_rows(40)
+    rows = list(stats.sample_rows(40))
     assert rows == [0, 6, 11, 17, 22, 28, 33, 39]
     deq, _ = _decode64(xq)
     x64 = x.double().numpy()
@@ -113,7 +113,7 @@ def test_ms_eden_correction_range_and_error_against_float64(eden_group, transpos
                                                v=v, site=("t", "wgrad E^T" if transpose else "dgrad E")))
     r = rec["wgrad E^T" if transpose else "dgrad E"]
     A = a.double().numpy().T if transpose else a.double().numpy()
-    rows = stats.sample_rows(A.shape[0])
+    rows = list(stats.sample_rows(A.shape[0]))
     h = _hadamard64(128)
     z = (A[rows].reshape(len(rows), -1, 128) * sigma.double().numpy()) @ h
     z = z.reshape(len(rows), -1)

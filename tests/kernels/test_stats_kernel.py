@@ -18,9 +18,10 @@ from kernel_test_util import cpu_interp, data, gpu, needs_cuda
 def _rows(spec, device):
     rows = []
     for write in (stats.write_twin, observe):
-        row = torch.zeros(spec.layout.width, dtype=torch.float32, device=device)
-        write(spec, row)
-        rows.append(row.cpu())
+        arena = torch.zeros(3, spec.layout.width, dtype=torch.float32, device=device)
+        write(spec, arena, 1)                     # the middle row of three: the others stay zero
+        assert not arena[0].any() and not arena[2].any()
+        rows.append(arena[1].cpu())
     return rows
 
 
@@ -86,16 +87,16 @@ def test_dispatch_writes_through_the_kernel_or_the_twin():
     spec2 = stats.plain_source((sliced,), {}, D.quantize_nvfp4(sliced, backend=backend.BackendConfig(kernels="reference")))[0]
     assert "neither contiguous" in D._observation_reason(spec2)
     with backend.use(kernels="interpret", on_fallback="error"):
-        row = torch.zeros(spec.layout.width)
-        D.write_observation(spec, row)
-        assert torch.equal(row, _rows(spec, "cpu")[0])
+        arena = torch.zeros(1, spec.layout.width)
+        D.write_observation(spec, arena, 0)
+        assert torch.equal(arena[0], _rows(spec, "cpu")[0])
         with pytest.raises(backend.KernelFallbackError, match="statistics.*neither contiguous"):
-            D.write_observation(spec2, torch.zeros(spec2.layout.width))
+            D.write_observation(spec2, torch.zeros(1, spec2.layout.width), 0)
     with backend.use(kernels="reference", on_fallback="error"):   # the twin: no fallback to report
-        row2, twin = torch.zeros(spec2.layout.width), torch.zeros(spec2.layout.width)
-        D.write_observation(spec2, row2)
-        stats.write_twin(spec2, twin)
-        assert torch.equal(row2, twin) and float(twin[0]) == float(sliced.abs().max())
+        row2, twin = torch.zeros(1, spec2.layout.width), torch.zeros(1, spec2.layout.width)
+        D.write_observation(spec2, row2, 0)
+        stats.write_twin(spec2, twin, 0)
+        assert torch.equal(row2, twin) and float(twin[0, 0]) == float(sliced.abs().max())
 
 
 @gpu

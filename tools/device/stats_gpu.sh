@@ -9,14 +9,15 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-device_out}
 source tools/device/_device_env.sh
 MEGATRON_FP4_TEST_GPU=1 timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -m gpu -p no:cacheprovider \
-  tests/kernels/test_stats_kernel.py tests/test_stats.py tests/kernels/test_double_block.py tests/kernels/test_eden.py \
-  tests/test_device_consistency.py > "$OUT/gpu_tests.txt" 2>&1
+  ${GPU_TESTS:-tests/kernels/test_stats_kernel.py tests/test_stats.py tests/kernels/test_double_block.py \
+  tests/kernels/test_eden.py tests/test_device_consistency.py} > "$OUT/gpu_tests.txt" 2>&1
 tail -3 "$OUT/gpu_tests.txt"
 timeout 240 $PY -m tools.stats_cost --reps ${REPS:-5} 2>&1 | tee "$OUT/stats_cost.txt"
 STEPS=${STEPS:-45}
 for interval in 0 10; do
+  flag=""; [ "$interval" != 0 ] && flag="--nvfp4-stats-interval $interval"    # off: the flag left out
   OUT=$OUT/step STEPS=$STEPS SETTINGS=sdpa RECIPES=quartet2 TAG=-stats$interval RUN_TIMEOUT=200 \
-    EXTRA="--nvfp4-stats-interval $interval --log-interval 1" bash tools/device/device_step.sh | tail -3
+    EXTRA="$flag --log-interval 1" bash tools/device/device_step.sh | tail -3
 done
 $PY - "$OUT/step" "$STEPS" <<'PY'
 import re, statistics, sys
