@@ -9,10 +9,10 @@ state.set_iteration switches collection on (`on_iteration`), and megatron/quant_
 logs what `collect()` returns.
 
 Cost: off (interval 0, the default) or on any other iteration the wrappers test one module flag,
-`active`. On a statistics iteration each observation costs 6-13 small device operations and no host
-sync (the amax, the saturated count, the sampled rows of the source and of the operand); `collect()`
-computes the errors and MS-EDEN corrections batched over the observations of one shape (a few dozen
-operations per group, not per operand) and reads them back once per group.
+`active`. On a statistics iteration each observation is one row of FP32 words in its group's arena
+(Layout), written by one launch of kernels/stats.py on the GPU (its torch twin write_twin elsewhere),
+with no host sync; `collect()` computes the errors and MS-EDEN corrections batched over a group's rows
+(a few dozen operations per group, not per operand) and reads everything back once.
 
 Definitions (per operand, i.e. per quantizer call; one layer's calls of an iteration, e.g. its
 micro-batches, are pooled: counts and squared norms add, extremes combine):
@@ -415,7 +415,7 @@ def _reset() -> None:
 def collect(iteration: int):
     """(records, first non-finite (layer, operand) or None) of `iteration` if it was a statistics
     iteration, else None. Records: one dict per (layer, operand) in first-execution order, with
-    "layer", "operand" and FIELDS. One read-back per group. Collection stops until the next statistics
+    "layer", "operand" and FIELDS. One read-back per device. Collection stops until the next statistics
     iteration."""
     global active, _collected
     if not _interval or iteration % _interval or iteration == _collected:
@@ -427,9 +427,14 @@ def collect(iteration: int):
         return [], None
     with torch.no_grad():
         computed = [(group, _group_values(group)) for group in groups]
-    host = {}
+    by_device: dict = {}                          # one read-back per device (one in practice)
     for group, values in computed:
-        for member, row in zip(group.members, values.cpu().tolist()):
+        by_device.setdefault(values.device, []).append((group, values))
+    host = {}
+    for parts in by_device.values():
+        rows = torch.cat([values for _, values in parts]).cpu().tolist()
+        members = [m for group, _ in parts for m in group.members]
+        for member, row in zip(members, rows):
             host[id(member)] = row[:4] + [float(member.blocks)] + row[4:]     # combine()'s order
     order, pooled, first_bad = [], {}, None
     for member in pending:

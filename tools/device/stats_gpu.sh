@@ -13,6 +13,7 @@ MEGATRON_FP4_TEST_GPU=1 timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -m gpu -p 
   tests/kernels/test_eden.py tests/test_device_consistency.py} > "$OUT/gpu_tests.txt" 2>&1
 tail -3 "$OUT/gpu_tests.txt"
 timeout 240 $PY -m tools.stats_cost --reps ${REPS:-5} 2>&1 | tee "$OUT/stats_cost.txt"
+timeout 120 $PY tools/device/launch_cost.py 2>&1 | tee "$OUT/launch_cost.txt"
 STEPS=${STEPS:-45}
 for interval in 0 10; do
   flag=""; [ "$interval" != 0 ] && flag="--nvfp4-stats-interval $interval"    # off: the flag left out
@@ -37,3 +38,6 @@ for interval in (0, 10):
           + ", ".join(f"{i}: {times.get(i, float('nan')):.1f}" for i in range(first, last + 1) if i % 10 == 0))
 print(f"statistics every 10 iterations cost {100 * (mean[10] / mean[0] - 1):+.2f}% of the mean step")
 PY
+if [ "${PROFILE:-0}" = 1 ]; then
+  timeout 150 $PY tools/device/stats_profile.py quartet2 > "$OUT/profile.txt" 2>&1; head -45 "$OUT/profile.txt"
+fi
