@@ -12,7 +12,7 @@ MEGATRON_FP4_TEST_GPU=1 timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -m gpu -p 
   ${GPU_TESTS:-tests/kernels/test_stats_kernel.py tests/test_stats.py tests/kernels/test_double_block.py \
   tests/kernels/test_eden.py tests/test_device_consistency.py} > "$OUT/gpu_tests.txt" 2>&1
 tail -3 "$OUT/gpu_tests.txt"
-timeout 240 $PY -m tools.stats_cost --reps ${REPS:-5} 2>&1 | tee "$OUT/stats_cost.txt"
+timeout 240 $PY -m tools.stats_cost --reps ${REPS:-5} --recipes ${COST_RECIPES:-quartet2,nvidia,tetrajet2} 2>&1 | tee "$OUT/stats_cost.txt"
 timeout 120 $PY tools/device/launch_cost.py 2>&1 | tee "$OUT/launch_cost.txt"
 STEPS=${STEPS:-45}
 for interval in 0 10; do
