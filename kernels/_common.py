@@ -417,10 +417,10 @@ _SIGNED_HADAMARD_CACHE: "collections.OrderedDict" = collections.OrderedDict()
 
 @functools.lru_cache(maxsize=None)
 def _hadamard_pm1(n: int, device: str) -> torch.Tensor:
-    # hadamard.hadamard_matrix without 1/sqrt(n), made once per size and device: a host-to-device copy
+    # hadamard.hadamard_pm1 on the device, made once per size and device: a host-to-device copy
     # at every call would make the host wait for the GPU
-    from megatron_fp4.hadamard import hadamard_matrix
-    return torch.sign(hadamard_matrix(n)).to(device)
+    from megatron_fp4.hadamard import hadamard_pm1
+    return hadamard_pm1(n).to(device=device, dtype=torch.float32)
 
 
 def signed_hadamard(sigma: torch.Tensor, device, n: int) -> torch.Tensor:

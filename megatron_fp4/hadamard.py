@@ -50,7 +50,8 @@ def hadamard_matrix(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _pm1_cpu(n: int) -> torch.Tensor:
+def hadamard_pm1(n: int) -> torch.Tensor:
+    """H_n * sqrt(n), i.e. its +-1 entries, float64 on the CPU (made once per size)."""
     return torch.sign(_hadamard_cpu(n))
 
 
@@ -72,7 +73,7 @@ def rht(a: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     sigma = signs.to(a.device, torch.float32)
     if a.device.type == "cpu":
         chunks = a.double().reshape(*a.shape[:-1], a.shape[-1] // n, n) * sigma.double()
-        sums = (chunks @ _pm1_cpu(n)).float() + 0.0   # + 0: an all-zero chunk gives +0 whatever the BLAS
+        sums = (chunks @ hadamard_pm1(n)).float() + 0.0   # + 0: an all-zero chunk gives +0 whatever the BLAS
         return (sums * torch.tensor(1.0 / math.sqrt(n), dtype=torch.float32)).reshape(a.shape)
     # contiguous first: the same values then always take the same BLAS path (bitwise reproducible
     # whether the operand arrived transposed, padded or sliced)

@@ -148,7 +148,7 @@ class Layout(NamedTuple):
 
     @property
     def off_q(self) -> int:
-        return 2 + self.n * self.cols
+        return self.off_src + self.n * self.cols
 
     @property
     def off_s(self) -> int:
@@ -174,7 +174,7 @@ class Observe:
         self.q, self.rows, self.src, self.packed_src, self.scaled = q, rows, src, packed_src, scaled
         self.row_index = _index(rows, q.device)
         c_src = src.shape[1] if src is not None else packed_src.shape[0]
-        self.layout = _layout(len(rows), q.shape[1], c_src, q.outer_scales is not None)
+        self.layout = Layout(len(rows), q.shape[1], c_src, q.outer_scales is not None)
         self.flat, self.src_strides = None, None
         if src is not None:
             if src.is_contiguous():
@@ -182,11 +182,6 @@ class Observe:
             elif src.t().is_contiguous():
                 self.flat = src.t()
             self.src_strides = src.stride()
-
-
-@functools.lru_cache(maxsize=None)
-def _layout(n: int, cols: int, c_src: int, outer: bool) -> Layout:
-    return Layout(n, cols, c_src, outer)
 
 
 def write_twin(spec: Observe, arena: torch.Tensor, index: int) -> None:
@@ -218,12 +213,6 @@ def write_twin(spec: Observe, arena: torch.Tensor, index: int) -> None:
         row[lay.off_o:lay.width] = q.outer_scales.index_select(0, idx).reshape(-1)
 
 
-def write_observation(spec: Observe, arena: torch.Tensor, index: int) -> None:
-    """The row writer the quantizer entries use by default (kernels/dispatch.py passes its own: the
-    kernel or this twin)."""
-    write_twin(spec, arena, index)
-
-
 # -- arenas: the rows of one group (same layout and statistics kind) in one growing tensor ---------
 
 class _Group:
@@ -250,11 +239,12 @@ class _Group:
 
 
 class _Member:
-    """Host-side facts of one observation: where its row is, and the small device tensors it refers to."""
-    __slots__ = ("layer", "operand", "group", "index", "sigma", "tensor_scale", "flushed", "clamped", "blocks")
+    """Host-side facts of one observation (its row is the same-numbered one of its group's arena): its
+    names and the small device tensors it refers to."""
+    __slots__ = ("layer", "operand", "sigma", "tensor_scale", "flushed", "clamped", "blocks")
 
-    def __init__(self, layer, operand, group, index, q: NVFP4Tensor, sigma):
-        self.layer, self.operand, self.group, self.index, self.sigma = layer, operand, group, index, sigma
+    def __init__(self, layer, operand, q: NVFP4Tensor, sigma):
+        self.layer, self.operand, self.sigma = layer, operand, sigma
         self.tensor_scale, self.flushed, self.clamped = q.tensor_scale, q.flushed_blocks, q.clamped_scales
         self.blocks = q.block_scales.numel()
 
@@ -378,13 +368,14 @@ requant_scaled_source = _requant_source(True)       # requant_double_block rotat
 def observing(entry: Callable, source: Callable, eden: bool = False,
               write: Optional[Callable] = None) -> Callable:
     """`entry` (a dispatch quantizer) reporting its operand on statistics iterations through `write`
-    (spec, arena, row index) (default: write_observation, the twin)."""
+    (spec, arena, row index) (default: write_twin; kernels/dispatch.py passes its choice of the
+    kernel or the twin)."""
 
     @functools.wraps(entry)
     def observed(*args, **kwargs):
         out = entry(*args, **kwargs)
         if active and layer is not None:
-            _observe(source, write or write_observation, args, kwargs, out, eden)
+            _observe(source, write or write_twin, args, kwargs, out, eden)
         return out
     observed.__wrapped__ = entry
     return observed
@@ -401,7 +392,7 @@ def _observe(source, write, args, kwargs, out, eden: bool) -> None:
         group = _groups.get(key)
         if group is None:
             group = _groups[key] = _Group(spec.layout, key[2], key[3], eden_args, out.device)
-        member = _Member(layer, operand, group, group.count, out, sigma)
+        member = _Member(layer, operand, out, sigma)
         write(spec, *group.next_row())
         group.members.append(member)
         _pending.append(member)
